@@ -1,0 +1,795 @@
+//! Configuration: intelmq-mailgen's JSON files, read the way it reads them
+//! (spec §8), plus mailgend's own keys (see `docs/config.md`).
+//!
+//! Owns finding the files, merging them one level deep (the user file
+//! wins), checking every key, and turning problems into errors that name the
+//! file, the key and the reason. Nothing here touches the network or the
+//! database: loading a config is safe to repeat on SIGHUP.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+/// Where the system-wide file lives unless `-c` names another.
+pub const SYSTEM_CONFIG: &str = "/etc/intelmq/intelmq-mailgen.conf";
+/// The per-user file, relative to `$HOME`; always read when present.
+pub const USER_CONFIG: &str = ".intelmq/intelmq-mailgen.conf";
+
+/// One problem with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// The file the offending key came from (or the files searched).
+    pub file: String,
+    /// Dotted key path, e.g. `smtp.port`; empty for whole-file problems.
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file, self.reason)
+        } else {
+            write!(f, "{}: key `{}`: {}", self.file, self.key, self.reason)
+        }
+    }
+}
+
+/// Every problem found while loading; the config is refused as a whole.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigError(pub Vec<ConfigProblem>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration")?;
+        for p in &self.0 {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Connection parameters of the events database (`database.event`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseConfig {
+    pub name: String,
+    pub username: String,
+    pub password: Option<String>,
+    /// Host name, IP address, or a directory holding the Unix socket.
+    pub host: String,
+    pub port: u16,
+    /// Appended to the pending-directive selection with `AND` (spec §3.2).
+    pub additional_directive_where: Option<String>,
+}
+
+/// How to protect the SMTP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// Plain SMTP, as intelmq-mailgen always did.
+    None,
+    /// STARTTLS required.
+    StartTls,
+    /// STARTTLS when the server offers it.
+    Opportunistic,
+    /// TLS from the first byte (SMTPS, usually port 465).
+    Implicit,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    /// PEM file with the CA certificates to trust instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenPgpConfig {
+    pub always_sign: bool,
+    pub gnupg_home: Option<PathBuf>,
+    /// Fingerprint, key id or user id, as given to gpg's `--local-user`.
+    pub signing_key: Option<String>,
+    /// A file with the armoured or binary secret key (alternative to
+    /// `gnupg_home`).
+    pub key_file: Option<PathBuf>,
+}
+
+/// mailgend's own runtime settings (section `mailgend`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// Groups rendered, signed and sent concurrently.
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub smtp: SmtpConfig,
+    pub openpgp: OpenPgpConfig,
+    pub template_dir: PathBuf,
+    pub script_directory: PathBuf,
+    /// The From header: an address, optionally with a display name.
+    pub sender: String,
+    /// `sender`'s address part (envelope sender, Message-Id domain).
+    pub sender_address: String,
+    pub sender_domain: String,
+    pub logging_level: String,
+    pub xarf_reportdomain: Option<String>,
+    pub xarf_schemacache: Option<PathBuf>,
+    pub service: ServiceConfig,
+    /// The files that were read, in merge order.
+    pub files: Vec<PathBuf>,
+    /// Keys present but not known (each is also logged at WARN by the
+    /// caller, with its file).
+    pub unknown_keys: Vec<ConfigProblem>,
+}
+
+/// Which files to read.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    /// `-c FILE`: replaces the system file.
+    pub system_file: Option<PathBuf>,
+    /// Override of `$HOME/.intelmq/intelmq-mailgen.conf` (tests); `None`
+    /// means the default location, `Some(None)`-like behaviour is
+    /// [`ConfigSource::no_user_file`].
+    pub user_file: Option<PathBuf>,
+    pub skip_user_file: bool,
+}
+
+impl ConfigSource {
+    pub fn file(path: impl Into<PathBuf>) -> ConfigSource {
+        ConfigSource {
+            system_file: Some(path.into()),
+            user_file: None,
+            skip_user_file: true,
+        }
+    }
+
+    fn system_path(&self) -> PathBuf {
+        self.system_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(SYSTEM_CONFIG))
+    }
+
+    fn user_path(&self) -> Option<PathBuf> {
+        if self.skip_user_file {
+            return None;
+        }
+        if let Some(p) = &self.user_file {
+            return Some(p.clone());
+        }
+        std::env::var_os("HOME").map(|h| Path::new(&h).join(USER_CONFIG))
+    }
+}
+
+/// The merged JSON plus, for every `section.key` / `key`, the file it came
+/// from, so that problems can name the right file.
+struct Merged {
+    root: Map<String, Value>,
+    origin: BTreeMap<String, String>,
+    files: Vec<PathBuf>,
+}
+
+impl Merged {
+    fn origin_of(&self, key: &str) -> String {
+        let mut k = key;
+        loop {
+            if let Some(f) = self.origin.get(k) {
+                return f.clone();
+            }
+            match k.rfind('.') {
+                Some(i) => k = &k[..i],
+                None => break,
+            }
+        }
+        self.files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" + ")
+    }
+}
+
+fn read_json_file(path: &Path) -> Result<Option<Map<String, Value>>, ConfigProblem> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(ConfigProblem {
+                file: path.display().to_string(),
+                key: String::new(),
+                reason: format!("cannot read: {e}"),
+            })
+        }
+    };
+    match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Object(map)) => Ok(Some(map)),
+        Ok(_) => Err(ConfigProblem {
+            file: path.display().to_string(),
+            key: String::new(),
+            reason: "the top level must be a JSON object".into(),
+        }),
+        Err(e) => Err(ConfigProblem {
+            file: path.display().to_string(),
+            key: String::new(),
+            reason: format!("not valid JSON: {e}"),
+        }),
+    }
+}
+
+fn merge(source: &ConfigSource) -> Result<Merged, ConfigError> {
+    let mut problems = Vec::new();
+    let mut merged = Merged {
+        root: Map::new(),
+        origin: BTreeMap::new(),
+        files: Vec::new(),
+    };
+    let system = source.system_path();
+    if source.system_file.is_some() && !system.exists() {
+        problems.push(ConfigProblem {
+            file: system.display().to_string(),
+            key: String::new(),
+            reason: "file does not exist".into(),
+        });
+    }
+    let mut paths = vec![system];
+    paths.extend(source.user_path());
+    for path in paths {
+        let map = match read_json_file(&path) {
+            Ok(Some(m)) => m,
+            Ok(None) => continue,
+            Err(p) => {
+                problems.push(p);
+                continue;
+            }
+        };
+        let file = path.display().to_string();
+        merged.files.push(path);
+        // One level deep, as intelmqcbmail does: a dict in the later file
+        // updates the dict of the earlier one; anything else replaces it.
+        for (key, value) in map {
+            match (merged.root.get_mut(&key), value) {
+                (Some(Value::Object(existing)), Value::Object(update)) => {
+                    for (k, v) in update {
+                        merged.origin.insert(format!("{key}.{k}"), file.clone());
+                        existing.insert(k, v);
+                    }
+                }
+                (_, value) => {
+                    merged
+                        .origin
+                        .retain(|k, _| !(k == &key || k.starts_with(&format!("{key}."))));
+                    merged.origin.insert(key.clone(), file.clone());
+                    merged.root.insert(key, value);
+                }
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ConfigError(problems));
+    }
+    if merged.files.is_empty() {
+        let searched = std::iter::once(source.system_path())
+            .chain(source.user_path())
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(ConfigError(vec![ConfigProblem {
+            file: searched,
+            key: String::new(),
+            reason: "no configuration found".into(),
+        }]));
+    }
+    Ok(merged)
+}
+
+/// Reads typed values out of the merged JSON, collecting every problem.
+struct Reader<'a> {
+    merged: &'a Merged,
+    problems: Vec<ConfigProblem>,
+    unknown: Vec<ConfigProblem>,
+}
+
+impl<'a> Reader<'a> {
+    fn problem(&mut self, key: &str, reason: impl Into<String>) {
+        self.problems.push(ConfigProblem {
+            file: self.merged.origin_of(key),
+            key: key.to_string(),
+            reason: reason.into(),
+        });
+    }
+
+    fn lookup(&self, key: &str) -> Option<&'a Value> {
+        let mut parts = key.split('.');
+        let mut cur = self.merged.root.get(parts.next()?)?;
+        for p in parts {
+            cur = cur.as_object()?.get(p)?;
+        }
+        Some(cur)
+    }
+
+    fn section(&mut self, key: &str, known: &[&str]) -> bool {
+        match self.lookup(key) {
+            None => false,
+            Some(Value::Object(map)) => {
+                for k in map.keys() {
+                    if !known.contains(&k.as_str()) {
+                        let full = format!("{key}.{k}");
+                        self.unknown.push(ConfigProblem {
+                            file: self.merged.origin_of(&full),
+                            key: full,
+                            reason: "unknown key, ignored".into(),
+                        });
+                    }
+                }
+                true
+            }
+            Some(_) => {
+                self.problem(key, "must be a JSON object");
+                false
+            }
+        }
+    }
+
+    fn string(&mut self, key: &str) -> Option<String> {
+        match self.lookup(key) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => {
+                self.problem(key, format!("must be a string, found {}", kind(other)));
+                None
+            }
+        }
+    }
+
+    fn required_string(&mut self, key: &str) -> String {
+        match self.string(key) {
+            Some(s) if !s.trim().is_empty() => s,
+            Some(_) => {
+                self.problem(key, "must not be empty");
+                String::new()
+            }
+            None => {
+                if self.lookup(key).is_none() {
+                    self.problem(key, "missing");
+                }
+                String::new()
+            }
+        }
+    }
+
+    fn bool(&mut self, key: &str, default: bool) -> bool {
+        match self.lookup(key) {
+            None | Some(Value::Null) => default,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                self.problem(
+                    key,
+                    format!("must be true or false, found {}", kind(other)),
+                );
+                default
+            }
+        }
+    }
+
+    fn integer(&mut self, key: &str, min: i64, max: i64) -> Option<i64> {
+        let v = match self.lookup(key) {
+            None | Some(Value::Null) => return None,
+            Some(v) => v,
+        };
+        // intelmq-mailgen passes the port straight to psycopg2/smtplib,
+        // which accept "5432" as well as 5432; so do we.
+        let n = match v {
+            Value::Number(n) => n.as_i64(),
+            Value::String(s) => s.trim().parse::<i64>().ok(),
+            _ => None,
+        };
+        match n {
+            Some(n) if (min..=max).contains(&n) => Some(n),
+            Some(n) => {
+                self.problem(key, format!("{n} is out of range {min}..={max}"));
+                None
+            }
+            None => {
+                self.problem(key, format!("must be an integer, found {}", kind(v)));
+                None
+            }
+        }
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+const TOP_KEYS: &[&str] = &[
+    "openpgp",
+    "database",
+    "template_dir",
+    "script_directory",
+    "sender",
+    "smtp",
+    "logging_level",
+    "xarf_reportdomain",
+    "xarf_schemacache",
+    "mailgend",
+];
+
+impl Config {
+    /// Loads and checks the configuration; every problem is reported at
+    /// once. Paths (template and script directories, key files) are checked
+    /// for existence here so that a typo is caught at start or reload.
+    pub fn load(source: &ConfigSource) -> Result<Config, ConfigError> {
+        let merged = merge(source)?;
+        Self::from_merged(&merged)
+    }
+
+    /// Parses one JSON text as if it were the only file (tests, `demo`).
+    pub fn from_json_str(text: &str, name: &str) -> Result<Config, ConfigError> {
+        let root = match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(m)) => m,
+            Ok(_) => {
+                return Err(ConfigError(vec![ConfigProblem {
+                    file: name.into(),
+                    key: String::new(),
+                    reason: "the top level must be a JSON object".into(),
+                }]))
+            }
+            Err(e) => {
+                return Err(ConfigError(vec![ConfigProblem {
+                    file: name.into(),
+                    key: String::new(),
+                    reason: format!("not valid JSON: {e}"),
+                }]))
+            }
+        };
+        let merged = Merged {
+            root,
+            origin: BTreeMap::new(),
+            files: vec![PathBuf::from(name)],
+        };
+        Self::from_merged(&merged)
+    }
+
+    fn from_merged(merged: &Merged) -> Result<Config, ConfigError> {
+        let mut r = Reader {
+            merged,
+            problems: Vec::new(),
+            unknown: Vec::new(),
+        };
+        for k in merged.root.keys() {
+            if !TOP_KEYS.contains(&k.as_str()) {
+                r.unknown.push(ConfigProblem {
+                    file: merged.origin_of(k),
+                    key: k.clone(),
+                    reason: "unknown key, ignored".into(),
+                });
+            }
+        }
+
+        // database
+        if !r.section("database", &["event", "additional_directive_where"]) {
+            if r.lookup("database").is_none() {
+                r.problem("database", "missing");
+            }
+        }
+        r.section(
+            "database.event",
+            &["name", "username", "password", "host", "port"],
+        );
+        let database = DatabaseConfig {
+            name: r.required_string("database.event.name"),
+            username: r.required_string("database.event.username"),
+            password: r.string("database.event.password"),
+            host: r
+                .string("database.event.host")
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into()),
+            port: r.integer("database.event.port", 1, 65535).unwrap_or(5432) as u16,
+            additional_directive_where: r
+                .string("database.additional_directive_where")
+                .filter(|s| !s.trim().is_empty()),
+        };
+
+        // smtp
+        r.section(
+            "smtp",
+            &[
+                "host",
+                "port",
+                "tls",
+                "ca_file",
+                "username",
+                "password",
+                "password_file",
+                "timeout",
+            ],
+        );
+        let tls = match r.string("smtp.tls").as_deref() {
+            None | Some("none") => SmtpTls::None,
+            Some("starttls") => SmtpTls::StartTls,
+            Some("opportunistic") => SmtpTls::Opportunistic,
+            Some("tls") | Some("implicit") => SmtpTls::Implicit,
+            Some(other) => {
+                r.problem(
+                    "smtp.tls",
+                    format!(
+                        "unknown value {other:?}; use \"none\", \"starttls\", \
+                         \"opportunistic\" or \"tls\""
+                    ),
+                );
+                SmtpTls::None
+            }
+        };
+        let ca_file = r.string("smtp.ca_file").map(PathBuf::from);
+        if let Some(p) = &ca_file {
+            if !p.is_file() {
+                r.problem("smtp.ca_file", format!("{} is not a readable file", p.display()));
+            }
+        }
+        let username = r.string("smtp.username").filter(|s| !s.is_empty());
+        let mut password = r.string("smtp.password");
+        if let Some(pf) = r.string("smtp.password_file") {
+            match std::fs::read_to_string(&pf) {
+                Ok(s) => password = Some(s.trim_end_matches(['\r', '\n']).to_string()),
+                Err(e) => r.problem("smtp.password_file", format!("cannot read {pf}: {e}")),
+            }
+        }
+        if username.is_some() != password.is_some() {
+            r.problem(
+                "smtp.username",
+                "SMTP AUTH needs both smtp.username and smtp.password (or smtp.password_file)",
+            );
+        }
+        let smtp = SmtpConfig {
+            host: r
+                .string("smtp.host")
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".into()),
+            port: r.integer("smtp.port", 1, 65535).unwrap_or(25) as u16,
+            tls,
+            ca_file,
+            username,
+            password,
+            timeout: Duration::from_secs(
+                r.integer("smtp.timeout", 1, 3600).unwrap_or(60) as u64,
+            ),
+        };
+
+        // openpgp
+        r.section(
+            "openpgp",
+            &["gnupg_home", "always_sign", "signing_key", "key_file"],
+        );
+        let openpgp = OpenPgpConfig {
+            always_sign: r.bool("openpgp.always_sign", false),
+            gnupg_home: r.string("openpgp.gnupg_home").map(PathBuf::from),
+            signing_key: r.string("openpgp.signing_key").filter(|s| !s.is_empty()),
+            key_file: r.string("openpgp.key_file").map(PathBuf::from),
+        };
+        if openpgp.always_sign {
+            match (&openpgp.key_file, &openpgp.gnupg_home) {
+                (Some(k), _) => {
+                    if !k.is_file() {
+                        r.problem(
+                            "openpgp.key_file",
+                            format!("{} is not a readable file", k.display()),
+                        );
+                    }
+                }
+                (None, Some(h)) => {
+                    if !h.is_dir() {
+                        r.problem(
+                            "openpgp.gnupg_home",
+                            format!("{} is not a directory", h.display()),
+                        );
+                    }
+                    if openpgp.signing_key.is_none() {
+                        r.problem(
+                            "openpgp.signing_key",
+                            "required with always_sign and gnupg_home",
+                        );
+                    }
+                }
+                (None, None) => r.problem(
+                    "openpgp.always_sign",
+                    "signing is on but neither openpgp.key_file nor openpgp.gnupg_home is set",
+                ),
+            }
+        }
+
+        // paths
+        let template_dir = PathBuf::from(r.required_string("template_dir"));
+        if !template_dir.as_os_str().is_empty() && !template_dir.is_dir() {
+            r.problem(
+                "template_dir",
+                format!("{} is not a directory", template_dir.display()),
+            );
+        }
+        let script_directory = PathBuf::from(r.required_string("script_directory"));
+        if !script_directory.as_os_str().is_empty() && !script_directory.is_dir() {
+            r.problem(
+                "script_directory",
+                format!("{} is not a directory", script_directory.display()),
+            );
+        }
+
+        // sender
+        let sender = r.required_string("sender");
+        let (sender_address, sender_domain) = match split_sender(&sender) {
+            Ok(x) => x,
+            Err(reason) => {
+                if !sender.is_empty() {
+                    r.problem("sender", reason);
+                }
+                (String::new(), String::new())
+            }
+        };
+
+        let logging_level = r
+            .string("logging_level")
+            .unwrap_or_else(|| "INFO".into())
+            .to_ascii_uppercase();
+        if !["DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"]
+            .contains(&logging_level.as_str())
+        {
+            r.problem(
+                "logging_level",
+                format!("unknown level {logging_level:?}; use DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+            );
+        }
+
+        let xarf_reportdomain = r.string("xarf_reportdomain").filter(|s| !s.is_empty());
+        let xarf_schemacache = r.string("xarf_schemacache").map(PathBuf::from);
+
+        r.section("mailgend", &["workers"]);
+        let service = ServiceConfig {
+            workers: r.integer("mailgend.workers", 1, 1024).unwrap_or(4) as usize,
+        };
+
+        if !r.problems.is_empty() {
+            return Err(ConfigError(r.problems));
+        }
+        Ok(Config {
+            database,
+            smtp,
+            openpgp,
+            template_dir,
+            script_directory,
+            sender,
+            sender_address,
+            sender_domain,
+            logging_level,
+            xarf_reportdomain,
+            xarf_schemacache,
+            service,
+            files: merged.files.clone(),
+            unknown_keys: r.unknown,
+        })
+    }
+}
+
+/// Splits `"CERT <cert@example.org>"` or `cert@example.org` into the address
+/// and its domain; the sender must be exactly one plain mailbox.
+pub fn split_sender(sender: &str) -> Result<(String, String), String> {
+    let s = sender.trim();
+    if s.chars().any(|c| c.is_control()) {
+        return Err("must not contain control characters".into());
+    }
+    let addr = match (s.rfind('<'), s.rfind('>')) {
+        (Some(l), Some(r)) if l < r && r == s.len() - 1 => s[l + 1..r].trim(),
+        (None, None) => s,
+        _ => return Err(format!("{sender:?} is not an address or `Name <address>`")),
+    };
+    let (local, domain) = addr
+        .rsplit_once('@')
+        .ok_or_else(|| format!("{addr:?} has no domain"))?;
+    if local.is_empty() || domain.is_empty() || addr.contains(char::is_whitespace) {
+        return Err(format!("{addr:?} is not a valid address"));
+    }
+    Ok((addr.to_string(), domain.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal(dir: &Path) -> String {
+        serde_json::json!({
+            "database": {"event": {"name": "intelmq-events", "username": "mailgen",
+                                    "password": "pw", "host": "localhost", "port": 5432}},
+            "template_dir": dir, "script_directory": dir,
+            "sender": "CERT <cert@example.org>",
+            "smtp": {"host": "localhost", "port": "25"},
+            "openpgp": {"always_sign": false, "gnupg_home": "/nonexistent", "signing_key": ""}
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn minimal_config_loads() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Config::from_json_str(&minimal(d.path()), "t.conf").unwrap();
+        assert_eq!(c.smtp.port, 25);
+        assert_eq!(c.sender_address, "cert@example.org");
+        assert_eq!(c.sender_domain, "example.org");
+        assert!(c.unknown_keys.is_empty());
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_key() {
+        let text = r#"{"database": {"event": {"name": "x", "port": 99999}},
+                       "smtp": {"port": "abc", "tls": "sometimes"},
+                       "sender": "nodomain", "templat_dir": "/x"}"#;
+        let err = Config::from_json_str(text, "bad.conf").unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "database.event.username",
+            "database.event.port",
+            "smtp.port",
+            "smtp.tls",
+            "template_dir",
+            "script_directory",
+            "sender",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+        assert!(err.0.iter().all(|p| p.file == "bad.conf"));
+    }
+
+    #[test]
+    fn user_file_wins_one_level_deep() {
+        let d = tempfile::tempdir().unwrap();
+        let sys = d.path().join("sys.conf");
+        let user = d.path().join("user.conf");
+        std::fs::write(&sys, minimal(d.path())).unwrap();
+        std::fs::write(
+            &user,
+            r#"{"smtp": {"port": 2525}, "sender": "other@example.net", "bogus": 1}"#,
+        )
+        .unwrap();
+        let src = ConfigSource {
+            system_file: Some(sys.clone()),
+            user_file: Some(user.clone()),
+            skip_user_file: false,
+        };
+        let c = Config::load(&src).unwrap();
+        assert_eq!(c.smtp.port, 2525);
+        assert_eq!(c.smtp.host, "localhost", "kept from the system file");
+        assert_eq!(c.sender_domain, "example.net");
+        assert_eq!(c.unknown_keys.len(), 1);
+        assert_eq!(c.unknown_keys[0].file, user.display().to_string());
+
+        std::fs::write(&user, r#"{"smtp": {"port": 0}}"#).unwrap();
+        let err = Config::load(&src).unwrap_err();
+        assert_eq!(err.0[0].key, "smtp.port");
+        assert_eq!(err.0[0].file, user.display().to_string());
+    }
+
+    #[test]
+    fn missing_files_are_an_error() {
+        let src = ConfigSource {
+            system_file: None,
+            user_file: Some("/nonexistent/u.conf".into()),
+            skip_user_file: false,
+        };
+        // The system file may exist on a real host; only check the -c case.
+        let err = Config::load(&ConfigSource::file("/nonexistent/x.conf")).unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        let _ = src;
+    }
+}

@@ -1,0 +1,179 @@
+//! IntelMQ event rows as the formats see them.
+//!
+//! Owns reading the `events` table: only the columns a format asks for,
+//! only for the ids of one group, with column names checked against the
+//! real table (event data and format files never reach SQL as text).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+
+use crate::directive::EventId;
+
+/// One value of an event column, typed as PostgreSQL stored it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldValue {
+    Null,
+    Text(String),
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Timestamp(DateTime<Utc>),
+    /// `extra` (json or jsonb).
+    Json(serde_json::Value),
+}
+
+/// One row of `events`, restricted to the columns that were loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub id: EventId,
+    pub fields: BTreeMap<String, FieldValue>,
+}
+
+impl Event {
+    /// The value of an event column (`source.ip`); `Null` when the column
+    /// was not loaded or is NULL.
+    pub fn get(&self, column: &str) -> &FieldValue {
+        self.fields.get(column).unwrap_or(&FieldValue::Null)
+    }
+
+    /// The value of `key` inside the `extra` JSON object, if present.
+    pub fn extra(&self, key: &str) -> Option<&serde_json::Value> {
+        match self.fields.get("extra") {
+            Some(FieldValue::Json(serde_json::Value::Object(map))) => map.get(key),
+            _ => None,
+        }
+    }
+}
+
+/// How a column of `events` is read back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ColumnKind {
+    Int,
+    Float,
+    Bool,
+    Timestamp,
+    Json,
+    /// Everything else (text, varchar, inet, cidr, …) as PostgreSQL prints
+    /// it; inet prints without `/32`, as psycopg2 returns it.
+    Text,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("the events table has no column {0:?}")]
+    UnknownColumn(String),
+    #[error("loading events failed: {0}")]
+    Db(#[from] tokio_postgres::Error),
+}
+
+/// The columns of `events` and their types, read once per run (or reload)
+/// so that column names from format files are checked against the real
+/// table and never reach SQL unchecked.
+#[derive(Debug, Clone, Default)]
+pub struct EventColumns {
+    kinds: BTreeMap<String, ColumnKind>,
+}
+
+impl EventColumns {
+    pub async fn read<C: tokio_postgres::GenericClient>(client: &C) -> Result<Self, EventError> {
+        let rows = client
+            .query(
+                "SELECT a.attname, format_type(a.atttypid, a.atttypmod) \
+                   FROM pg_attribute a \
+                  WHERE a.attrelid = 'events'::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+                &[],
+            )
+            .await?;
+        let kinds = rows
+            .iter()
+            .map(|r| {
+                let name: String = r.get(0);
+                let ty: String = r.get(1);
+                (name, kind_of(&ty))
+            })
+            .collect();
+        Ok(EventColumns { kinds })
+    }
+
+    pub fn contains(&self, column: &str) -> bool {
+        self.kinds.contains_key(column)
+    }
+
+    /// Loads the events with the given ids (ascending by id), with only
+    /// `columns` (plus `id`).
+    pub async fn load<C: tokio_postgres::GenericClient>(
+        &self,
+        client: &C,
+        ids: &[EventId],
+        columns: &[String],
+    ) -> Result<Vec<Event>, EventError> {
+        let mut select = String::from("SELECT id");
+        let mut wanted = Vec::new();
+        for col in columns {
+            if col == "id" || wanted.iter().any(|(c, _)| c == col) {
+                continue;
+            }
+            let kind = *self
+                .kinds
+                .get(col)
+                .ok_or_else(|| EventError::UnknownColumn(col.clone()))?;
+            let ident = quote_ident(col);
+            let expr = match kind {
+                ColumnKind::Int => format!(", {ident}::int8"),
+                ColumnKind::Float => format!(", {ident}::float8"),
+                ColumnKind::Bool => format!(", {ident}"),
+                ColumnKind::Timestamp => format!(", {ident}::timestamptz"),
+                ColumnKind::Json => format!(", {ident}::jsonb"),
+                ColumnKind::Text => format!(", {ident}::text"),
+            };
+            select.push_str(&expr);
+            wanted.push((col.clone(), kind));
+        }
+        select.push_str(" FROM events WHERE id = ANY($1) ORDER BY id");
+        let ids: Vec<i64> = ids.iter().map(|e| e.0).collect();
+        let rows = client.query(select.as_str(), &[&ids]).await?;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in rows {
+            let mut fields = BTreeMap::new();
+            for (i, (col, kind)) in wanted.iter().enumerate() {
+                let idx = i + 1;
+                let v = match kind {
+                    ColumnKind::Int => row.get::<_, Option<i64>>(idx).map(FieldValue::Int),
+                    ColumnKind::Float => row.get::<_, Option<f64>>(idx).map(FieldValue::Float),
+                    ColumnKind::Bool => row.get::<_, Option<bool>>(idx).map(FieldValue::Bool),
+                    ColumnKind::Timestamp => row
+                        .get::<_, Option<DateTime<Utc>>>(idx)
+                        .map(FieldValue::Timestamp),
+                    ColumnKind::Json => row
+                        .get::<_, Option<serde_json::Value>>(idx)
+                        .map(FieldValue::Json),
+                    ColumnKind::Text => row.get::<_, Option<String>>(idx).map(FieldValue::Text),
+                };
+                fields.insert(col.clone(), v.unwrap_or(FieldValue::Null));
+            }
+            events.push(Event {
+                id: EventId(row.get(0)),
+                fields,
+            });
+        }
+        Ok(events)
+    }
+}
+
+fn kind_of(ty: &str) -> ColumnKind {
+    match ty {
+        "integer" | "bigint" | "smallint" => ColumnKind::Int,
+        "real" | "double precision" => ColumnKind::Float,
+        "boolean" => ColumnKind::Bool,
+        "json" | "jsonb" => ColumnKind::Json,
+        t if t.starts_with("timestamp") => ColumnKind::Timestamp,
+        _ => ColumnKind::Text,
+    }
+}
+
+/// Double-quotes an identifier (IntelMQ's column names contain dots). The
+/// name was already checked to be a real column; quoting is the second line.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
