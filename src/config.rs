@@ -370,10 +370,7 @@ impl<'a> Reader<'a> {
             None | Some(Value::Null) => default,
             Some(Value::Bool(b)) => *b,
             Some(other) => {
-                self.problem(
-                    key,
-                    format!("must be true or false, found {}", kind(other)),
-                );
+                self.problem(key, format!("must be true or false, found {}", kind(other)));
                 default
             }
         }
@@ -482,10 +479,10 @@ impl Config {
         }
 
         // database
-        if !r.section("database", &["event", "additional_directive_where"]) {
-            if r.lookup("database").is_none() {
-                r.problem("database", "missing");
-            }
+        if !r.section("database", &["event", "additional_directive_where"])
+            && r.lookup("database").is_none()
+        {
+            r.problem("database", "missing");
         }
         r.section(
             "database.event",
@@ -538,7 +535,10 @@ impl Config {
         let ca_file = r.string("smtp.ca_file").map(PathBuf::from);
         if let Some(p) = &ca_file {
             if !p.is_file() {
-                r.problem("smtp.ca_file", format!("{} is not a readable file", p.display()));
+                r.problem(
+                    "smtp.ca_file",
+                    format!("{} is not a readable file", p.display()),
+                );
             }
         }
         let username = r.string("smtp.username").filter(|s| !s.is_empty());
@@ -565,9 +565,7 @@ impl Config {
             ca_file,
             username,
             password,
-            timeout: Duration::from_secs(
-                r.integer("smtp.timeout", 1, 3600).unwrap_or(60) as u64,
-            ),
+            timeout: Duration::from_secs(r.integer("smtp.timeout", 1, 3600).unwrap_or(60) as u64),
         };
 
         // openpgp
@@ -649,7 +647,9 @@ impl Config {
         {
             r.problem(
                 "logging_level",
-                format!("unknown level {logging_level:?}; use DEBUG, INFO, WARNING, ERROR or CRITICAL"),
+                format!(
+                    "unknown level {logging_level:?}; use DEBUG, INFO, WARNING, ERROR or CRITICAL"
+                ),
             );
         }
 

@@ -50,6 +50,10 @@ impl Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ColumnKind {
     Int,
+    /// `real`: read as f32 and widened through its shortest text, so that
+    /// 6.2 stays 6.2 (psycopg2 hands Python the text form) instead of
+    /// becoming 6.199999809265137.
+    Float4,
     Float,
     Bool,
     Timestamp,
@@ -121,6 +125,7 @@ impl EventColumns {
             let ident = quote_ident(col);
             let expr = match kind {
                 ColumnKind::Int => format!(", {ident}::int8"),
+                ColumnKind::Float4 => format!(", {ident}::float4"),
                 ColumnKind::Float => format!(", {ident}::float8"),
                 ColumnKind::Bool => format!(", {ident}"),
                 ColumnKind::Timestamp => format!(", {ident}::timestamptz"),
@@ -140,6 +145,9 @@ impl EventColumns {
                 let idx = i + 1;
                 let v = match kind {
                     ColumnKind::Int => row.get::<_, Option<i64>>(idx).map(FieldValue::Int),
+                    ColumnKind::Float4 => row
+                        .get::<_, Option<f32>>(idx)
+                        .map(|f| FieldValue::Float(f.to_string().parse().unwrap_or(f as f64))),
                     ColumnKind::Float => row.get::<_, Option<f64>>(idx).map(FieldValue::Float),
                     ColumnKind::Bool => row.get::<_, Option<bool>>(idx).map(FieldValue::Bool),
                     ColumnKind::Timestamp => row
@@ -164,7 +172,8 @@ impl EventColumns {
 fn kind_of(ty: &str) -> ColumnKind {
     match ty {
         "integer" | "bigint" | "smallint" => ColumnKind::Int,
-        "real" | "double precision" => ColumnKind::Float,
+        "real" => ColumnKind::Float4,
+        "double precision" => ColumnKind::Float,
         "boolean" => ColumnKind::Bool,
         "json" | "jsonb" => ColumnKind::Json,
         t if t.starts_with("timestamp") => ColumnKind::Timestamp,
