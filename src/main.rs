@@ -1,1 +1,267 @@
-fn main() {}
+//! The `mailgend` command line: the binary edge, where errors become exit
+//! codes and log lines.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing::{error, info, warn};
+
+use mailgend::config::{Config, ConfigSource};
+use mailgend::pipeline::{self, Pipeline, RunOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "mailgend",
+    version,
+    about = "IntelMQ notification mailer (drop-in for intelmqcbmail)",
+    after_help = "Configuration: /etc/intelmq/intelmq-mailgen.conf (or -c FILE) merged with \
+                  ~/.intelmq/intelmq-mailgen.conf, the user file winning. See docs/config.md."
+)]
+struct Cli {
+    /// Alternative system configuration file (replaces
+    /// /etc/intelmq/intelmq-mailgen.conf; the user file is still read).
+    #[arg(short, long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// More logging; -vv also lists event ids per group.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Send every pending notification once (what `intelmqcbmail --all` does).
+    Send {
+        /// Process all pending directives non-interactively.
+        #[arg(short, long)]
+        all: bool,
+        /// Render and sign everything, send nothing, write nothing, draw no
+        /// ticket numbers.
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+        /// Groups per page in interactive review.
+        #[arg(short = 'N', long, default_value_t = 10)]
+        batch_size: usize,
+    },
+    /// Database objects.
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+    /// Load configuration, formats, templates and the signing key and report
+    /// every problem at once.
+    CheckConfig,
+    /// Bring up a throw-away PostgreSQL and SMTP receiver, feed realistic
+    /// events, send signed mails, show them, tear everything down.
+    Demo {
+        /// Number of IntelMQ events to insert.
+        #[arg(long, default_value_t = 300)]
+        events: usize,
+        /// Where to keep the received mails (a Maildir).
+        #[arg(long)]
+        maildir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Create or update the mailgen tables, trigger and grants (idempotent).
+    Migrate,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mailgend: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("mailgend: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn source(cli: &Cli) -> ConfigSource {
+    ConfigSource {
+        system_file: cli.config.clone(),
+        user_file: None,
+        skip_user_file: false,
+    }
+}
+
+/// Loads the config, sets up logging from it, and logs unknown keys.
+fn load_config(cli: &Cli) -> anyhow::Result<Arc<Config>> {
+    let config = match Config::load(&source(cli)) {
+        Ok(c) => c,
+        Err(e) => {
+            init_logging("INFO", cli.verbose);
+            return Err(anyhow::anyhow!("{e}"));
+        }
+    };
+    init_logging(&config.logging_level, cli.verbose);
+    for p in &config.unknown_keys {
+        warn!("{p}");
+    }
+    Ok(Arc::new(config))
+}
+
+fn init_logging(level: &str, verbose: u8) {
+    let level = if verbose > 0 {
+        "debug"
+    } else {
+        match level {
+            "DEBUG" => "debug",
+            "WARNING" | "WARN" => "warn",
+            "ERROR" | "CRITICAL" => "error",
+            _ => "info",
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MAILGEND_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("mailgend={level},warn")));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Send {
+            all,
+            dry_run,
+            batch_size: _,
+        } => {
+            let config = load_config(&cli)?;
+            if !all {
+                anyhow::bail!(
+                    "interactive review is not available yet; run `mailgend send --all` \
+                     (add --dry-run to see what would be sent)"
+                );
+            }
+            let pipeline =
+                Arc::new(Pipeline::load(config).context("loading formats, templates and key")?);
+            let opts = RunOptions {
+                dry_run: *dry_run,
+                list_event_ids: cli.verbose >= 2,
+            };
+            if opts.dry_run {
+                info!("Running dry-run mode. Not sending mails and not writing changes to the database.");
+            }
+            let summary = pipeline::run_once(pipeline, opts).await?;
+            let line = if opts.dry_run {
+                format!("Simulation: {summary}")
+            } else {
+                summary.to_string()
+            };
+            info!("{line}");
+            println!("{line}");
+            Ok(if summary.errors > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Db {
+            command: DbCommand::Migrate,
+        } => {
+            let config = load_config(&cli)?;
+            let mut client = mailgend::db::connect(&config.database).await?;
+            let report = mailgend::migrate::migrate(&mut client).await?;
+            for (v, name) in &report.applied {
+                println!("applied migration {v:04} {name}");
+            }
+            if report.applied.is_empty() {
+                println!(
+                    "database is up to date ({} migrations)",
+                    report.already.len()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig => Ok(check_config(&cli)),
+        Command::Demo { events, maildir } => {
+            // The demo prints its own story; per-mail log lines only with -v.
+            init_logging("WARNING", cli.verbose);
+            mailgend::demo::run(*events, maildir.clone()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Reports every problem at once; exit 1 when there is any.
+fn check_config(cli: &Cli) -> ExitCode {
+    init_logging("WARNING", cli.verbose);
+    let mut problems: Vec<String> = Vec::new();
+    let config = match Config::load(&source(cli)) {
+        Ok(c) => c,
+        Err(e) => {
+            for p in e.0 {
+                println!("ERROR {p}");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    for p in &config.unknown_keys {
+        println!("WARNING {p}");
+    }
+    match mailgend::format::FormatSet::load(&config.script_directory, &config) {
+        Ok(formats) => {
+            if !formats.python_scripts().is_empty() {
+                println!(
+                    "WARNING Python format scripts are ignored: {}",
+                    formats
+                        .python_scripts()
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+            match mailgend::template::TemplateStore::new(&config.template_dir) {
+                Ok(store) => problems.extend(formats.check_templates(&store)),
+                Err(e) => problems.push(format!("template_dir: {e}")),
+            }
+        }
+        Err(e) => problems.push(e.to_string()),
+    }
+    if config.openpgp.always_sign {
+        if let Err(e) = pipeline::load_signer(&config) {
+            problems.push(format!("openpgp: {e}"));
+        }
+    }
+    if let Err(e) = mailgend::smtp::Outbound::new(&config.smtp, 1) {
+        problems.push(format!("smtp: {e}"));
+    }
+    if problems.is_empty() {
+        println!(
+            "configuration OK ({})",
+            config
+                .files
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" + ")
+        );
+        ExitCode::SUCCESS
+    } else {
+        for p in problems {
+            println!("ERROR {p}");
+        }
+        ExitCode::from(1)
+    }
+}

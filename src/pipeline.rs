@@ -1,1 +1,427 @@
-//! TODO
+//! One pass of the notification data path over every pending group.
+//!
+//! Owns the order of the steps for a group and their transaction:
+//! claim the group's rows (`SKIP LOCKED`) → ask the formats → load events →
+//! render with a provisional ticket (so a broken template consumes no
+//! number) → draw tickets → render → MIME + signature → SMTP → mark sent →
+//! COMMIT. A failing group is rolled back and logged at ERROR with its
+//! directive and event ids; the other groups go on. A bounded number of
+//! workers (`mailgend.workers`), each with its own database connection,
+//! process groups concurrently; signing runs on the blocking pool so it
+//! never stalls the async workers.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::{Client, Transaction};
+use tracing::{debug, error, info, warn};
+
+use crate::config::Config;
+use crate::db;
+use crate::directive::{self, Claim, Group};
+use crate::event::{EventColumns, EventError};
+use crate::format::{Decision, FormatSet, RenderContext};
+use crate::mail::{self, BuiltMail, MailContext, Notification};
+use crate::sent;
+use crate::signature::Signer;
+use crate::smtp::{Outbound, SmtpError};
+use crate::template::TemplateStore;
+use crate::ticket::{self, Ticket, TicketError};
+
+/// Everything a run needs that does not change during it: one loaded
+/// configuration with its formats, templates and signing key. A reload
+/// builds a new one; work in flight keeps the one it started with.
+pub struct Pipeline {
+    pub config: Arc<Config>,
+    pub formats: Arc<FormatSet>,
+    pub templates: Arc<TemplateStore>,
+    pub signer: Option<Arc<Signer>>,
+    pub outbound: Outbound,
+    mail_ctx: MailContext,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Formats(#[from] crate::format::FormatLoadError),
+    #[error(transparent)]
+    Template(#[from] crate::template::TemplateError),
+    #[error("signing key: {0}")]
+    Signer(#[from] crate::signature::SignError),
+    #[error(transparent)]
+    Smtp(#[from] SmtpError),
+}
+
+impl Pipeline {
+    /// Loads formats, templates and the signing key for `config`. Logs one
+    /// WARN naming any Python format scripts found (they cannot run here).
+    pub fn load(config: Arc<Config>) -> Result<Pipeline, SetupError> {
+        let formats = FormatSet::load(&config.script_directory, &config)?;
+        if !formats.python_scripts().is_empty() {
+            let names: Vec<String> = formats
+                .python_scripts()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            warn!(
+                scripts = %names.join(", "),
+                "Python format scripts in script_directory are ignored; \
+                 mailgend reads NN*.toml format files (see docs/formats.md)"
+            );
+        }
+        let templates = TemplateStore::new(&config.template_dir)?;
+        let signer = if config.openpgp.always_sign {
+            Some(Arc::new(load_signer(&config)?))
+        } else {
+            None
+        };
+        let outbound = Outbound::new(&config.smtp, config.service.workers as u32)?;
+        let mail_ctx = MailContext {
+            sender: config.sender.clone(),
+            sender_address: config.sender_address.clone(),
+            sender_domain: config.sender_domain.clone(),
+        };
+        Ok(Pipeline {
+            config,
+            formats: Arc::new(formats),
+            templates: Arc::new(templates),
+            signer,
+            outbound,
+            mail_ctx,
+        })
+    }
+}
+
+/// Loads the signing key the way the configuration names it.
+pub fn load_signer(config: &Config) -> Result<Signer, crate::signature::SignError> {
+    let pgp = &config.openpgp;
+    match (&pgp.key_file, &pgp.gnupg_home) {
+        (Some(file), _) => Signer::from_key_file(file, pgp.signing_key.as_deref()),
+        (None, Some(home)) => {
+            Signer::from_gnupg_home(home, pgp.signing_key.as_deref().unwrap_or(""))
+        }
+        (None, None) => unreachable!("config validation requires a key source"),
+    }
+}
+
+/// Options of one run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Render and sign everything; send nothing, write nothing, draw no
+    /// ticket.
+    pub dry_run: bool,
+    /// Include event ids in per-group log lines (`-vv`).
+    pub list_event_ids: bool,
+}
+
+/// The counts the old tool prints at the end of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub sent: usize,
+    pub postponed: usize,
+    pub errors: usize,
+    /// Groups left alone because another instance holds them.
+    pub busy: usize,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} mails sent, {} postponed, {} errors.",
+            self.sent, self.postponed, self.errors
+        )
+    }
+}
+
+/// What happened to one group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupOutcome {
+    /// Mails accepted by SMTP (in a dry run: mails rendered).
+    Sent {
+        mails: usize,
+    },
+    Postponed {
+        reason: String,
+    },
+    Busy,
+}
+
+/// Why a group failed. The group stays pending.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    #[error("no format handles this group (notification_format {0:?}, event_data_format {1:?})")]
+    NoFormat(String, String),
+    #[error("format {format}: {reason}")]
+    Rejected { format: String, reason: String },
+    /// The render error already names the format.
+    #[error("{source}")]
+    Render {
+        format: String,
+        #[source]
+        source: crate::format::RenderError,
+    },
+    #[error("loading events: {0}")]
+    Events(#[from] EventError),
+    #[error(transparent)]
+    Ticket(#[from] TicketError),
+    #[error("building the mail: {0}")]
+    Mail(#[from] crate::mail::MailError),
+    #[error("sending to {relay}: {source}")]
+    Smtp {
+        relay: String,
+        #[source]
+        source: SmtpError,
+    },
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("signing task failed: {0}")]
+    Join(String),
+    /// Some mails of the group went out and were recorded, a later one
+    /// failed.
+    #[error("{sent} of the group's mails were sent and recorded, then: {source}")]
+    Partial {
+        sent: usize,
+        #[source]
+        source: Box<GroupError>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    #[error(transparent)]
+    Select(#[from] directive::SelectError),
+    #[error(transparent)]
+    Events(#[from] EventError),
+    #[error("database: {0}")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+/// One pass over every pending group (`mailgend send --all`).
+pub async fn run_once(pipeline: Arc<Pipeline>, opts: RunOptions) -> Result<Summary, RunError> {
+    let client = db::connect(&pipeline.config.database).await?;
+    let columns = Arc::new(EventColumns::read(&client).await?);
+    let groups = directive::pending_groups(
+        &client,
+        pipeline
+            .config
+            .database
+            .additional_directive_where
+            .as_deref(),
+    )
+    .await?;
+    info!(groups = groups.len(), "pending directive groups selected");
+    let total = groups.len();
+    let queue = Arc::new(Mutex::new(VecDeque::from(groups)));
+    let summary = Arc::new(Mutex::new(Summary::default()));
+
+    let workers = pipeline.config.service.workers.clamp(1, total.max(1));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut clients = vec![client];
+    for _ in 1..workers {
+        clients.push(db::connect(&pipeline.config.database).await?);
+    }
+    for mut client in clients {
+        let pipeline = pipeline.clone();
+        let queue = queue.clone();
+        let summary = summary.clone();
+        let columns = columns.clone();
+        tasks.spawn(async move {
+            loop {
+                let next = queue.lock().expect("queue lock").pop_front();
+                let Some(group) = next else { break };
+                let result = process_group(&pipeline, &mut client, &columns, &group, opts).await;
+                let mut s = summary.lock().expect("summary lock");
+                match result {
+                    Ok(GroupOutcome::Sent { mails }) => s.sent += mails,
+                    Ok(GroupOutcome::Postponed { .. }) => s.postponed += 1,
+                    Ok(GroupOutcome::Busy) => s.busy += 1,
+                    Err(e) => {
+                        s.errors += 1;
+                        if let GroupError::Partial { sent, .. } = &e {
+                            s.sent += sent;
+                        }
+                        error!(
+                            directive_ids = %group.directive_ids_display(),
+                            event_ids = %group.event_ids_display(),
+                            recipient = %group.key.recipient_address,
+                            template = %group.key.template_name,
+                            "Could not create or send mails for group: {e}. \
+                             Its directives stay pending; continuing with other groups."
+                        );
+                    }
+                }
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r {
+            error!("worker task failed: {e}");
+        }
+    }
+    let s = *summary.lock().expect("summary lock");
+    if s.busy > 0 {
+        info!(
+            groups = s.busy,
+            "groups skipped because another instance is sending them"
+        );
+    }
+    Ok(s)
+}
+
+/// Drives one group through the data path in its own transaction.
+pub async fn process_group(
+    p: &Pipeline,
+    client: &mut Client,
+    columns: &EventColumns,
+    group: &Group,
+    opts: RunOptions,
+) -> Result<GroupOutcome, GroupError> {
+    let tx = client.transaction().await?;
+    if directive::claim(&tx, group).await? == Claim::Busy {
+        return Ok(GroupOutcome::Busy);
+    }
+    // The database's clock, not ours: instances on several hosts then agree
+    // on what is due.
+    let now: DateTime<Utc> = tx.query_one("SELECT now()", &[]).await?.get(0);
+    let plan = match p.formats.decide(group, now) {
+        Decision::Postpone { format, reason, .. } => {
+            debug!(
+                directive_ids = %group.directive_ids_display(),
+                format = %format,
+                "postponed: {reason}"
+            );
+            return Ok(GroupOutcome::Postponed { reason });
+        }
+        Decision::NoMatch => {
+            return Err(GroupError::NoFormat(
+                group.key.notification_format.clone(),
+                group.key.event_data_format.clone(),
+            ))
+        }
+        Decision::Error { format, reason } => return Err(GroupError::Rejected { format, reason }),
+        Decision::Send(plan) => plan,
+    };
+    let event_ids = group.distinct_event_ids();
+    let events = columns.load(&tx, &event_ids, &plan.event_columns()).await?;
+    let needed = plan.tickets_needed(events.len());
+
+    // Render once with provisional numbers: a template error or an unknown
+    // placeholder must not consume ticket numbers (old tool defect).
+    let provisional = provisional_tickets(&tx, needed).await?;
+    let render = |tickets: &[Ticket]| {
+        plan.render(&RenderContext {
+            group,
+            events: &events,
+            tickets,
+            templates: &p.templates,
+            config: &p.config,
+        })
+        .map_err(|source| GroupError::Render {
+            format: plan.format_name().to_string(),
+            source,
+        })
+    };
+    let preview = render(&provisional)?;
+
+    if opts.dry_run {
+        let mails = build_all(p, preview, now).await?;
+        for m in &mails {
+            info!(
+                to = %m.envelope_to.join(", "),
+                bytes = m.bytes.len(),
+                format = %plan.format_name(),
+                "dry run: would send"
+            );
+        }
+        tx.rollback().await?;
+        return Ok(GroupOutcome::Sent { mails: mails.len() });
+    }
+
+    let mut tickets = Vec::with_capacity(needed);
+    for _ in 0..needed {
+        tickets.push(ticket::draw(&tx).await?);
+    }
+    let notifications = render(&tickets)?;
+    let marks: Vec<(Ticket, bool)> = notifications
+        .iter()
+        .map(|n| (n.ticket.clone(), n.mark_sent))
+        .collect();
+    let mails = build_all(p, notifications, now).await?;
+
+    let mut accepted = 0usize;
+    let mut marked = false;
+    for (mail, (ticket, mark)) in mails.iter().zip(marks) {
+        let result = p
+            .outbound
+            .send(&mail.envelope_from, &mail.envelope_to, &mail.bytes)
+            .await
+            .map_err(|source| GroupError::Smtp {
+                relay: p.outbound.relay().to_string(),
+                source,
+            });
+        if let Err(e) = result {
+            return if marked {
+                // What SMTP accepted is recorded; never roll that back.
+                tx.commit().await?;
+                Err(GroupError::Partial {
+                    sent: accepted,
+                    source: Box::new(e),
+                })
+            } else {
+                Err(e)
+            };
+        }
+        accepted += 1;
+        if mark {
+            sent::mark_sent(&tx, &ticket, mail.date, &group.directive_ids).await?;
+            marked = true;
+        }
+        info!(
+            ticket = %ticket,
+            recipient = %mail.envelope_to.join(", "),
+            directive_ids = %group.directive_ids_display(),
+            event_ids = %if opts.list_event_ids { group.event_ids_display() } else { String::from("-") },
+            message_id = %mail.message_id,
+            "mail sent"
+        );
+    }
+    tx.commit().await?;
+    Ok(GroupOutcome::Sent { mails: accepted })
+}
+
+/// `n` numbers the next draws would most likely return (never consumed).
+async fn provisional_tickets(tx: &Transaction<'_>, n: usize) -> Result<Vec<Ticket>, TicketError> {
+    let first = ticket::peek(tx).await?;
+    let (day, seq) = first
+        .as_str()
+        .split_once('-')
+        .map(|(d, s)| (d.to_string(), s.parse::<i64>().unwrap_or(10000001)))
+        .unwrap_or_default();
+    let day = chrono::NaiveDate::parse_from_str(&day, "%Y%m%d")
+        .unwrap_or_else(|_| Utc::now().date_naive());
+    Ok((0..n as i64).map(|i| Ticket::new(day, seq + i)).collect())
+}
+
+/// MIME + signature for every notification, on the blocking pool.
+async fn build_all(
+    p: &Pipeline,
+    notifications: Vec<Notification>,
+    now: DateTime<Utc>,
+) -> Result<Vec<BuiltMail>, GroupError> {
+    let ctx = p.mail_ctx.clone();
+    let signer = p.signer.clone();
+    tokio::task::spawn_blocking(move || {
+        notifications
+            .iter()
+            .map(|n| mail::build(n, &ctx, signer.as_deref(), now))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| GroupError::Join(e.to_string()))?
+    .map_err(GroupError::from)
+}

@@ -120,9 +120,19 @@ pub struct RenderContext<'a> {
     pub config: &'a Config,
 }
 
+/// Names the template once: errors from the store already carry the name.
+fn template_error_text(template: &str, e: &TemplateError) -> String {
+    match e {
+        TemplateError::Read { .. }
+        | TemplateError::InTemplate { .. }
+        | TemplateError::UnsafeName { .. } => e.to_string(),
+        _ => format!("template {template:?}: {e}"),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
-    #[error("format {format}: template {template}: {source}")]
+    #[error("format {format}: {}", template_error_text(template, source))]
     Template {
         format: String,
         template: String,

@@ -1,0 +1,375 @@
+//! The database side against a real PostgreSQL 15: `db migrate`, the
+//! directive trigger, the pending selection and grouping (spec §1–§3), and
+//! ticket numbers (spec §4).
+
+mod common;
+
+use chrono::NaiveDate;
+use common::{directive, event_fields, EnvOptions, TestEnv};
+use mailgend::directive::{claim, pending_groups, Claim};
+use mailgend::sandbox::ExtraType;
+use mailgend::ticket::{self, TicketError};
+use serde_json::json;
+
+#[tokio::test]
+async fn migrate_is_idempotent_and_creates_the_mailgen_objects() {
+    let env = TestEnv::new().await;
+    let mut client = env.client().await;
+    // Second run: nothing to do. Third run with our bookkeeping removed, as
+    // on a database where intelmq-mailgen's SQL created the objects before:
+    // every statement must accept what exists.
+    let report = mailgend::migrate::migrate(&mut client).await.unwrap();
+    assert!(report.applied.is_empty(), "{report:?}");
+    client
+        .batch_execute("DELETE FROM mailgend.schema_migrations")
+        .await
+        .unwrap();
+    let report = mailgend::migrate::migrate(&mut client).await.unwrap();
+    assert_eq!(report.applied.len(), mailgend::migrate::MIGRATIONS.len());
+
+    let one_row: i64 = client
+        .query_one("SELECT count(*) FROM ticket_day", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(one_row, 1, "ticket_day keeps exactly one row");
+    let day: NaiveDate = client
+        .query_one("SELECT initialized_for_day FROM ticket_day", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(day, NaiveDate::from_ymd_opt(2016, 1, 1).unwrap());
+
+    let indexes: Vec<String> = client
+        .query(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'directives' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for idx in [
+        "directives_events_id_idx",
+        "directives_grouping_inserted_at_idx",
+        "directives_recipient_group_idx",
+        "directives_sent_id_idx",
+    ] {
+        assert!(indexes.contains(&idx.to_string()), "{idx} in {indexes:?}");
+    }
+    let roles: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_roles WHERE rolname IN \
+             ('eventdb_owner','eventdb_insert','eventdb_send_notifications')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(roles, 3);
+    let min: i64 = client
+        .query_one(
+            "SELECT seqmin FROM pg_sequence WHERE seqrelid = 'intelmq_ticket_seq'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(min, 10000001);
+    // ON DELETE CASCADE from events to directives.
+    let id = env
+        .insert_event(
+            event_fields("192.0.2.1", 64496),
+            json!([directive("a@example.net", "Open-Redis", 64496)]),
+        )
+        .await;
+    client
+        .execute("DELETE FROM events WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    assert_eq!(env.pending_count().await, 0);
+}
+
+#[tokio::test]
+async fn migrate_refuses_a_database_without_events() {
+    let env = TestEnv::with(EnvOptions {
+        migrate: false,
+        ..Default::default()
+    })
+    .await;
+    let mut client = env.client().await;
+    client.batch_execute("DROP TABLE events").await.unwrap();
+    let err = mailgend::migrate::migrate(&mut client).await.unwrap_err();
+    assert!(
+        err.to_string().contains("\"events\" does not exist"),
+        "{err}"
+    );
+}
+
+async fn trigger_rows(extra: ExtraType) {
+    let env = TestEnv::with(EnvOptions {
+        extra,
+        ..Default::default()
+    })
+    .await;
+    let mut d_never = directive("x@example.net", "Open-Redis", 1);
+    d_never["notification_interval"] = json!(-1);
+    let mut d_no_interval = directive("y@example.net", "Open-Redis", 1);
+    d_no_interval
+        .as_object_mut()
+        .unwrap()
+        .remove("notification_interval");
+    let mut d_no_medium = directive("z@example.net", "Open-Redis", 1);
+    d_no_medium.as_object_mut().unwrap().remove("medium");
+    env.insert_event(
+        event_fields("192.0.2.1", 64496),
+        json!([
+            directive("a@example.net", "Open-Redis", 64496),
+            d_never,
+            d_no_interval,
+            d_no_medium
+        ]),
+    )
+    .await;
+    let client = env.client().await;
+    let rows = client
+        .query(
+            "SELECT recipient_address, EXTRACT(EPOCH FROM notification_interval)::int8, \
+                    endpoint::text, array_to_json(aggregate_identifier)::text \
+               FROM directives ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, i64, String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "a@example.net".to_string(),
+                86400,
+                "source".to_string(),
+                r#"[["source.asn","64496"],["time.observation","2024-05-01T06:00:00+00:00"]]"#
+                    .to_string()
+            ),
+            (
+                "y@example.net".to_string(),
+                0,
+                "source".to_string(),
+                r#"[["source.asn","1"],["time.observation","2024-05-01T06:00:00+00:00"]]"#
+                    .to_string()
+            ),
+        ],
+        "interval -1 and a missing medium create no row; a missing interval is 0"
+    );
+}
+
+#[tokio::test]
+async fn trigger_accepts_jsonb_extra() {
+    trigger_rows(ExtraType::Jsonb).await;
+}
+
+#[tokio::test]
+async fn trigger_accepts_json_extra() {
+    trigger_rows(ExtraType::Json).await;
+}
+
+#[tokio::test]
+async fn grouping_follows_the_five_keys() {
+    let env = TestEnv::with(EnvOptions {
+        extra: ExtraType::Json,
+        ..Default::default()
+    })
+    .await;
+    // 123 and "123" aggregate together (jsonb_each_text).
+    let mut as_string = directive("a@example.net", "Open-Redis", 0);
+    as_string["aggregate_identifier"]["source.asn"] = json!("64496");
+    let mut longer = directive("a@example.net", "Open-Redis", 64496);
+    longer["notification_interval"] = json!(172800);
+    let e1 = env
+        .insert_event(
+            event_fields("192.0.2.1", 64496),
+            json!([directive("a@example.net", "Open-Redis", 64496)]),
+        )
+        .await;
+    let e2 = env
+        .insert_event(event_fields("192.0.2.2", 64496), json!([as_string]))
+        .await;
+    let e3 = env
+        .insert_event(event_fields("192.0.2.3", 64496), json!([longer]))
+        .await;
+    // Different recipient, template, aggregate: separate groups.
+    env.insert_event(
+        event_fields("192.0.2.4", 64496),
+        json!([directive("b@example.net", "Open-Redis", 64496)]),
+    )
+    .await;
+    env.insert_event(
+        event_fields("192.0.2.5", 64497),
+        json!([directive("a@example.net", "Open-Redis", 64497)]),
+    )
+    .await;
+    env.insert_event(
+        event_fields("192.0.2.6", 64496),
+        json!([directive("a@example.net", "Open-SNMP", 64496)]),
+    )
+    .await;
+
+    let client = env.client().await;
+    let groups = pending_groups(&client, None).await.unwrap();
+    assert_eq!(groups.len(), 4);
+    let g = &groups[0];
+    assert_eq!(g.key.recipient_address, "a@example.net");
+    assert_eq!(
+        g.event_ids.iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec![e1, e2, e3]
+    );
+    assert_eq!(
+        g.notification_interval,
+        chrono::Duration::seconds(172800),
+        "largest interval"
+    );
+    assert_eq!(g.key.aggregate_identifier.get("source.asn"), Some("64496"));
+    let newest: chrono::DateTime<chrono::Utc> = client
+        .query_one(
+            "SELECT max(inserted_at) FROM directives WHERE events_id = ANY($1)",
+            &[&vec![e1, e2, e3]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(g.inserted_at, newest);
+    assert!(g.last_sent.is_none());
+
+    // last_sent: the sent_at of the most recently inserted sent directive
+    // with the same keys.
+    client
+        .batch_execute(
+            "INSERT INTO sent (intelmq_ticket, sent_at) VALUES ('20240101-10000001', '2024-01-01 10:00+00'); \
+             UPDATE directives SET sent_id = currval('sent_id_seq') WHERE events_id = (SELECT min(events_id) FROM directives)",
+        )
+        .await
+        .unwrap();
+    env.insert_event(
+        event_fields("192.0.2.9", 64496),
+        json!([directive("a@example.net", "Open-Redis", 64496)]),
+    )
+    .await;
+    let groups = pending_groups(&client, None).await.unwrap();
+    let g = groups
+        .iter()
+        .find(|g| {
+            g.key.recipient_address == "a@example.net"
+                && g.key.template_name.ends_with("Open-Redis")
+                && g.key.aggregate_identifier.get("source.asn") == Some("64496")
+        })
+        .unwrap();
+    assert_eq!(g.event_ids.len(), 3, "the sent directive left the group");
+    assert_eq!(
+        g.last_sent.unwrap().to_rfc3339(),
+        "2024-01-01T10:00:00+00:00"
+    );
+}
+
+#[tokio::test]
+async fn additional_directive_where_filters_directives_and_events() {
+    let env = TestEnv::new().await;
+    let mut f = event_fields("192.0.2.1", 64496);
+    f["feed.name"] = json!("Special-Feed");
+    env.insert_event(f, json!([directive("a@example.net", "Open-Redis", 64496)]))
+        .await;
+    env.insert_event(
+        event_fields("192.0.2.2", 64497),
+        json!([directive("b@example.org", "Open-Redis", 64497)]),
+    )
+    .await;
+    let client = env.client().await;
+    let all = pending_groups(&client, None).await.unwrap();
+    assert_eq!(all.len(), 2);
+    let by_directive = pending_groups(&client, Some("d3.recipient_address LIKE '%.org'"))
+        .await
+        .unwrap();
+    assert_eq!(by_directive.len(), 1);
+    assert_eq!(by_directive[0].key.recipient_address, "b@example.org");
+    let by_event = pending_groups(&client, Some("events.\"feed.name\" = 'Special-Feed'"))
+        .await
+        .unwrap();
+    assert_eq!(by_event.len(), 1);
+    assert_eq!(by_event[0].key.recipient_address, "a@example.net");
+}
+
+#[tokio::test]
+async fn a_claimed_group_is_busy_for_another_transaction() {
+    let env = TestEnv::new().await;
+    env.insert_event(
+        event_fields("192.0.2.1", 64496),
+        json!([directive("a@example.net", "Open-Redis", 64496)]),
+    )
+    .await;
+    let mut c1 = env.client().await;
+    let mut c2 = env.client().await;
+    let groups = pending_groups(&c1, None).await.unwrap();
+    let t1 = c1.transaction().await.unwrap();
+    assert_eq!(claim(&t1, &groups[0]).await.unwrap(), Claim::Claimed);
+    let t2 = c2.transaction().await.unwrap();
+    // Returns at once (SKIP LOCKED), no lock error.
+    assert_eq!(claim(&t2, &groups[0]).await.unwrap(), Claim::Busy);
+    t2.rollback().await.unwrap();
+    t1.rollback().await.unwrap();
+}
+
+#[tokio::test]
+async fn tickets_restart_each_day_and_refuse_a_future_day() {
+    let env = TestEnv::new().await;
+    let mut client = env.client().await;
+    let today: NaiveDate = client
+        .query_one("SELECT (now() AT TIME ZONE 'UTC')::date", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let prefix = today.format("%Y%m%d").to_string();
+
+    // ticket_day starts at 2016-01-01: the first draw rolls over.
+    let tx = client.transaction().await.unwrap();
+    assert_eq!(
+        ticket::peek(&tx).await.unwrap().as_str(),
+        format!("{prefix}-10000001")
+    );
+    let t1 = ticket::draw(&tx).await.unwrap();
+    let t2 = ticket::draw(&tx).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(t1.as_str(), format!("{prefix}-10000001"));
+    assert_eq!(t2.as_str(), format!("{prefix}-10000002"));
+    assert_eq!(
+        ticket::peek(&client).await.unwrap().as_str(),
+        format!("{prefix}-10000003")
+    );
+
+    // Yesterday's day: the sequence restarts.
+    client
+        .batch_execute("UPDATE ticket_day SET initialized_for_day = current_date - 1")
+        .await
+        .unwrap();
+    let t = ticket::draw(&client).await.unwrap();
+    assert_eq!(t.as_str(), format!("{prefix}-10000001"));
+    let day: NaiveDate = client
+        .query_one("SELECT initialized_for_day FROM ticket_day", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(day, today);
+
+    // A future day: refused, nothing consumed.
+    client
+        .batch_execute("UPDATE ticket_day SET initialized_for_day = current_date + 1")
+        .await
+        .unwrap();
+    let before = env.ticket_seq_last_value().await;
+    let err = ticket::draw(&client).await.unwrap_err();
+    assert!(matches!(err, TicketError::DayInFuture { .. }), "{err}");
+    assert_eq!(env.ticket_seq_last_value().await, before);
+}
