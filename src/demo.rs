@@ -218,8 +218,8 @@ fn verify_with_gpg(home: &Path, raw: &[u8]) -> anyhow::Result<String> {
     let signed = signed.strip_suffix("\r\n").unwrap_or(signed);
     let sig_part = parts.next().context("no signature part")?;
     let sig = sig_part
-        .splitn(2, "\r\n\r\n")
-        .nth(1)
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body)
         .context("no signature body")?
         .split(&format!("\r\n--{boundary}--"))
         .next()
