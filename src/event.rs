@@ -58,8 +58,10 @@ enum ColumnKind {
     Bool,
     Timestamp,
     Json,
-    /// Everything else (text, varchar, inet, cidr, …) as PostgreSQL prints
-    /// it; inet prints without `/32`, as psycopg2 returns it.
+    /// inet/cidr: printed by the type's output function (`192.0.2.1`, as
+    /// psycopg2 returns it); a `::text` cast would add `/32`.
+    Inet,
+    /// Everything else (text, varchar, numeric, …) as PostgreSQL prints it.
     Text,
 }
 
@@ -130,6 +132,9 @@ impl EventColumns {
                 ColumnKind::Bool => format!(", {ident}"),
                 ColumnKind::Timestamp => format!(", {ident}::timestamptz"),
                 ColumnKind::Json => format!(", {ident}::jsonb"),
+                ColumnKind::Inet => {
+                    format!(", CASE WHEN {ident} IS NULL THEN NULL ELSE format('%s', {ident}) END")
+                }
                 ColumnKind::Text => format!(", {ident}::text"),
             };
             select.push_str(&expr);
@@ -156,7 +161,9 @@ impl EventColumns {
                     ColumnKind::Json => row
                         .get::<_, Option<serde_json::Value>>(idx)
                         .map(FieldValue::Json),
-                    ColumnKind::Text => row.get::<_, Option<String>>(idx).map(FieldValue::Text),
+                    ColumnKind::Text | ColumnKind::Inet => {
+                        row.get::<_, Option<String>>(idx).map(FieldValue::Text)
+                    }
                 };
                 fields.insert(col.clone(), v.unwrap_or(FieldValue::Null));
             }
@@ -176,6 +183,7 @@ fn kind_of(ty: &str) -> ColumnKind {
         "double precision" => ColumnKind::Float,
         "boolean" => ColumnKind::Bool,
         "json" | "jsonb" => ColumnKind::Json,
+        "inet" | "cidr" => ColumnKind::Inet,
         t if t.starts_with("timestamp") => ColumnKind::Timestamp,
         _ => ColumnKind::Text,
     }
