@@ -11,17 +11,21 @@
 --
 -- Requires IntelMQ's `events` table (created by `intelmq_psql_initdb`).
 
+-- Roles are cluster-wide: two databases migrated at once may both try to
+-- create them, so a concurrent creation is not an error.
 DO $$
+DECLARE
+    r TEXT;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'eventdb_owner') THEN
-        CREATE ROLE eventdb_owner NOLOGIN NOSUPERUSER NOINHERIT NOCREATEDB CREATEROLE;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'eventdb_insert') THEN
-        CREATE ROLE eventdb_insert NOLOGIN NOSUPERUSER NOINHERIT NOCREATEDB CREATEROLE;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'eventdb_send_notifications') THEN
-        CREATE ROLE eventdb_send_notifications NOLOGIN NOSUPERUSER NOINHERIT NOCREATEDB CREATEROLE;
-    END IF;
+    FOREACH r IN ARRAY ARRAY['eventdb_owner', 'eventdb_insert', 'eventdb_send_notifications'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
+            BEGIN
+                EXECUTE format('CREATE ROLE %I NOLOGIN NOSUPERUSER NOINHERIT NOCREATEDB CREATEROLE', r);
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                NULL;
+            END;
+        END IF;
+    END LOOP;
 END
 $$;
 
