@@ -21,17 +21,27 @@ pub enum SmtpError {
     Config(String),
     #[error("invalid envelope address {address:?}: {reason}")]
     Address { address: String, reason: String },
-    /// 4xx, timeouts, connection problems: try again later.
+    /// A 4xx reply: the server did not take the mail; try again later.
     #[error("temporary SMTP failure: {0}")]
     Temporary(String),
-    /// 5xx: the server refuses this mail; retrying as is will not help.
+    /// A 5xx reply: the server refuses this mail; retrying as is will not help.
     #[error("permanent SMTP failure: {0}")]
     Permanent(String),
+    /// No reply we can trust (connection lost, timeout, TLS error): the mail
+    /// may or may not have been accepted. Also try again later.
+    #[error("SMTP connection failure: {0}")]
+    Connection(String),
 }
 
 impl SmtpError {
+    /// Worth trying again later (4xx or a connection problem).
     pub fn is_temporary(&self) -> bool {
-        matches!(self, SmtpError::Temporary(_))
+        matches!(self, SmtpError::Temporary(_) | SmtpError::Connection(_))
+    }
+
+    /// The server may have accepted the mail although we saw no success.
+    pub fn delivery_unknown(&self) -> bool {
+        matches!(self, SmtpError::Connection(_))
     }
 }
 
@@ -97,10 +107,15 @@ impl Outbound {
             address: String::new(),
             reason: e.to_string(),
         })?;
+        // lettre always appends CRLF.CRLF; without this the recipient would
+        // get one more empty line than the message has (Python's smtplib,
+        // which the old tool used, sends the bytes unchanged).
+        let message = message.strip_suffix(b"\r\n").unwrap_or(message);
         match self.transport.send_raw(&envelope, message).await {
             Ok(_) => Ok(()),
             Err(e) if e.is_permanent() => Err(SmtpError::Permanent(error_chain(&e))),
-            Err(e) => Err(SmtpError::Temporary(error_chain(&e))),
+            Err(e) if e.is_transient() => Err(SmtpError::Temporary(error_chain(&e))),
+            Err(e) => Err(SmtpError::Connection(error_chain(&e))),
         }
     }
 }

@@ -1,0 +1,509 @@
+//! PGP/MIME signatures checked by the real gpg (spec §7).
+//!
+//! The test key `tests/fixtures/keys/test-signing.sec.asc` (RSA-3072, no
+//! passphrase, fingerprint B9417861749CD740F3E9B2E0C771416A383195BB) signs
+//! mails built by `mail::build`; the first MIME part and the signature are
+//! cut out of the mail bytes and handed to `gpg --verify` in a fresh
+//! GNUPGHOME that only knows the public key. Key loading is tested through
+//! a GnuPG home (one `gpg --export-secret-keys`) and through key files,
+//! including the refusals (passphrase, expired, revoked, no secret, ...).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use chrono::Utc;
+use mailgend::mail::{build, Attachment, BuiltMail, MailContext, Notification};
+use mailgend::signature::{SignError, Signer};
+use mailgend::ticket::Ticket;
+use sequoia_openpgp as openpgp;
+
+use openpgp::cert::prelude::*;
+use openpgp::parse::Parse;
+use openpgp::serialize::SerializeInto;
+use openpgp::types::KeyFlags;
+
+const FPR: &str = "B9417861749CD740F3E9B2E0C771416A383195BB";
+const KEYID: &str = "C771416A383195BB";
+const UID_EMAIL: &str = "mailgend-test@example.org";
+
+fn keys_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/keys")
+}
+
+fn secret_key_file() -> PathBuf {
+    keys_dir().join("test-signing.sec.asc")
+}
+
+fn public_key_file() -> PathBuf {
+    keys_dir().join("test-signing.pub.asc")
+}
+
+/// A throw-away GNUPGHOME; its gpg-agent (if one was started) is stopped
+/// when it goes away.
+struct GpgHome {
+    dir: tempfile::TempDir,
+}
+
+impl GpgHome {
+    fn new() -> GpgHome {
+        let dir = tempfile::Builder::new()
+            .prefix("mgd-gpg")
+            .tempdir()
+            .unwrap();
+        // gpg insists on private permissions for its home.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        }
+        GpgHome { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn gpg(&self, args: &[&str]) -> Output {
+        Command::new("gpg")
+            .arg("--homedir")
+            .arg(self.path())
+            .arg("--batch")
+            .args(args)
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .output()
+            .expect("gpg must be installed")
+    }
+
+    fn import(&self, file: &Path) {
+        let out = self.gpg(&["--import", file.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A home that only knows the public test key.
+    fn verifier() -> GpgHome {
+        let h = GpgHome::new();
+        h.import(&public_key_file());
+        h
+    }
+
+    /// `gpg --verify`: (success, status lines).
+    fn verify(&self, signature: &[u8], data: &[u8]) -> (bool, String) {
+        let sig = self.path().join("sig.asc");
+        let dat = self.path().join("data");
+        std::fs::write(&sig, signature).unwrap();
+        std::fs::write(&dat, data).unwrap();
+        let out = self.gpg(&[
+            "--status-fd",
+            "1",
+            "--verify",
+            sig.to_str().unwrap(),
+            dat.to_str().unwrap(),
+        ]);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+}
+
+impl Drop for GpgHome {
+    fn drop(&mut self) {
+        let _ = Command::new("gpgconf")
+            .arg("--homedir")
+            .arg(self.path())
+            .args(["--kill", "gpg-agent"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The fields of the `VALIDSIG` status line after the keyword.
+fn validsig(status: &str) -> Vec<String> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("[GNUPG:] VALIDSIG "))
+        .unwrap_or_else(|| panic!("no VALIDSIG in:\n{status}"))
+        .split(' ')
+        .map(str::to_string)
+        .collect()
+}
+
+fn assert_good(status: &str) {
+    assert!(
+        status.contains(&format!("[GNUPG:] GOODSIG {KEYID}")),
+        "{status}"
+    );
+    let v = validsig(status);
+    assert_eq!(v[0], FPR, "signing key");
+    assert_eq!(v[7], "8", "hash algorithm must be 8 (SHA-256)");
+    assert_eq!(v[8], "00", "signature class must be binary");
+    assert_eq!(v[9], FPR, "primary key");
+}
+
+fn notification(attachments: Vec<Attachment>) -> Notification {
+    Notification {
+        ticket: Ticket::from_stored("20240502-10000001"),
+        recipient: "abuse@isp.example.net".into(),
+        envelope_to: None,
+        subject: "Signed notification – Grüße".into(),
+        body: "Dear Sir or Madam,\n\nFrom our data: systems in your network.\n\
+               A long line: "
+            .to_string()
+            + &"x".repeat(200)
+            + "\ntrailing space \n",
+        attachments,
+        extra_headers: vec![],
+        mark_sent: true,
+        covers: None,
+    }
+}
+
+fn csv() -> Attachment {
+    Attachment {
+        subtype: "csv".into(),
+        filename: "events.csv".into(),
+        disposition_attachment: true,
+        content: "\"ip\",\"comment\"\n\"192.0.2.1\",\"a\r\nb\"\n".into(),
+    }
+}
+
+fn ctx() -> MailContext {
+    MailContext::from_sender("CERT Example <cert@cert.example.org>").unwrap()
+}
+
+fn file_signer() -> Signer {
+    Signer::from_key_file(&secret_key_file(), None).unwrap()
+}
+
+/// The first part's exact bytes and the signature part's payload of a
+/// multipart/signed mail, cut out by the RFC 3156 rules.
+fn split_signed(mail: &BuiltMail) -> (Vec<u8>, Vec<u8>, String) {
+    let text = String::from_utf8(mail.bytes.clone()).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let unfolded = head.replace("\r\n ", " ");
+    let ct = unfolded
+        .split("\r\n")
+        .find(|l| l.starts_with("Content-Type:"))
+        .unwrap()
+        .to_string();
+    assert!(ct.starts_with("Content-Type: multipart/signed;"), "{ct}");
+    let boundary = ct
+        .split("boundary=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let open = format!("--{boundary}\r\n");
+    let mid = format!("\r\n--{boundary}\r\n");
+    let close = format!("\r\n--{boundary}--\r\n");
+    let rest = body.strip_prefix(&open).expect("opening delimiter");
+    let (first, second) = rest.split_once(&mid).expect("second part");
+    let second = second.strip_suffix(&close).expect("closing delimiter");
+    let (sig_headers, sig) = second.split_once("\r\n\r\n").unwrap();
+    assert_eq!(
+        sig_headers,
+        "Content-Type: application/pgp-signature\r\nContent-Transfer-Encoding: 8bit\r\nMIME-Version: 1.0"
+    );
+    (first.as_bytes().to_vec(), sig.as_bytes().to_vec(), ct)
+}
+
+#[test]
+fn fixture_key_loads_from_file() {
+    let s = file_signer();
+    assert_eq!(s.fingerprint(), FPR);
+    assert_eq!(s.cert_fingerprint(), FPR);
+    // Selection by spec within a file works too.
+    let s = Signer::from_key_file(&secret_key_file(), Some(&format!("<{UID_EMAIL}>"))).unwrap();
+    assert_eq!(s.fingerprint(), FPR);
+    assert!(format!("{s:?}").contains(FPR));
+}
+
+#[test]
+fn signed_mails_verify_with_gpg() {
+    let signer = file_signer();
+    let verifier = GpgHome::verifier();
+    for attachments in [vec![], vec![csv()], vec![csv(), csv()]] {
+        let with_attachment = !attachments.is_empty();
+        let mail = build(
+            &notification(attachments),
+            &ctx(),
+            Some(&signer),
+            Utc::now(),
+        )
+        .unwrap();
+        let (first, sig, ct) = split_signed(&mail);
+        assert!(
+            ct.contains("protocol=\"application/pgp-signature\"")
+                && ct.contains("micalg=\"pgp-sha256\""),
+            "{ct}"
+        );
+        // Without attachment the text part itself is signed (Python 3.11's
+        // layout), with one a multipart/mixed.
+        let first_text = String::from_utf8(first.clone()).unwrap();
+        if with_attachment {
+            assert!(first_text.starts_with("Content-Type: multipart/mixed; boundary="));
+        } else {
+            assert!(first_text.starts_with("Content-Type: text/plain; charset=\"utf-8\"\r\n"));
+        }
+        let (ok, status) = verifier.verify(&sig, &first);
+        assert!(ok, "gpg --verify failed:\n{status}");
+        assert_good(&status);
+
+        // One changed content byte must break it.
+        let mut tampered = first.clone();
+        let i = tampered.iter().position(|&b| b == b'D').unwrap();
+        tampered[i] = b'd';
+        let (ok, status) = verifier.verify(&sig, &tampered);
+        assert!(!ok, "tampered content verified:\n{status}");
+        assert!(status.contains("[GNUPG:] BADSIG"), "{status}");
+        // And so must a lost CR (a relay rewriting line ends).
+        let lf_only: Vec<u8> = first.iter().copied().filter(|&b| b != b'\r').collect();
+        assert!(!verifier.verify(&sig, &lf_only).0);
+    }
+}
+
+#[test]
+fn armour_looks_like_gpgs() {
+    let sig = file_signer().sign_detached(b"hello").unwrap();
+    assert_eq!(sig.micalg, "pgp-sha256");
+    let a = &sig.armored;
+    assert!(a.starts_with("-----BEGIN PGP SIGNATURE-----\n\n"), "{a}");
+    assert!(a.ends_with("\n-----END PGP SIGNATURE-----\n"), "{a}");
+    assert!(!a.contains('\r'));
+    let lines: Vec<&str> = a.lines().collect();
+    assert!(lines.iter().all(|l| l.len() <= 64));
+    let crc = lines[lines.len() - 2];
+    assert!(crc.starts_with('=') && crc.len() == 5, "CRC line {crc:?}");
+    // Detached over exactly the data.
+    let verifier = GpgHome::verifier();
+    let (ok, status) = verifier.verify(a.as_bytes(), b"hello");
+    assert!(ok, "{status}");
+    assert_good(&status);
+    assert!(!verifier.verify(a.as_bytes(), b"hello\n").0);
+}
+
+#[test]
+fn loads_from_a_gnupg_home() {
+    let home = GpgHome::new();
+    home.import(&secret_key_file());
+    let verifier = GpgHome::verifier();
+    for spec in [
+        // Empty: the home's only secret key.
+        String::new(),
+        FPR.to_string(),
+        format!("0x{KEYID}"),
+        KEYID[8..].to_string(),
+        format!("{FPR}!"),
+        format!("<{UID_EMAIL}>"),
+        "mailgend test signing".to_string(),
+    ] {
+        let s =
+            Signer::from_gnupg_home(home.path(), &spec).unwrap_or_else(|e| panic!("{spec}: {e}"));
+        assert_eq!(s.fingerprint(), FPR, "{spec}");
+        let sig = s.sign_detached(b"data").unwrap();
+        let (ok, status) = verifier.verify(sig.armored.as_bytes(), b"data");
+        assert!(ok, "{spec}: {status}");
+        assert_good(&status);
+    }
+    match Signer::from_gnupg_home(home.path(), "no-such-key@example.org") {
+        Err(SignError::KeyNotFound { .. }) => {}
+        other => panic!("expected KeyNotFound, got {other:?}"),
+    }
+    let missing = home.path().join("does-not-exist");
+    assert!(Signer::from_gnupg_home(&missing, FPR).is_err());
+}
+
+#[test]
+fn gnupg_home_with_a_protected_key_is_refused() {
+    let home = GpgHome::new();
+    let out = home.gpg(&[
+        "--pinentry-mode",
+        "loopback",
+        "--passphrase",
+        "secret",
+        "--quick-gen-key",
+        "Protected <protected@example.org>",
+        "ed25519",
+        "sign",
+        "never",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match Signer::from_gnupg_home(home.path(), "protected@example.org") {
+        Err(e @ SignError::ExportNeedsPassphrase { .. })
+        | Err(e @ SignError::PassphraseProtected { .. }) => {
+            assert!(e.to_string().contains("passphrase"), "{e}");
+        }
+        other => panic!("expected a passphrase error, got {other:?}"),
+    }
+}
+
+fn tsk(cert: &Cert) -> Vec<u8> {
+    cert.as_tsk().armored().to_vec().unwrap()
+}
+
+fn load(bytes: &[u8], spec: Option<&str>) -> Result<Signer, SignError> {
+    Signer::from_tsk_bytes(bytes, spec, "test key")
+}
+
+#[test]
+fn key_files_that_cannot_sign_are_refused() {
+    let (protected, _) = CertBuilder::general_purpose(Some("p@example.org"))
+        .set_password(Some("pw".into()))
+        .generate()
+        .unwrap();
+    assert!(matches!(
+        load(&tsk(&protected), None),
+        Err(SignError::PassphraseProtected { .. })
+    ));
+
+    let two_days_ago = SystemTime::now() - Duration::from_secs(2 * 86400);
+    let (expired, _) = CertBuilder::general_purpose(Some("e@example.org"))
+        .set_creation_time(two_days_ago)
+        .set_validity_period(Duration::from_secs(86400))
+        .generate()
+        .unwrap();
+    assert!(matches!(
+        load(&tsk(&expired), None),
+        Err(SignError::Expired { .. })
+    ));
+
+    let (revoked, rev) = CertBuilder::general_purpose(Some("r@example.org"))
+        .generate()
+        .unwrap();
+    let (revoked, _) = revoked.insert_packets(rev).unwrap();
+    assert!(matches!(
+        load(&tsk(&revoked), None),
+        Err(SignError::Revoked { .. })
+    ));
+
+    let (public_only, _) = CertBuilder::general_purpose(Some("pub@example.org"))
+        .generate()
+        .unwrap();
+    let public_bytes = public_only.armored().to_vec().unwrap();
+    assert!(matches!(
+        load(&public_bytes, None),
+        Err(SignError::NoSecret { .. })
+    ));
+
+    let (cert_only, _) = CertBuilder::new()
+        .add_userid("c@example.org")
+        .set_primary_key_flags(KeyFlags::empty().set_certification())
+        .generate()
+        .unwrap();
+    assert!(matches!(
+        load(&tsk(&cert_only), None),
+        Err(SignError::NoSigningKey { .. })
+    ));
+
+    assert!(matches!(
+        load(b"not a key", None),
+        Err(SignError::Parse { .. })
+    ));
+    assert!(matches!(
+        Signer::from_key_file(Path::new("/nonexistent/key.asc"), None),
+        Err(SignError::ReadKeyFile { .. })
+    ));
+}
+
+#[test]
+fn key_spec_selects_among_several_certificates() {
+    let (a, _) = CertBuilder::general_purpose(Some("Alice <alice@example.org>"))
+        .generate()
+        .unwrap();
+    let (b, _) = CertBuilder::general_purpose(Some("Bob <bob@example.org>"))
+        .generate()
+        .unwrap();
+    let mut both = tsk(&a);
+    both.extend(tsk(&b));
+    assert!(matches!(
+        load(&both, None),
+        Err(SignError::Ambiguous { .. })
+    ));
+    assert!(matches!(
+        load(&both, Some("example.org")),
+        Err(SignError::Ambiguous { .. })
+    ));
+    assert!(matches!(
+        load(&both, Some("carol")),
+        Err(SignError::KeyNotFound { .. })
+    ));
+    let s = load(&both, Some("<bob@example.org>")).unwrap();
+    assert_eq!(s.cert_fingerprint(), b.fingerprint().to_hex());
+    // general_purpose has a signing subkey: it signs, not the primary.
+    let signing = b
+        .keys()
+        .subkeys()
+        .find(|k| k.key().fingerprint().to_hex() == s.fingerprint());
+    assert!(signing.is_some(), "the signing subkey was not chosen");
+    let s = load(&both, Some(&a.fingerprint().to_hex())).unwrap();
+    assert_eq!(s.cert_fingerprint(), a.fingerprint().to_hex());
+    // `KEYID!` names exactly the primary, which general_purpose gives no
+    // signing capability.
+    assert!(matches!(
+        load(&both, Some(&format!("{}!", a.fingerprint().to_hex()))),
+        Err(SignError::NoSigningKey { .. })
+    ));
+}
+
+#[test]
+fn one_signer_serves_many_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Signer>();
+    let signer = Arc::new(file_signer());
+    let cert = Cert::from_file(public_key_file()).unwrap();
+    let key = cert.primary_key().key().clone();
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            let signer = Arc::clone(&signer);
+            std::thread::spawn(move || {
+                (0..5)
+                    .map(|i| {
+                        let data = format!("thread {t} mail {i}").into_bytes();
+                        let sig = signer.sign_detached(&data).unwrap();
+                        (data, sig.armored)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut n = 0;
+    for h in handles {
+        for (data, armored) in h.join().unwrap() {
+            let pile = openpgp::PacketPile::from_bytes(armored.as_bytes()).unwrap();
+            let Some(openpgp::Packet::Signature(sig)) = pile.children().next() else {
+                panic!("no signature packet");
+            };
+            sig.clone().verify_message(&key, &data).unwrap();
+            assert!(sig.clone().verify_message(&key, b"other").is_err());
+            n += 1;
+        }
+    }
+    assert_eq!(n, 20);
+}
+
+#[test]
+#[ignore = "timing only: cargo test --release --test signature -- --ignored --nocapture"]
+fn signing_rate() {
+    let signer = file_signer();
+    let data = vec![b'x'; 4000];
+    let start = std::time::Instant::now();
+    let n = 200;
+    for _ in 0..n {
+        signer.sign_detached(&data).unwrap();
+    }
+    let per_sec = f64::from(n) / start.elapsed().as_secs_f64();
+    println!("{per_sec:.0} signatures/s on one thread");
+}
