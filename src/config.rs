@@ -106,6 +106,15 @@ pub struct OpenPgpConfig {
 pub struct ServiceConfig {
     /// Groups rendered, signed and sent concurrently.
     pub workers: usize,
+    /// What to do with a mail whose delivery is in doubt after a crash.
+    pub in_doubt: crate::outbox::InDoubtPolicy,
+    /// How long SIGTERM waits for groups in flight before abandoning them
+    /// (they stay pending).
+    pub shutdown_deadline: Duration,
+    /// Full rescan interval, in case a notification was missed.
+    pub sweep_interval: Duration,
+    /// `host:port` for the Prometheus `/metrics` endpoint; off when unset.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -656,9 +665,53 @@ impl Config {
         let xarf_reportdomain = r.string("xarf_reportdomain").filter(|s| !s.is_empty());
         let xarf_schemacache = r.string("xarf_schemacache").map(PathBuf::from);
 
-        r.section("mailgend", &["workers"]);
+        r.section(
+            "mailgend",
+            &[
+                "workers",
+                "in_doubt",
+                "shutdown_deadline",
+                "sweep_interval",
+                "metrics_listen",
+            ],
+        );
+        let in_doubt = match r.string("mailgend.in_doubt").as_deref() {
+            None | Some("resend") => crate::outbox::InDoubtPolicy::Resend,
+            Some("hold") => crate::outbox::InDoubtPolicy::Hold,
+            Some(other) => {
+                r.problem(
+                    "mailgend.in_doubt",
+                    format!("unknown value {other:?}; use \"resend\" or \"hold\""),
+                );
+                crate::outbox::InDoubtPolicy::Resend
+            }
+        };
+        let metrics_listen = match r.string("mailgend.metrics_listen") {
+            None => None,
+            Some(s) if s.is_empty() => None,
+            Some(s) => match s.parse() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    r.problem(
+                        "mailgend.metrics_listen",
+                        format!("{s:?} is not an address:port such as 127.0.0.1:9469"),
+                    );
+                    None
+                }
+            },
+        };
         let service = ServiceConfig {
             workers: r.integer("mailgend.workers", 1, 1024).unwrap_or(4) as usize,
+            in_doubt,
+            shutdown_deadline: Duration::from_secs(
+                r.integer("mailgend.shutdown_deadline", 0, 3600)
+                    .unwrap_or(30) as u64,
+            ),
+            sweep_interval: Duration::from_secs(
+                r.integer("mailgend.sweep_interval", 1, 86400)
+                    .unwrap_or(300) as u64,
+            ),
+            metrics_listen,
         };
 
         if !r.problems.is_empty() {

@@ -20,6 +20,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "mailgend_schema",
         include_str!("../migrations/0002_mailgend_schema.sql"),
     ),
+    (3, "outbox", include_str!("../migrations/0003_outbox.sql")),
 ];
 
 /// An arbitrary constant naming our advisory lock ("mailgend" in ASCII).

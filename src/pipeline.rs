@@ -20,10 +20,11 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::db;
-use crate::directive::{self, Claim, Group};
+use crate::directive::{self, Claim, DirectiveId, Group};
 use crate::event::{EventColumns, EventError};
 use crate::format::{Decision, FormatSet, RenderContext};
 use crate::mail::{self, BuiltMail, MailContext, Notification};
+use crate::outbox::{self, InDoubtPolicy};
 use crate::sent;
 use crate::signature::Signer;
 use crate::smtp::{Outbound, SmtpError};
@@ -40,6 +41,8 @@ pub struct Pipeline {
     pub signer: Option<Arc<Signer>>,
     pub outbound: Outbound,
     mail_ctx: MailContext,
+    /// Names this process in the outbox (`host:pid`).
+    pub instance: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,8 +93,18 @@ impl Pipeline {
             signer,
             outbound,
             mail_ctx,
+            instance: instance_name(),
         })
     }
+}
+
+/// `hostname:pid`, recorded with each outbox row so an operator can tell
+/// which instance wrote it.
+pub fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{}", std::process::id())
 }
 
 /// Loads the signing key the way the configuration names it.
@@ -140,13 +153,15 @@ impl fmt::Display for Summary {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupOutcome {
     /// Mails accepted by SMTP (in a dry run: mails rendered).
-    Sent {
-        mails: usize,
-    },
+    Sent { mails: usize },
     Postponed {
         reason: String,
+        until: Option<DateTime<Utc>>,
     },
+    /// Another instance holds the group.
     Busy,
+    /// An in-doubt mail of the group waits for the operator.
+    Held,
 }
 
 /// Why a group failed. The group stays pending.
@@ -189,6 +204,21 @@ pub enum GroupError {
     },
 }
 
+impl GroupError {
+    /// A failure that may go away by itself (SMTP 4xx or connection,
+    /// database trouble): the service retries such groups with backoff.
+    pub fn is_temporary(&self) -> bool {
+        match self {
+            GroupError::Smtp { source, .. } => source.is_temporary(),
+            GroupError::Db(_) => true,
+            GroupError::Events(EventError::Db(_)) => true,
+            GroupError::Ticket(TicketError::Db(_)) => true,
+            GroupError::Partial { source, .. } => source.is_temporary(),
+            _ => false,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
@@ -199,6 +229,39 @@ pub enum RunError {
     Events(#[from] EventError),
     #[error("database: {0}")]
     Query(#[from] tokio_postgres::Error),
+}
+
+/// A worker's two connections: `main` carries the group's transaction (and
+/// its row locks), `side` autocommits the outbox intents that must be
+/// durable before SMTP sees a mail.
+pub struct Connections {
+    pub main: Client,
+    pub side: Client,
+}
+
+impl Connections {
+    pub async fn open(config: &Config) -> Result<Connections, db::DbError> {
+        Ok(Connections {
+            main: db::connect(&config.database).await?,
+            side: db::connect(&config.database).await?,
+        })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.main.is_closed() || self.side.is_closed()
+    }
+}
+
+/// Logs a failed group the way operators grep for it (spec §3.4).
+pub fn log_group_error(group: &Group, e: &GroupError) {
+    error!(
+        directive_ids = %group.directive_ids_display(),
+        event_ids = %group.event_ids_display(),
+        recipient = %group.key.recipient_address,
+        template = %group.key.template_name,
+        "Could not create or send mails for group: {e}. \
+         Its directives stay pending; continuing with other groups."
+    );
 }
 
 /// One pass over every pending group (`mailgend send --all`).
@@ -214,6 +277,7 @@ pub async fn run_once(pipeline: Arc<Pipeline>, opts: RunOptions) -> Result<Summa
             .as_deref(),
     )
     .await?;
+    drop(client);
     info!(groups = groups.len(), "pending directive groups selected");
     let total = groups.len();
     let queue = Arc::new(Mutex::new(VecDeque::from(groups)));
@@ -221,11 +285,8 @@ pub async fn run_once(pipeline: Arc<Pipeline>, opts: RunOptions) -> Result<Summa
 
     let workers = pipeline.config.service.workers.clamp(1, total.max(1));
     let mut tasks = tokio::task::JoinSet::new();
-    let mut clients = vec![client];
-    for _ in 1..workers {
-        clients.push(db::connect(&pipeline.config.database).await?);
-    }
-    for mut client in clients {
+    for _ in 0..workers {
+        let mut conns = Connections::open(&pipeline.config).await?;
         let pipeline = pipeline.clone();
         let queue = queue.clone();
         let summary = summary.clone();
@@ -234,25 +295,18 @@ pub async fn run_once(pipeline: Arc<Pipeline>, opts: RunOptions) -> Result<Summa
             loop {
                 let next = queue.lock().expect("queue lock").pop_front();
                 let Some(group) = next else { break };
-                let result = process_group(&pipeline, &mut client, &columns, &group, opts).await;
+                let result = process_group(&pipeline, &mut conns, &columns, &group, opts).await;
                 let mut s = summary.lock().expect("summary lock");
                 match result {
                     Ok(GroupOutcome::Sent { mails }) => s.sent += mails,
                     Ok(GroupOutcome::Postponed { .. }) => s.postponed += 1,
-                    Ok(GroupOutcome::Busy) => s.busy += 1,
+                    Ok(GroupOutcome::Busy) | Ok(GroupOutcome::Held) => s.busy += 1,
                     Err(e) => {
                         s.errors += 1;
                         if let GroupError::Partial { sent, .. } = &e {
                             s.sent += sent;
                         }
-                        error!(
-                            directive_ids = %group.directive_ids_display(),
-                            event_ids = %group.event_ids_display(),
-                            recipient = %group.key.recipient_address,
-                            template = %group.key.template_name,
-                            "Could not create or send mails for group: {e}. \
-                             Its directives stay pending; continuing with other groups."
-                        );
+                        log_group_error(&group, &e);
                     }
                 }
             }
@@ -267,35 +321,73 @@ pub async fn run_once(pipeline: Arc<Pipeline>, opts: RunOptions) -> Result<Summa
     if s.busy > 0 {
         info!(
             groups = s.busy,
-            "groups skipped because another instance is sending them"
+            "groups skipped: another instance is sending them, or an in-doubt mail is held"
         );
     }
     Ok(s)
 }
 
+/// One mail ready for SMTP with the directives it marks sent.
+struct Outgoing {
+    mail: BuiltMail,
+    ticket: Ticket,
+    marks: Vec<DirectiveId>,
+}
+
+/// The directives a notification marks sent: none for copies, the covered
+/// events' directives for per-event mails (X-ARF), else the whole group.
+fn marked_directives(group: &Group, n: &Notification) -> Vec<DirectiveId> {
+    if !n.mark_sent {
+        return Vec::new();
+    }
+    match &n.covers {
+        None => group.directive_ids.clone(),
+        Some(events) => group
+            .directive_ids
+            .iter()
+            .zip(&group.event_ids)
+            .filter(|(_, e)| events.contains(e))
+            .map(|(d, _)| *d)
+            .collect(),
+    }
+}
+
 /// Drives one group through the data path in its own transaction.
 pub async fn process_group(
     p: &Pipeline,
-    client: &mut Client,
+    conns: &mut Connections,
     columns: &EventColumns,
     group: &Group,
     opts: RunOptions,
 ) -> Result<GroupOutcome, GroupError> {
-    let tx = client.transaction().await?;
+    let Connections { main, side } = conns;
+    let tx = main.transaction().await?;
     if directive::claim(&tx, group).await? == Claim::Busy {
         return Ok(GroupOutcome::Busy);
+    }
+    // Mails of this group that an earlier attempt left open come first:
+    // they already have tickets and Message-Ids.
+    if !opts.dry_run {
+        let open = outbox::open_for_group(&tx, &group.directive_ids).await?;
+        if !open.is_empty() {
+            return resume_open(p, tx, side, group, open).await;
+        }
     }
     // The database's clock, not ours: instances on several hosts then agree
     // on what is due.
     let now: DateTime<Utc> = tx.query_one("SELECT now()", &[]).await?.get(0);
     let plan = match p.formats.decide(group, now) {
-        Decision::Postpone { format, reason, .. } => {
+        Decision::Postpone {
+            format,
+            reason,
+            until,
+        } => {
             debug!(
                 directive_ids = %group.directive_ids_display(),
                 format = %format,
                 "postponed: {reason}"
             );
-            return Ok(GroupOutcome::Postponed { reason });
+            return Ok(GroupOutcome::Postponed { reason, until });
         }
         Decision::NoMatch => {
             return Err(GroupError::NoFormat(
@@ -347,51 +439,200 @@ pub async fn process_group(
         tickets.push(ticket::draw(&tx).await?);
     }
     let notifications = render(&tickets)?;
-    let marks: Vec<(Ticket, bool)> = notifications
+    let meta: Vec<(Ticket, Vec<DirectiveId>)> = notifications
         .iter()
-        .map(|n| (n.ticket.clone(), n.mark_sent))
+        .map(|n| (n.ticket.clone(), marked_directives(group, n)))
         .collect();
     let mails = build_all(p, notifications, now).await?;
+    let outgoing: Vec<Outgoing> = mails
+        .into_iter()
+        .zip(meta)
+        .map(|(mail, (ticket, marks))| Outgoing {
+            mail,
+            ticket,
+            marks,
+        })
+        .collect();
 
+    // The intent, durable before SMTP sees anything.
+    let intents: Vec<outbox::Intent> = outgoing
+        .iter()
+        .map(|o| outbox::Intent {
+            ticket: &o.ticket,
+            message_id: &o.mail.message_id,
+            marks: &o.marks,
+            group: &group.directive_ids,
+            envelope_from: &o.mail.envelope_from,
+            envelope_to: &o.mail.envelope_to,
+            message: &o.mail.bytes,
+            sent_at: o.mail.date,
+        })
+        .collect();
+    let ids = outbox::record(&*side, &p.instance, &intents).await?;
+    let sends = outgoing
+        .iter()
+        .zip(&ids)
+        .map(|(o, id)| Send {
+            outbox_id: *id,
+            from: &o.mail.envelope_from,
+            to: &o.mail.envelope_to,
+            bytes: &o.mail.bytes,
+            ticket: &o.ticket,
+            message_id: &o.mail.message_id,
+            sent_at: o.mail.date,
+            marks: &o.marks,
+        })
+        .collect::<Vec<_>>();
+    deliver(p, tx, side, group, &sends).await
+}
+
+/// One mail handed to SMTP and what to record when it is accepted.
+struct Send<'a> {
+    outbox_id: i64,
+    from: &'a str,
+    to: &'a [String],
+    bytes: &'a [u8],
+    ticket: &'a Ticket,
+    message_id: &'a str,
+    sent_at: DateTime<Utc>,
+    marks: &'a [DirectiveId],
+}
+
+/// Sends the mails in order; each accepted one is recorded in the group's
+/// transaction. On a failure the outbox says what became of the rest:
+/// `retry` after a 4xx, `failed` after a 5xx, left `sending` (in doubt)
+/// when the connection broke without a reply.
+async fn deliver(
+    p: &Pipeline,
+    tx: Transaction<'_>,
+    side: &Client,
+    group: &Group,
+    sends: &[Send<'_>],
+) -> Result<GroupOutcome, GroupError> {
     let mut accepted = 0usize;
-    let mut marked = false;
-    for (mail, (ticket, mark)) in mails.iter().zip(marks) {
-        let result = p
-            .outbound
-            .send(&mail.envelope_from, &mail.envelope_to, &mail.bytes)
-            .await
-            .map_err(|source| GroupError::Smtp {
+    for (i, s) in sends.iter().enumerate() {
+        if let Err(source) = p.outbound.send(s.from, s.to, s.bytes).await {
+            let rest: Vec<i64> = sends[i..].iter().map(|s| s.outbox_id).collect();
+            let state = match &source {
+                SmtpError::Permanent(_) | SmtpError::Address { .. } | SmtpError::Config(_) => {
+                    Some(outbox::State::Failed)
+                }
+                SmtpError::Temporary(_) => Some(outbox::State::Retry),
+                SmtpError::Connection(_) => None,
+            };
+            if let Some(state) = state {
+                // Best effort: if this fails the rows stay `sending` and the
+                // next attempt treats them as in doubt, which is safe.
+                if let Err(e) = outbox::refused(side, &rest, state, &source.to_string()).await {
+                    warn!("could not record the SMTP refusal in the outbox: {e}");
+                }
+            } else if rest.len() > 1 {
+                // Only the first mail's fate is unknown; the others were
+                // never handed over.
+                let _ =
+                    outbox::refused(side, &rest[1..], outbox::State::Retry, "not attempted").await;
+            }
+            let err = GroupError::Smtp {
                 relay: p.outbound.relay().to_string(),
                 source,
-            });
-        if let Err(e) = result {
-            return if marked {
+            };
+            return if accepted > 0 {
                 // What SMTP accepted is recorded; never roll that back.
                 tx.commit().await?;
                 Err(GroupError::Partial {
                     sent: accepted,
-                    source: Box::new(e),
+                    source: Box::new(err),
                 })
             } else {
-                Err(e)
+                tx.rollback().await?;
+                Err(err)
             };
         }
         accepted += 1;
-        if mark {
-            sent::mark_sent(&tx, &ticket, mail.date, &group.directive_ids).await?;
-            marked = true;
+        if !s.marks.is_empty() {
+            sent::mark_sent(&tx, s.ticket, s.sent_at, s.marks).await?;
         }
+        outbox::accepted(&tx, s.outbox_id).await?;
         info!(
-            ticket = %ticket,
-            recipient = %mail.envelope_to.join(", "),
+            ticket = %s.ticket,
+            recipient = %s.to.join(", "),
             directive_ids = %group.directive_ids_display(),
-            event_ids = %if opts.list_event_ids { group.event_ids_display() } else { String::from("-") },
-            message_id = %mail.message_id,
+            event_ids = %group.event_ids_display(),
+            message_id = %s.message_id,
             "mail sent"
         );
     }
     tx.commit().await?;
     Ok(GroupOutcome::Sent { mails: accepted })
+}
+
+/// Finishes mails an earlier attempt left open: resend the stored bytes
+/// (same ticket, same Message-Id), or hold them, per `mailgend.in_doubt`.
+async fn resume_open(
+    p: &Pipeline,
+    tx: Transaction<'_>,
+    side: &Client,
+    group: &Group,
+    open: Vec<outbox::OpenMail>,
+) -> Result<GroupOutcome, GroupError> {
+    if open.iter().any(|o| o.state == outbox::State::Held) {
+        tx.rollback().await?;
+        return Ok(GroupOutcome::Held);
+    }
+    let in_doubt: Vec<&outbox::OpenMail> = open
+        .iter()
+        .filter(|o| o.state == outbox::State::Sending)
+        .collect();
+    if !in_doubt.is_empty() && p.config.service.in_doubt == InDoubtPolicy::Hold {
+        let ids: Vec<i64> = open.iter().map(|o| o.id).collect();
+        outbox::set_state(side, &ids, outbox::State::Held).await?;
+        for o in &in_doubt {
+            warn!(
+                ticket = %o.ticket,
+                message_id = %o.message_id,
+                recipient = %o.envelope_to.join(", "),
+                directive_ids = %group.directive_ids_display(),
+                "mail in doubt (the process sending it stopped before SMTP's answer was recorded); \
+                 held for the operator: see `mailgend in-doubt list`"
+            );
+        }
+        tx.rollback().await?;
+        return Ok(GroupOutcome::Held);
+    }
+    for o in &open {
+        if o.state == outbox::State::Sending {
+            warn!(
+                ticket = %o.ticket,
+                message_id = %o.message_id,
+                recipient = %o.envelope_to.join(", "),
+                directive_ids = %group.directive_ids_display(),
+                attempts = o.attempts,
+                "mail in doubt (the process sending it stopped before SMTP's answer was recorded); \
+                 resending it with the same Message-Id and ticket, so the recipient may get it twice"
+            );
+        } else {
+            info!(
+                ticket = %o.ticket,
+                message_id = %o.message_id,
+                "retrying a mail SMTP refused temporarily (same Message-Id and ticket)"
+            );
+        }
+        outbox::attempt(side, o.id, &p.instance).await?;
+    }
+    let sends: Vec<Send> = open
+        .iter()
+        .map(|o| Send {
+            outbox_id: o.id,
+            from: &o.envelope_from,
+            to: &o.envelope_to,
+            bytes: &o.message,
+            ticket: &o.ticket,
+            message_id: &o.message_id,
+            sent_at: o.sent_at,
+            marks: if o.marks_sent { &o.marks } else { &[] },
+        })
+        .collect();
+    deliver(p, tx, side, group, &sends).await
 }
 
 /// `n` numbers the next draws would most likely return (never consumed).

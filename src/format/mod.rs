@@ -677,6 +677,7 @@ impl Plan {
                             ("Auto-Submitted".into(), "auto-generated".into()),
                         ],
                         mark_sent: true,
+                        covers: Some(vec![event.id]),
                     });
                 }
                 Ok(out)
@@ -754,6 +755,7 @@ impl Plan {
             attachments,
             extra_headers: Vec::new(),
             mark_sent,
+            covers: None,
         })
     }
 

@@ -1,0 +1,66 @@
+-- The outbox: mailgend's record of every mail it hands to SMTP.
+--
+-- A row is written and committed *before* the mail goes to SMTP (state
+-- 'sending') and updated in the same transaction that marks the group's
+-- directives sent (state 'accepted'). After a crash, a 'sending' row whose
+-- directives are still pending is a mail whose delivery is in doubt: SMTP
+-- may or may not have accepted it. Recovery resends the stored bytes (same
+-- Message-Id, same ticket) or holds it for the operator, as configured
+-- (`mailgend.in_doubt`, see docs/operations.md).
+
+CREATE TABLE IF NOT EXISTS mailgend.outbox (
+    id BIGSERIAL PRIMARY KEY,
+    ticket VARCHAR(18) NOT NULL,
+    message_id TEXT NOT NULL,
+    -- The directives this mail marks sent (empty for constituency copies,
+    -- which are recorded here but never mark anything).
+    directive_ids BIGINT[] NOT NULL,
+    -- All directives of the group the mail belongs to.
+    group_directive_ids BIGINT[] NOT NULL,
+    marks_sent BOOLEAN NOT NULL,
+    envelope_from TEXT NOT NULL,
+    envelope_to TEXT[] NOT NULL,
+    -- The exact message; cleared once SMTP accepted it.
+    message BYTEA,
+    -- The Date header: becomes sent.sent_at.
+    sent_at TIMESTAMPTZ NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('sending', 'retry', 'accepted', 'failed', 'held', 'discarded')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    instance TEXT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS outbox_open_groups_idx
+    ON mailgend.outbox USING gin (group_directive_ids)
+ WHERE state IN ('sending', 'retry', 'held');
+CREATE INDEX IF NOT EXISTS outbox_state_idx
+    ON mailgend.outbox (state, created_at);
+
+GRANT SELECT, INSERT, UPDATE, DELETE ON mailgend.outbox TO eventdb_send_notifications;
+GRANT USAGE ON SEQUENCE mailgend.outbox_id_seq TO eventdb_send_notifications;
+
+-- Wake-ups: a NOTIFY per statement that inserts directives, so `mailgend
+-- run` learns of new work at once. The payload is empty; listeners rescan.
+CREATE OR REPLACE FUNCTION mailgend.notify_directives_inserted()
+RETURNS TRIGGER
+AS $$
+BEGIN
+    PERFORM pg_notify('mailgend_directives', '');
+    RETURN NULL;
+END
+$$ LANGUAGE plpgsql;
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                    WHERE tgname = 'mailgend_notify_directives'
+                      AND tgrelid = 'directives'::regclass) THEN
+        CREATE TRIGGER mailgend_notify_directives
+        AFTER INSERT ON directives
+        FOR EACH STATEMENT
+        EXECUTE FUNCTION mailgend.notify_directives_inserted();
+    END IF;
+END
+$$;

@@ -1,0 +1,293 @@
+//! The outbox: the durable record of each mail before and after SMTP.
+//!
+//! Owns `mailgend.outbox`. The exactly-once story is:
+//!
+//! 1. the group's directives are locked by the worker's transaction;
+//! 2. every mail of the group is written here as `sending` on a separate,
+//!    autocommitting connection, so the intent survives a crash;
+//! 3. the mail goes to SMTP;
+//! 4. in the group's transaction the directives are marked sent and the row
+//!    becomes `accepted` — one COMMIT makes both true.
+//!
+//! If the process dies between 2 and 4, its transaction is rolled back and
+//! the row locks are gone: a later claim of the same directives finds an
+//! open row — a mail whose delivery is *in doubt*. A definite SMTP refusal
+//! (4xx/5xx reply) is not in doubt: the row becomes `retry` (resent as is,
+//! same ticket and Message-Id) or `failed` (5xx; the group is rendered anew
+//! next time).
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::GenericClient;
+
+use crate::directive::DirectiveId;
+use crate::ticket::Ticket;
+
+/// What the service does with a mail whose delivery is in doubt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InDoubtPolicy {
+    /// Send the stored message again: same bytes, same Message-Id, same
+    /// ticket, so recipients' ticket systems can deduplicate. Logged at WARN.
+    Resend,
+    /// Keep the group pending and untouched until an operator runs
+    /// `mailgend in-doubt release|mark-sent|discard`.
+    Hold,
+}
+
+impl fmt::Display for InDoubtPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            InDoubtPolicy::Resend => "resend",
+            InDoubtPolicy::Hold => "hold",
+        })
+    }
+}
+
+/// The state of an outbox row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Sending,
+    Retry,
+    Accepted,
+    Failed,
+    Held,
+    Discarded,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Sending => "sending",
+            State::Retry => "retry",
+            State::Accepted => "accepted",
+            State::Failed => "failed",
+            State::Held => "held",
+            State::Discarded => "discarded",
+        }
+    }
+
+    fn parse(s: &str) -> State {
+        match s {
+            "sending" => State::Sending,
+            "retry" => State::Retry,
+            "accepted" => State::Accepted,
+            "failed" => State::Failed,
+            "held" => State::Held,
+            _ => State::Discarded,
+        }
+    }
+}
+
+/// A mail about to be handed to SMTP.
+#[derive(Debug, Clone)]
+pub struct Intent<'a> {
+    pub ticket: &'a Ticket,
+    pub message_id: &'a str,
+    pub marks: &'a [DirectiveId],
+    pub group: &'a [DirectiveId],
+    pub envelope_from: &'a str,
+    pub envelope_to: &'a [String],
+    pub message: &'a [u8],
+    pub sent_at: DateTime<Utc>,
+}
+
+/// An open (not yet accepted) row found for a group.
+#[derive(Debug, Clone)]
+pub struct OpenMail {
+    pub id: i64,
+    pub state: State,
+    pub ticket: Ticket,
+    pub message_id: String,
+    pub marks: Vec<DirectiveId>,
+    pub marks_sent: bool,
+    pub envelope_from: String,
+    pub envelope_to: Vec<String>,
+    pub message: Vec<u8>,
+    pub sent_at: DateTime<Utc>,
+    pub attempts: i32,
+    pub instance: String,
+    pub created_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+}
+
+fn ids(d: &[DirectiveId]) -> Vec<i64> {
+    d.iter().map(|d| d.0).collect()
+}
+
+/// Records the intents of one group's mails; returns their row ids in
+/// order. Call on an autocommitting connection (not the group's
+/// transaction): the record must be durable before SMTP sees the mail.
+pub async fn record<C: GenericClient>(
+    client: &C,
+    instance: &str,
+    intents: &[Intent<'_>],
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    let stmt = client
+        .prepare(
+            "INSERT INTO mailgend.outbox (ticket, message_id, directive_ids, group_directive_ids, \
+                 marks_sent, envelope_from, envelope_to, message, sent_at, state, attempts, instance) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'sending', 1, $10) RETURNING id",
+        )
+        .await?;
+    let mut out = Vec::with_capacity(intents.len());
+    for i in intents {
+        let marks = ids(i.marks);
+        let group = ids(i.group);
+        let row = client
+            .query_one(
+                &stmt,
+                &[
+                    &i.ticket.as_str(),
+                    &i.message_id,
+                    &marks,
+                    &group,
+                    &!i.marks.is_empty(),
+                    &i.envelope_from,
+                    &i.envelope_to,
+                    &i.message,
+                    &i.sent_at,
+                    &instance,
+                ],
+            )
+            .await?;
+        out.push(row.get(0));
+    }
+    Ok(out)
+}
+
+/// Marks a row accepted (in the group's transaction, together with
+/// marking the directives sent). The stored message is dropped: it is no
+/// longer needed and may be large.
+pub async fn accepted<C: GenericClient>(tx: &C, id: i64) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "UPDATE mailgend.outbox SET state = 'accepted', message = NULL, last_error = NULL, \
+             updated_at = now() WHERE id = $1",
+        &[&id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Records a definite refusal: `retry` keeps the message for a resend with
+/// the same ticket and Message-Id, `failed` lets the group be rendered anew.
+pub async fn refused<C: GenericClient>(
+    client: &C,
+    ids: &[i64],
+    state: State,
+    error: &str,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE mailgend.outbox SET state = $2, last_error = $3, updated_at = now() \
+             WHERE id = ANY($1) AND state IN ('sending', 'retry')",
+            &[&ids, &state.as_str(), &error],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Counts another attempt at resending a row.
+pub async fn attempt<C: GenericClient>(
+    client: &C,
+    id: i64,
+    instance: &str,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE mailgend.outbox SET attempts = attempts + 1, instance = $2, \
+                 state = 'sending', updated_at = now() WHERE id = $1",
+            &[&id, &instance],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Sets the state of rows (hold, discard, release to `sending`).
+pub async fn set_state<C: GenericClient>(
+    client: &C,
+    ids: &[i64],
+    state: State,
+) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE mailgend.outbox SET state = $2, updated_at = now() WHERE id = ANY($1)",
+            &[&ids, &state.as_str()],
+        )
+        .await
+}
+
+const OPEN_COLUMNS: &str = "id, state, ticket, message_id, directive_ids, marks_sent, envelope_from, \
+     envelope_to, coalesce(message, ''::bytea), sent_at, attempts, instance, created_at, last_error";
+
+fn open_from_row(r: &tokio_postgres::Row) -> OpenMail {
+    let state: String = r.get(1);
+    let marks: Vec<i64> = r.get(4);
+    OpenMail {
+        id: r.get(0),
+        state: State::parse(&state),
+        ticket: Ticket::from_stored(r.get::<_, String>(2)),
+        message_id: r.get(3),
+        marks: marks.into_iter().map(DirectiveId).collect(),
+        marks_sent: r.get(5),
+        envelope_from: r.get(6),
+        envelope_to: r.get(7),
+        message: r.get(8),
+        sent_at: r.get(9),
+        attempts: r.get(10),
+        instance: r.get(11),
+        created_at: r.get(12),
+        last_error: r.get(13),
+    }
+}
+
+/// The open rows (`sending`, `retry`, `held`) of a group, oldest first.
+/// Call while holding the group's row locks: then any `sending` row's
+/// writer is gone, and the row is in doubt.
+pub async fn open_for_group<C: GenericClient>(
+    tx: &C,
+    group: &[DirectiveId],
+) -> Result<Vec<OpenMail>, tokio_postgres::Error> {
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT {OPEN_COLUMNS} FROM mailgend.outbox \
+                 WHERE group_directive_ids && $1 AND state IN ('sending', 'retry', 'held') \
+                 ORDER BY id"
+            ),
+            &[&ids(group)],
+        )
+        .await?;
+    Ok(rows.iter().map(open_from_row).collect())
+}
+
+/// Every open row, for `mailgend in-doubt list` and `status`.
+pub async fn list_open<C: GenericClient>(
+    client: &C,
+) -> Result<Vec<OpenMail>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {OPEN_COLUMNS} FROM mailgend.outbox \
+                 WHERE state IN ('sending', 'retry', 'held') ORDER BY id"
+            ),
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(open_from_row).collect())
+}
+
+/// Removes accepted rows older than `days` (they are kept a while as an
+/// audit trail of Message-Ids).
+pub async fn purge_accepted<C: GenericClient>(
+    client: &C,
+    days: i32,
+) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "DELETE FROM mailgend.outbox WHERE state IN ('accepted', 'failed', 'discarded') \
+               AND updated_at < now() - make_interval(days => $1)",
+            &[&days],
+        )
+        .await
+}
