@@ -1,0 +1,202 @@
+//! The one place that sets up logging (`tracing`) for every subcommand.
+//!
+//! Two outputs, chosen once at start:
+//!
+//! - **journald**, when stderr is connected to the journal
+//!   ([`crate::systemd::under_journald`], i.e. started by systemd). Events go
+//!   through `tracing-journald` in the journal's native protocol with no
+//!   field prefix, so the fields the code logs (`directive_ids`, `event_ids`,
+//!   `ticket`, `recipient`, `format`, …) become journal fields
+//!   `DIRECTIVE_IDS`, `EVENT_IDS`, `TICKET`, `RECIPIENT`, `FORMAT` that
+//!   `journalctl -u mailgend TICKET=20261123-10000001` can select on, and the
+//!   level becomes the journal `PRIORITY` (ERROR 3, WARN 4, INFO 6, DEBUG and
+//!   TRACE 7, the syslog meanings). Writing plain lines to a journal stream
+//!   would lose both. Without a prefix, a field name can collide with a
+//!   journal field of fixed meaning: do not log fields named `priority`,
+//!   `message_id` (journald's catalog id, a 128-bit hex value), `code_file`,
+//!   `code_line`, `code_func`, `syslog_identifier`, `errno` or `target`.
+//! - **plain lines on stderr** otherwise (a shell, cron, the tests):
+//!   `2026-11-23T05:59:23.417Z ERROR mailgend::pipeline: message
+//!   directive_ids=1,2 ticket=…`, UTC, the level word always present so
+//!   `grep ERROR` works, colours only when stderr is a terminal.
+//!
+//! Levels: the config's `logging_level` (`DEBUG`, `INFO`, `WARNING`/`WARN`,
+//! `ERROR`, `CRITICAL`) applies to mailgend's own targets; other crates log
+//! at WARN (or ERROR when the level is ERROR). `-v` raises mailgend to DEBUG,
+//! `-vvv` to TRACE. `MAILGEND_LOG`, an `EnvFilter` directive string such as
+//! `mailgend=debug,tokio_postgres=info`, overrides both.
+
+use std::fmt;
+use std::io::IsTerminal;
+use std::sync::OnceLock;
+
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::time::FormatTime;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
+
+/// The environment variable that overrides the configured level.
+pub const ENV_FILTER_VAR: &str = "MAILGEND_LOG";
+
+/// What [`init`] installed, kept for [`set_level`].
+struct Installed {
+    filter: reload::Handle<EnvFilter, Registry>,
+    /// `MAILGEND_LOG` was given and valid: it wins over config reloads too.
+    env_override: bool,
+}
+
+static INSTALLED: OnceLock<Option<Installed>> = OnceLock::new();
+
+/// Sets up logging for the process. `level` is the config's
+/// `logging_level`, `verbose` the number of `-v` flags. Idempotent: only the
+/// first call in a process has an effect (later ones, e.g. after a config
+/// error was already logged, do nothing); use [`set_level`] to change the
+/// level later. If another global subscriber was installed first (a test
+/// harness), that one stays.
+pub fn init(level: &str, verbose: u8) {
+    INSTALLED.get_or_init(|| install(level, verbose));
+}
+
+/// Applies a new configured level (after a reload), unless `MAILGEND_LOG`
+/// fixed the filter at start. Does nothing before [`init`].
+pub fn set_level(level: &str, verbose: u8) {
+    let Some(Some(installed)) = INSTALLED.get() else {
+        return;
+    };
+    if installed.env_override {
+        return;
+    }
+    if let Err(e) = installed.filter.reload(default_filter(level, verbose)) {
+        tracing::warn!("cannot change the log level: {e}");
+    }
+}
+
+fn install(level: &str, verbose: u8) -> Option<Installed> {
+    let (filter, env_problem, env_override) = match std::env::var(ENV_FILTER_VAR) {
+        Ok(directives) => match EnvFilter::try_new(&directives) {
+            Ok(f) => (f, None, true),
+            Err(e) => (
+                default_filter(level, verbose),
+                Some(format!("ignoring {ENV_FILTER_VAR}={directives:?}: {e}")),
+                false,
+            ),
+        },
+        Err(_) => (default_filter(level, verbose), None, false),
+    };
+    let (filter, handle) = reload::Layer::new(filter);
+
+    // Only try the journal when stderr really goes there: a program run from
+    // a shell inside a unit's session must still print to its terminal.
+    let mut journald_problem = None;
+    let journald = if crate::systemd::under_journald() {
+        match tracing_journald::layer() {
+            Ok(layer) => Some(
+                layer
+                    .with_field_prefix(None)
+                    .with_syslog_identifier("mailgend".to_string())
+                    .with_priority_mappings(priorities()),
+            ),
+            Err(e) => {
+                journald_problem = Some(format!(
+                    "stderr is the journal but its socket is unusable ({e}); logging plain lines"
+                ));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let plain = journald.is_none().then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_timer(UtcMillis)
+            .with_target(true)
+    });
+
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(journald)
+        .with(plain)
+        .try_init()
+        .is_ok();
+    for problem in env_problem.iter().chain(journald_problem.iter()) {
+        tracing::warn!("{problem}");
+    }
+    installed.then_some(Installed {
+        filter: handle,
+        env_override,
+    })
+}
+
+/// The filter for a configured level and `-v` count.
+fn default_filter(level: &str, verbose: u8) -> EnvFilter {
+    let ours = match verbose {
+        0 => match level.to_ascii_uppercase().as_str() {
+            "DEBUG" => "debug",
+            "WARNING" | "WARN" => "warn",
+            "ERROR" | "CRITICAL" => "error",
+            _ => "info",
+        },
+        1 | 2 => "debug",
+        _ => "trace",
+    };
+    // Other crates' INFO is noise for an operator; their warnings are not,
+    // unless the operator asked for errors only.
+    let others = if ours == "error" { "error" } else { "warn" };
+    EnvFilter::new(format!("mailgend={ours},{others}"))
+}
+
+/// syslog meanings (journald's `PRIORITY`): INFO is "informational" (6),
+/// not tracing-journald's default "notice" (5), so `journalctl -p notice`
+/// shows only what needs attention.
+fn priorities() -> tracing_journald::PriorityMappings {
+    use tracing_journald::Priority;
+    tracing_journald::PriorityMappings {
+        error: Priority::Error,
+        warn: Priority::Warning,
+        info: Priority::Informational,
+        debug: Priority::Debug,
+        trace: Priority::Debug,
+    }
+}
+
+/// `2026-11-23T05:59:23.417Z`: UTC so lines from several hosts sort
+/// together, milliseconds because SMTP round trips are shorter than a
+/// second.
+struct UtcMillis;
+
+impl FormatTime for UtcMillis {
+    fn format_time(&self, w: &mut Writer<'_>) -> fmt::Result {
+        write!(w, "{}", chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_map_like_the_config_says() {
+        let f = |l: &str, v: u8| default_filter(l, v).to_string();
+        assert_eq!(f("INFO", 0), "mailgend=info,warn");
+        assert_eq!(f("DEBUG", 0), "mailgend=debug,warn");
+        assert_eq!(f("WARNING", 0), "mailgend=warn,warn");
+        assert_eq!(f("WARN", 0), "mailgend=warn,warn");
+        assert_eq!(f("ERROR", 0), "mailgend=error,error");
+        assert_eq!(f("CRITICAL", 0), "mailgend=error,error");
+        assert_eq!(f("ERROR", 1), "mailgend=debug,warn");
+        assert_eq!(f("INFO", 2), "mailgend=debug,warn");
+        assert_eq!(f("INFO", 3), "mailgend=trace,warn");
+    }
+
+    #[test]
+    fn timestamps_are_utc_with_milliseconds() {
+        let mut s = String::new();
+        UtcMillis.format_time(&mut Writer::new(&mut s)).unwrap();
+        assert_eq!(s.len(), "2026-11-23T05:59:23.417Z".len(), "{s}");
+        assert!(chrono::DateTime::parse_from_rfc3339(&s).is_ok(), "{s}");
+        assert!(s.ends_with('Z'));
+    }
+}
