@@ -206,10 +206,16 @@ impl Merged {
     }
 }
 
-fn read_json_file(path: &Path) -> Result<Option<Map<String, Value>>, ConfigProblem> {
+fn read_json_file(
+    path: &Path,
+    optional: bool,
+) -> Result<Option<Map<String, Value>>, ConfigProblem> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        // Under systemd's ProtectHome= the user file's directory is
+        // inaccessible: for the optional user file that means "no file".
+        Err(e) if optional && e.kind() == std::io::ErrorKind::PermissionDenied => return Ok(None),
         Err(e) => {
             return Err(ConfigProblem {
                 file: path.display().to_string(),
@@ -248,10 +254,10 @@ fn merge(source: &ConfigSource) -> Result<Merged, ConfigError> {
             reason: "file does not exist".into(),
         });
     }
-    let mut paths = vec![system];
-    paths.extend(source.user_path());
-    for path in paths {
-        let map = match read_json_file(&path) {
+    let mut paths = vec![(system, false)];
+    paths.extend(source.user_path().map(|p| (p, true)));
+    for (path, optional) in paths {
+        let map = match read_json_file(&path, optional) {
             Ok(Some(m)) => m,
             Ok(None) => continue,
             Err(p) => {

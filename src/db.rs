@@ -12,7 +12,10 @@ use crate::config::DatabaseConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("cannot connect to database {name:?} on {host}:{port} as {user:?}: {source}")]
+    #[error(
+        "cannot connect to database {name:?} on {host}:{port} as {user:?}: {}",
+        describe(source)
+    )]
     Connect {
         name: String,
         host: String,
@@ -21,7 +24,7 @@ pub enum DbError {
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("database error: {0}")]
+    #[error("database error: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
 }
 
@@ -63,4 +66,28 @@ pub async fn connect(db: &DatabaseConfig) -> Result<Client, DbError> {
         }
     });
     Ok(client)
+}
+
+/// tokio-postgres prints a server error as just "db error"; operators need
+/// the server's message, detail and constraint to act.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+            if let Some(d) = db.detail() {
+                s.push_str(" (");
+                s.push_str(d);
+                s.push(')');
+            }
+            s
+        }
+        None => {
+            let mut s = e.to_string();
+            if let Some(src) = std::error::Error::source(e) {
+                s.push_str(": ");
+                s.push_str(&src.to_string());
+            }
+            s
+        }
+    }
 }

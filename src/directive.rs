@@ -150,7 +150,7 @@ SELECT d.recipient_address, d.template_name, d.notification_format,
 
 #[derive(Debug, thiserror::Error)]
 pub enum SelectError {
-    #[error("selecting pending directives failed: {0}")]
+    #[error("selecting pending directives failed: {}", crate::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("directive row with malformed aggregate_identifier {0:?}")]
     BadAggregate(String),

@@ -47,6 +47,16 @@ enum Command {
         #[arg(short = 'N', long, default_value_t = 10)]
         batch_size: usize,
     },
+    /// Run as a service: send each notification as soon as it is due, until
+    /// SIGTERM (SIGHUP reloads the configuration).
+    Run,
+    /// Show what is pending, due, held or in doubt, and what was sent lately.
+    Status,
+    /// Mails whose delivery is in doubt after a crash (see docs/operations.md).
+    InDoubt {
+        #[command(subcommand)]
+        command: InDoubtCommand,
+    },
     /// Database objects.
     Db {
         #[command(subcommand)]
@@ -65,6 +75,18 @@ enum Command {
         #[arg(long)]
         maildir: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum InDoubtCommand {
+    /// List open mails: in doubt, held, or waiting for a retry.
+    List,
+    /// Send these held mails again (same bytes, Message-Id and ticket).
+    Release { ids: Vec<i64> },
+    /// Record these mails as delivered without sending them again.
+    MarkSent { ids: Vec<i64> },
+    /// Forget these mails; their directives are rendered anew (new ticket).
+    Discard { ids: Vec<i64> },
 }
 
 #[derive(Subcommand)]
@@ -120,23 +142,7 @@ fn load_config(cli: &Cli) -> anyhow::Result<Arc<Config>> {
 }
 
 fn init_logging(level: &str, verbose: u8) {
-    let level = if verbose > 0 {
-        "debug"
-    } else {
-        match level {
-            "DEBUG" => "debug",
-            "WARNING" | "WARN" => "warn",
-            "ERROR" | "CRITICAL" => "error",
-            _ => "info",
-        }
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MAILGEND_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("mailgend={level},warn")));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+    mailgend::logging::init(level, verbose);
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -194,6 +200,36 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig => Ok(check_config(&cli)),
+        Command::Run => {
+            let config = load_config(&cli)?;
+            mailgend::service::run(source(&cli), config).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status => {
+            let config = load_config(&cli)?;
+            let client = mailgend::db::connect(&config.database).await?;
+            print!("{}", mailgend::status::report(&client, &config).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::InDoubt { command } => {
+            let config = load_config(&cli)?;
+            let mut client = mailgend::db::connect(&config.database).await?;
+            use mailgend::status::InDoubtAction as A;
+            let out = match command {
+                InDoubtCommand::List => mailgend::status::in_doubt_list(&client).await?,
+                InDoubtCommand::Release { ids } => {
+                    mailgend::status::in_doubt_act(&mut client, ids, A::Release).await?
+                }
+                InDoubtCommand::MarkSent { ids } => {
+                    mailgend::status::in_doubt_act(&mut client, ids, A::MarkSent).await?
+                }
+                InDoubtCommand::Discard { ids } => {
+                    mailgend::status::in_doubt_act(&mut client, ids, A::Discard).await?
+                }
+            };
+            print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo { events, maildir } => {
             // The demo prints its own story; per-mail log lines only with -v.
             init_logging("WARNING", cli.verbose);

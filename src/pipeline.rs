@@ -24,6 +24,7 @@ use crate::directive::{self, Claim, DirectiveId, Group};
 use crate::event::{EventColumns, EventError};
 use crate::format::{Decision, FormatSet, RenderContext};
 use crate::mail::{self, BuiltMail, MailContext, Notification};
+use crate::metrics::{FailReason, Metrics};
 use crate::outbox::{self, InDoubtPolicy};
 use crate::sent;
 use crate::signature::Signer;
@@ -43,6 +44,8 @@ pub struct Pipeline {
     mail_ctx: MailContext,
     /// Names this process in the outbox (`host:pid`).
     pub instance: String,
+    /// Shared by every configuration the process loads.
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +64,14 @@ impl Pipeline {
     /// Loads formats, templates and the signing key for `config`. Logs one
     /// WARN naming any Python format scripts found (they cannot run here).
     pub fn load(config: Arc<Config>) -> Result<Pipeline, SetupError> {
+        Self::load_with_metrics(config, Arc::new(Metrics::new()))
+    }
+
+    /// [`Pipeline::load`] reporting to the process's metrics.
+    pub fn load_with_metrics(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Pipeline, SetupError> {
         let formats = FormatSet::load(&config.script_directory, &config)?;
         if !formats.python_scripts().is_empty() {
             let names: Vec<String> = formats
@@ -94,6 +105,7 @@ impl Pipeline {
             outbound,
             mail_ctx,
             instance: instance_name(),
+            metrics,
         })
     }
 }
@@ -190,8 +202,10 @@ pub enum GroupError {
         #[source]
         source: SmtpError,
     },
-    #[error("database: {0}")]
+    #[error("database: {}", db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Connect(db::DbError),
     #[error("signing task failed: {0}")]
     Join(String),
     /// Some mails of the group went out and were recorded, a later one
@@ -210,7 +224,7 @@ impl GroupError {
     pub fn is_temporary(&self) -> bool {
         match self {
             GroupError::Smtp { source, .. } => source.is_temporary(),
-            GroupError::Db(_) => true,
+            GroupError::Db(_) | GroupError::Connect(_) => true,
             GroupError::Events(EventError::Db(_)) => true,
             GroupError::Ticket(TicketError::Db(_)) => true,
             GroupError::Partial { source, .. } => source.is_temporary(),
@@ -434,10 +448,7 @@ pub async fn process_group(
         return Ok(GroupOutcome::Sent { mails: mails.len() });
     }
 
-    let mut tickets = Vec::with_capacity(needed);
-    for _ in 0..needed {
-        tickets.push(ticket::draw(&tx).await?);
-    }
+    let tickets = ticket::draw_committed(side, needed).await?;
     let notifications = render(&tickets)?;
     let meta: Vec<(Ticket, Vec<DirectiveId>)> = notifications
         .iter()
@@ -512,12 +523,16 @@ async fn deliver(
     let mut accepted = 0usize;
     for (i, s) in sends.iter().enumerate() {
         if let Err(source) = p.outbound.send(s.from, s.to, s.bytes).await {
+            p.metrics.smtp_error();
+            if source.delivery_unknown() {
+                p.metrics.mail_failed(FailReason::InDoubt);
+            }
             let rest: Vec<i64> = sends[i..].iter().map(|s| s.outbox_id).collect();
             let state = match &source {
                 SmtpError::Permanent(_) | SmtpError::Address { .. } | SmtpError::Config(_) => {
                     Some(outbox::State::Failed)
                 }
-                SmtpError::Temporary(_) => Some(outbox::State::Retry),
+                SmtpError::Temporary(_) | SmtpError::Unreachable(_) => Some(outbox::State::Retry),
                 SmtpError::Connection(_) => None,
             };
             if let Some(state) = state {
@@ -549,6 +564,10 @@ async fn deliver(
             };
         }
         accepted += 1;
+        p.metrics.mail_sent();
+        if let Ok(latency) = (Utc::now() - group.inserted_at).to_std() {
+            p.metrics.observe_insert_to_smtp(latency);
+        }
         if !s.marks.is_empty() {
             sent::mark_sent(&tx, s.ticket, s.sent_at, s.marks).await?;
         }
@@ -558,7 +577,7 @@ async fn deliver(
             recipient = %s.to.join(", "),
             directive_ids = %group.directive_ids_display(),
             event_ids = %group.event_ids_display(),
-            message_id = %s.message_id,
+            mail_message_id = %s.message_id,
             "mail sent"
         );
     }
@@ -589,7 +608,7 @@ async fn resume_open(
         for o in &in_doubt {
             warn!(
                 ticket = %o.ticket,
-                message_id = %o.message_id,
+                mail_message_id = %o.message_id,
                 recipient = %o.envelope_to.join(", "),
                 directive_ids = %group.directive_ids_display(),
                 "mail in doubt (the process sending it stopped before SMTP's answer was recorded); \
@@ -603,17 +622,18 @@ async fn resume_open(
         if o.state == outbox::State::Sending {
             warn!(
                 ticket = %o.ticket,
-                message_id = %o.message_id,
+                mail_message_id = %o.message_id,
                 recipient = %o.envelope_to.join(", "),
                 directive_ids = %group.directive_ids_display(),
                 attempts = o.attempts,
                 "mail in doubt (the process sending it stopped before SMTP's answer was recorded); \
                  resending it with the same Message-Id and ticket, so the recipient may get it twice"
             );
+            p.metrics.in_doubt_resent();
         } else {
             info!(
                 ticket = %o.ticket,
-                message_id = %o.message_id,
+                mail_message_id = %o.message_id,
                 "retrying a mail SMTP refused temporarily (same Message-Id and ticket)"
             );
         }

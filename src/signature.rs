@@ -198,6 +198,15 @@ impl Signer {
             .env("LC_ALL", "C")
             .output()
             .map_err(SignError::GpgSpawn)?;
+        // The export started a gpg-agent; we never need it again, and a
+        // service should not leave it running in its cgroup.
+        let _ = Command::new("gpgconf")
+            .arg("--homedir")
+            .arg(home)
+            .args(["--kill", "gpg-agent"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
         // The secret key travels through this buffer: wipe it on drop.
         let stdout = Protected::from(output.stdout);
         let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();

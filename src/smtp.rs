@@ -27,6 +27,9 @@ pub enum SmtpError {
     /// A 5xx reply: the server refuses this mail; retrying as is will not help.
     #[error("permanent SMTP failure: {0}")]
     Permanent(String),
+    /// The relay could not be reached at all: nothing was handed over.
+    #[error("SMTP relay unreachable: {0}")]
+    Unreachable(String),
     /// No reply we can trust (connection lost, timeout, TLS error): the mail
     /// may or may not have been accepted. Also try again later.
     #[error("SMTP connection failure: {0}")]
@@ -36,7 +39,10 @@ pub enum SmtpError {
 impl SmtpError {
     /// Worth trying again later (4xx or a connection problem).
     pub fn is_temporary(&self) -> bool {
-        matches!(self, SmtpError::Temporary(_) | SmtpError::Connection(_))
+        matches!(
+            self,
+            SmtpError::Temporary(_) | SmtpError::Unreachable(_) | SmtpError::Connection(_)
+        )
     }
 
     /// The server may have accepted the mail although we saw no success.
@@ -115,6 +121,12 @@ impl Outbound {
             Ok(_) => Ok(()),
             Err(e) if e.is_permanent() => Err(SmtpError::Permanent(error_chain(&e))),
             Err(e) if e.is_transient() => Err(SmtpError::Temporary(error_chain(&e))),
+            // lettre has no accessor for its "could not connect" kind; its
+            // Display names it. Before a connection exists nothing can have
+            // been delivered, so this is no doubt.
+            Err(e) if e.to_string().starts_with("Connection error") => {
+                Err(SmtpError::Unreachable(error_chain(&e)))
+            }
             Err(e) => Err(SmtpError::Connection(error_chain(&e))),
         }
     }

@@ -52,14 +52,32 @@ pub enum TicketError {
     },
     #[error("table ticket_day must hold exactly one row")]
     NoTicketDay,
-    #[error("database error while drawing a ticket: {0}")]
+    #[error("database error while drawing a ticket: {}", crate::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
 }
 
-/// Draws the next ticket number. Must run inside the caller's transaction so
-/// that a rolled-back group gives its number back only together with the
-/// day rollover it may have caused (a sequence value itself is never given
-/// back, as in the old tool).
+/// Draws `n` ticket numbers in a short transaction of their own, committed
+/// at once. Numbers are never given back (a sequence value is not, in the
+/// old tool either), and the day rollover must be durable the moment a
+/// number of the new day exists: if it were rolled back with a failed
+/// group, the next draw would restart the day again and hand out the same
+/// numbers twice. Keeping the `ticket_day` row lock this short also lets
+/// many workers and instances draw concurrently.
+pub async fn draw_committed(
+    client: &mut tokio_postgres::Client,
+    n: usize,
+) -> Result<Vec<Ticket>, TicketError> {
+    let tx = client.transaction().await?;
+    let mut tickets = Vec::with_capacity(n);
+    for _ in 0..n {
+        tickets.push(draw(&tx).await?);
+    }
+    tx.commit().await?;
+    Ok(tickets)
+}
+
+/// Draws the next ticket number inside the caller's transaction. Prefer
+/// [`draw_committed`]: see there why.
 pub async fn draw<C: GenericClient>(client: &C) -> Result<Ticket, TicketError> {
     // Lock ticket_day so two instances crossing midnight do not both
     // restart the sequence (the second restart would reuse numbers).

@@ -318,3 +318,108 @@ pub fn qp_decode(s: &str) -> String {
     }
     String::from_utf8_lossy(&out).replace("\r\n", "\n")
 }
+
+/// A `mailgend run` process of the real binary, its log in a file.
+pub struct ServiceProcess {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl ServiceProcess {
+    /// Starts `mailgend -c CONFIG run` and waits until it says it runs.
+    pub fn start(env: &TestEnv, name: &str) -> ServiceProcess {
+        Self::start_with_config(env, name, &env.config_file())
+    }
+
+    pub fn start_with_config(env: &TestEnv, name: &str, config: &Path) -> ServiceProcess {
+        let log = env.dir.path().join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailgend"))
+            .arg("-c")
+            .arg(config)
+            .arg("run")
+            .env("HOME", env.dir.path())
+            .env("MAILGEND_LOG", "mailgend=debug")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn mailgend run");
+        let p = ServiceProcess { child, log };
+        p.wait_for_log("mailgend running", std::time::Duration::from_secs(20));
+        p
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` (panics with the log after
+    /// `timeout`, or if the process died).
+    pub fn wait_for_log(&self, needle: &str, timeout: std::time::Duration) {
+        let start = std::time::Instant::now();
+        loop {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "no {needle:?} in the log after {timeout:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGTERM and wait; returns the exit code and how long it took.
+    pub fn stop(mut self) -> (Option<i32>, std::time::Duration) {
+        let start = std::time::Instant::now();
+        self.signal("TERM");
+        let status = self.child.wait().unwrap();
+        (status.code(), start.elapsed())
+    }
+
+    /// `kill -9`: no chance to clean up.
+    pub fn kill9(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.log_text()
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: std::time::Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}

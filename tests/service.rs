@@ -1,0 +1,483 @@
+//! `mailgend run`, the real binary, against the real PostgreSQL and SMTP
+//! receiver: wake-ups, postponement timers, several instances, kill -9,
+//! outages, signals, least privilege.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::{directive, event_fields, eventually, header, ServiceProcess, TestEnv};
+use mailgend::sandbox::{self, Fault, FeedParams};
+use serde_json::json;
+
+/// A service config: no safety sweep to speak of (an hour), so anything
+/// that happens quickly happened because of a notification or a timer.
+fn service_env(env: &mut TestEnv, workers: usize) {
+    env.config_json["mailgend"] = json!({
+        "workers": workers,
+        "sweep_interval": 3600,
+        "shutdown_deadline": 10,
+    });
+    env.config_json["logging_level"] = json!("INFO");
+}
+
+async fn feed(env: &TestEnv, events: usize, seed: u64) -> i64 {
+    let client = env.client().await;
+    let feed = sandbox::Feed::new(FeedParams {
+        events,
+        recipients: 150,
+        asns: 600,
+        seed,
+        time_observation: chrono::Utc::now() - chrono::Duration::hours(6),
+        ..FeedParams::default()
+    })
+    .unwrap();
+    sandbox::feed::insert(&client, feed.events(), 500)
+        .await
+        .unwrap();
+    client
+        .query_one("SELECT count(*) FROM directives", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Message-Ids the logs reported as resent in doubt.
+fn reported_in_doubt(logs: &str) -> HashSet<String> {
+    logs.lines()
+        .filter(|l| l.contains("mail in doubt"))
+        .filter_map(|l| l.split("mail_message_id=").nth(1))
+        .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
+        .collect()
+}
+
+/// Every directive sent; every accepted mail received; a mail received
+/// twice only if it was reported as in doubt. Returns (mails, duplicates).
+async fn verify_exactly_once(env: &TestEnv, logs: &str) -> (usize, usize) {
+    assert_eq!(env.pending_count().await, 0, "directives left pending");
+    let client = env.client().await;
+    let open: i64 = client
+        .query_one(
+            "SELECT count(*) FROM mailgend.outbox WHERE state NOT IN ('accepted')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(open, 0, "outbox rows left open");
+    let accepted: HashSet<String> = client
+        .query("SELECT message_id FROM mailgend.outbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mails = env.sink.messages();
+    let mut by_id: HashMap<String, usize> = HashMap::new();
+    for m in &mails {
+        *by_id
+            .entry(header(&m.data, "Message-Id").unwrap())
+            .or_default() += 1;
+    }
+    let received: HashSet<String> = by_id.keys().cloned().collect();
+    assert_eq!(
+        received, accepted,
+        "received mails and recorded mails differ"
+    );
+    let reported = reported_in_doubt(logs);
+    let mut dups = 0;
+    for (id, n) in &by_id {
+        if *n > 1 {
+            dups += n - 1;
+            assert!(
+                reported.contains(id),
+                "{id} received {n} times but never reported in doubt"
+            );
+        }
+    }
+    // Each ticket in `sent` is in the subject of a received mail.
+    let subjects: String = mails
+        .iter()
+        .map(|m| header(&m.data, "Subject").unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n");
+    for t in env.sent_tickets().await {
+        assert!(
+            subjects.contains(&t),
+            "ticket {t} was recorded but never mailed"
+        );
+    }
+    (mails.len(), dups)
+}
+
+#[tokio::test]
+async fn an_inserted_event_is_mailed_within_two_seconds() {
+    let mut env = TestEnv::new().await;
+    service_env(&mut env, 2);
+    let svc = ServiceProcess::start(&env, "svc");
+    let mut latencies = Vec::new();
+    for i in 0..5 {
+        let asn = 64496 + i;
+        let t0 = Instant::now();
+        env.insert_event(
+            event_fields("192.0.2.1", asn),
+            json!([directive(
+                &format!("abuse@as{asn}.example.net"),
+                "Open-Redis",
+                asn
+            )]),
+        )
+        .await;
+        let got = env
+            .sink
+            .wait_for_async(i as usize + 1, Duration::from_secs(5))
+            .await;
+        assert_eq!(got.len(), i as usize + 1, "{}", svc.log_text());
+        latencies.push(t0.elapsed());
+    }
+    let worst = latencies.iter().max().unwrap();
+    assert!(*worst < Duration::from_secs(2), "{latencies:?}");
+    let (code, _) = svc.stop();
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test]
+async fn a_postponed_group_goes_when_its_interval_expires() {
+    let mut env = TestEnv::new().await;
+    service_env(&mut env, 1);
+    let mut d = directive("abuse@as64496.example.net", "Open-Redis", 64496);
+    d["notification_interval"] = json!(3);
+    let svc = ServiceProcess::start(&env, "svc");
+    env.insert_event(event_fields("192.0.2.1", 64496), json!([d.clone()]))
+        .await;
+    assert_eq!(
+        env.sink
+            .wait_for_async(1, Duration::from_secs(5))
+            .await
+            .len(),
+        1
+    );
+    let first = Instant::now();
+    // Same group within 3 s of the last mail: postponed, then sent by the
+    // timer (no further insert, no sweep).
+    env.insert_event(event_fields("192.0.2.2", 64496), json!([d]))
+        .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(env.sink.messages().len(), 1, "must wait for the interval");
+    let got = env.sink.wait_for_async(2, Duration::from_secs(8)).await;
+    assert_eq!(got.len(), 2, "{}", svc.log_text());
+    let waited = first.elapsed();
+    assert!(
+        // sent_at is the Date header, whole seconds: the interval may end up
+        // to 1 s before 3 s after the first mail arrived.
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+    svc.stop();
+}
+
+async fn instances_send_every_group_once(n: usize) {
+    let mut env = TestEnv::new().await;
+    service_env(&mut env, 2);
+    let directives = feed(&env, 1500, 7).await;
+    assert!(directives > 1500);
+    let procs: Vec<ServiceProcess> = (0..n)
+        .map(|i| ServiceProcess::start(&env, &format!("svc{i}")))
+        .collect();
+    let done = eventually(Duration::from_secs(120), || async {
+        env.pending_count().await == 0
+    })
+    .await;
+    let mut logs = String::new();
+    for p in procs {
+        logs.push_str(&p.log_text());
+        let (code, _) = p.stop();
+        assert_eq!(code, Some(0));
+    }
+    assert!(done, "not all sent:\n{logs}");
+    let (mails, dups) = verify_exactly_once(&env, &logs).await;
+    assert_eq!(dups, 0, "no crash, so no duplicate");
+    assert!(mails > 500);
+    // Work was shared, and nobody hit the old tool's lock error.
+    let senders: HashSet<&str> = logs
+        .lines()
+        .filter(|l| l.contains("mail sent"))
+        .filter_map(|l| l.split("mailgend running").next())
+        .collect();
+    assert!(!senders.is_empty());
+    let pg_log =
+        std::fs::read_to_string(mailgend::sandbox::PgCluster::shared().unwrap().log_path())
+            .unwrap_or_default();
+    let ours: Vec<&str> = pg_log
+        .lines()
+        .filter(|l| l.contains(&env.db.name) && l.contains("could not obtain lock"))
+        .collect();
+    assert!(ours.is_empty(), "{ours:?}");
+}
+
+#[tokio::test]
+async fn two_instances_send_every_group_exactly_once() {
+    instances_send_every_group_once(2).await;
+}
+
+#[tokio::test]
+async fn four_instances_send_every_group_exactly_once() {
+    instances_send_every_group_once(4).await;
+}
+
+#[tokio::test]
+async fn kill_9_at_random_moments_loses_nothing_and_duplicates_only_what_it_reports() {
+    let mut env = TestEnv::new().await;
+    service_env(&mut env, 3);
+    feed(&env, 1200, 11).await;
+    let mut logs = String::new();
+    // A cheap deterministic "random": different moments, repeatable.
+    let delays = [90u64, 370, 150, 520, 60, 240, 410, 130];
+    for (i, ms) in delays.iter().enumerate() {
+        let p = ServiceProcess::start(&env, &format!("k{i}"));
+        tokio::time::sleep(Duration::from_millis(*ms)).await;
+        logs.push_str(&p.kill9());
+    }
+    let p = ServiceProcess::start(&env, "final");
+    let done = eventually(Duration::from_secs(120), || async {
+        env.pending_count().await == 0
+    })
+    .await;
+    logs.push_str(&p.log_text());
+    let (code, _) = p.stop();
+    assert_eq!(code, Some(0));
+    assert!(done, "not all sent:\n{logs}");
+    let (mails, dups) = verify_exactly_once(&env, &logs).await;
+    eprintln!(
+        "{mails} mails, {dups} reported duplicates after {} kills",
+        delays.len()
+    );
+}
+
+#[tokio::test]
+async fn an_smtp_outage_delays_mail_and_loses_none() {
+    let mut env = TestEnv::new().await;
+    service_env(&mut env, 2);
+    env.sink.set_fault(Fault::RefuseConnections);
+    let svc = ServiceProcess::start(&env, "svc");
+    for asn in 64496..64506 {
+        env.insert_event(
+            event_fields("192.0.2.1", asn),
+            json!([directive(
+                &format!("abuse@as{asn}.example.net"),
+                "Open-Redis",
+                asn
+            )]),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(env.sink.messages().is_empty());
+    assert_eq!(env.pending_count().await, 10);
+    env.sink.resume().unwrap();
+    let got = env.sink.wait_for_async(10, Duration::from_secs(40)).await;
+    assert_eq!(got.len(), 10, "{}", svc.log_text());
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            env.pending_count().await == 0
+        })
+        .await
+    );
+    let logs = svc.log_text();
+    svc.stop();
+    verify_exactly_once(&env, &logs).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgresql_restart_mid_run_loses_nothing() {
+    // A private cluster: restarting the shared one would hit other tests.
+    let mut cluster = tokio::task::spawn_blocking(mailgend::sandbox::PgCluster::start_temp)
+        .await
+        .unwrap()
+        .unwrap();
+    let db = cluster.create_database_async().await.unwrap();
+    db.create_events_table(mailgend::sandbox::ExtraType::Jsonb)
+        .await
+        .unwrap();
+    let mut env = TestEnv::new().await;
+    {
+        let mut c = db.connect().await.unwrap();
+        mailgend::migrate::migrate(&mut c).await.unwrap();
+    }
+    env.config_json["database"]["event"] = json!({
+        "name": db.name, "username": db.superuser, "host": db.host, "port": db.port});
+    service_env(&mut env, 2);
+    let svc = ServiceProcess::start(&env, "svc");
+    let insert = |from: i64| {
+        let db = &db;
+        async move {
+            let c = db.connect().await.unwrap();
+            for asn in from..from + 10 {
+                let d = directive(&format!("abuse@as{asn}.example.net"), "Open-Redis", asn);
+                let mut f = event_fields("192.0.2.1", asn);
+                f["extra"] = json!({"certbund": {"source_directives": [d]}});
+                c.execute(
+                    "INSERT INTO events (\"source.ip\", \"source.asn\", \"time.source\", extra) \
+                     SELECT \"source.ip\", \"source.asn\", \"time.source\", extra \
+                     FROM jsonb_populate_record(NULL::events, $1::text::jsonb)",
+                    &[&f.to_string()],
+                )
+                .await
+                .unwrap();
+            }
+        }
+    };
+    insert(64496).await;
+    assert_eq!(
+        env.sink
+            .wait_for_async(10, Duration::from_secs(10))
+            .await
+            .len(),
+        10
+    );
+    tokio::task::block_in_place(|| cluster.stop()).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::task::block_in_place(|| cluster.start_again()).unwrap();
+    // New work after the restart is found (the LISTEN connection came back
+    // or the rescan after reconnecting found it).
+    insert(64600).await;
+    let c = db.connect().await.unwrap();
+    let all_sent = eventually(Duration::from_secs(60), || async {
+        let pending: i64 = c
+            .query_one("SELECT count(*) FROM directives WHERE sent_id IS NULL", &[])
+            .await
+            .unwrap()
+            .get(0);
+        pending == 0
+    })
+    .await;
+    let logs = svc.log_text();
+    assert!(all_sent, "{logs}");
+    // Every mail arrived; one whose commit the restart cut off may have
+    // been resent, and then the log says so.
+    let mails = env.sink.messages();
+    let mut ids: HashMap<String, usize> = HashMap::new();
+    for m in &mails {
+        *ids.entry(header(&m.data, "Message-Id").unwrap())
+            .or_default() += 1;
+    }
+    assert_eq!(ids.len(), 20, "{logs}");
+    let reported = reported_in_doubt(&logs);
+    for (id, n) in ids {
+        assert!(n == 1 || reported.contains(&id), "{id} x{n}: {logs}");
+    }
+    let (code, _) = svc.stop();
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_applies_a_good_config_and_refuses_a_broken_one() {
+    let mut env = TestEnv::new().await;
+    service_env(&mut env, 1);
+    let svc = ServiceProcess::start(&env, "svc");
+    // Broken: a format file with a typo'd key.
+    env.write_format("50broken.toml", "[[format]]\nnmae = \"x\"\n");
+    svc.signal("HUP");
+    svc.wait_for_log("configuration reload refused", Duration::from_secs(10));
+    assert!(
+        svc.log_text().contains("50broken.toml"),
+        "the ERROR names the file"
+    );
+    // The old configuration still sends.
+    env.insert_event(
+        event_fields("192.0.2.1", 64496),
+        json!([directive("abuse@as64496.example.net", "Open-Redis", 64496)]),
+    )
+    .await;
+    let got = env.sink.wait_for_async(1, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 1, "{}", svc.log_text());
+    // Good: the template changes, and the next mail shows it.
+    std::fs::remove_file(env.format_dir().join("50broken.toml")).unwrap();
+    env.write_template(
+        "shadowserver_csv_Open-Redis",
+        "Reloaded subject ${ticket_number}\n\nBody\n${events_as_csv}\n",
+    );
+    svc.signal("HUP");
+    svc.wait_for_log("configuration reloaded", Duration::from_secs(10));
+    env.insert_event(
+        event_fields("192.0.2.2", 64497),
+        json!([directive("abuse@as64497.example.net", "Open-Redis", 64497)]),
+    )
+    .await;
+    let got = env.sink.wait_for_async(2, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 2);
+    let subject = header(&got[1].data, "Subject").unwrap();
+    assert!(subject.starts_with("Reloaded subject"), "{subject}");
+    let (code, _) = svc.stop();
+    assert_eq!(code, Some(0));
+}
+
+#[tokio::test]
+async fn sigterm_drains_within_the_deadline() {
+    let mut env = TestEnv::new().await;
+    service_env(&mut env, 2);
+    feed(&env, 600, 3).await;
+    let svc = ServiceProcess::start(&env, "svc");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, took) = svc.stop();
+    assert_eq!(code, Some(0));
+    assert!(took < Duration::from_secs(12), "{took:?}");
+    // Whatever was not finished is still pending, and nothing is open.
+    let logs = String::new();
+    let client = env.client().await;
+    let open: i64 = client
+        .query_one(
+            "SELECT count(*) FROM mailgend.outbox WHERE state NOT IN ('accepted')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(open, 0, "a clean stop leaves nothing in doubt");
+    let _ = logs;
+}
+
+#[tokio::test]
+async fn the_service_runs_as_a_least_privileged_role() {
+    let mut env = TestEnv::new().await;
+    let role = env
+        .db
+        .create_login_role("mailgen", "s3cret'pw")
+        .await
+        .unwrap();
+    env.client()
+        .await
+        .batch_execute(&format!("GRANT eventdb_send_notifications TO \"{role}\""))
+        .await
+        .unwrap();
+    env.config_json["database"]["event"] = json!({
+        "name": env.db.name, "username": role, "password": "s3cret'pw",
+        "host": "127.0.0.1", "port": env.db.port});
+    service_env(&mut env, 1);
+    let svc = ServiceProcess::start(&env, "svc");
+    // Yesterday's ticket day forces the sequence restart, which needs the
+    // sequence's ownership that eventdb_send_notifications has.
+    env.client()
+        .await
+        .batch_execute("UPDATE ticket_day SET initialized_for_day = current_date - 1")
+        .await
+        .unwrap();
+    env.insert_event(
+        event_fields("192.0.2.1", 64496),
+        json!([directive("abuse@as64496.example.net", "Open-Redis", 64496)]),
+    )
+    .await;
+    let got = env.sink.wait_for_async(1, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 1, "{}", svc.log_text());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            env.pending_count().await == 0
+        })
+        .await,
+        "{}",
+        svc.log_text()
+    );
+    let (code, _) = svc.stop();
+    assert_eq!(code, Some(0));
+}
