@@ -15,6 +15,7 @@
 //! throw-away PostgreSQL and SMTP receiver used by `demo`, the tests and
 //! the benchmarks.
 
+pub mod bench;
 pub mod config;
 pub mod db;
 pub mod demo;

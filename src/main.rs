@@ -57,6 +57,30 @@ enum Command {
         #[command(subcommand)]
         command: InDoubtCommand,
     },
+    /// Measure the pipeline on a throw-away installation and print figures
+    /// (see docs/performance.md).
+    Bench {
+        /// Event counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1000usize, 10000])]
+        events: Vec<usize>,
+        /// Runs per case (the table shows medians and the spread).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Cases: signed, unsigned or both.
+        #[arg(long, default_value = "both")]
+        signing: String,
+        #[arg(long, default_value_t = 4)]
+        workers: usize,
+        /// Which mode: oneshot (send --all), service (run under load) or all.
+        #[arg(long, default_value = "all")]
+        mode: String,
+        /// Service mode: events inserted per second.
+        #[arg(long, default_value_t = 200)]
+        rate: usize,
+        /// Service mode: seconds of insert load.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+    },
     /// Database objects.
     Db {
         #[command(subcommand)]
@@ -200,6 +224,34 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig => Ok(check_config(&cli)),
+        Command::Bench {
+            events,
+            runs,
+            signing,
+            workers,
+            mode,
+            rate,
+            duration,
+        } => {
+            init_logging("WARNING", cli.verbose);
+            let signed = match signing.as_str() {
+                "signed" => vec![true],
+                "unsigned" => vec![false],
+                _ => vec![false, true],
+            };
+            mailgend::bench::run(mailgend::bench::BenchOptions {
+                events: events.clone(),
+                runs: (*runs).max(1),
+                signed,
+                workers: *workers,
+                oneshot: mode != "service",
+                service: mode != "oneshot",
+                rate: *rate,
+                duration: std::time::Duration::from_secs(*duration),
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run => {
             let config = load_config(&cli)?;
             mailgend::service::run(source(&cli), config).await?;

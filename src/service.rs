@@ -144,6 +144,7 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
     drop(done_tx);
 
     metrics.set_up(true);
+    metrics.config_reloaded();
     systemd::ready(&format!("sending; {workers} workers"));
     info!(workers, instance = %snapshot(&current).instance, "mailgend running");
 
@@ -347,6 +348,21 @@ async fn scan(
     .await?;
     let pending: usize = groups.iter().map(|g| g.directive_ids.len()).sum();
     metrics.set_pending_directives(pending as i64);
+    // Open outbox rows: mails in flight, in doubt, held or waiting for a
+    // retry. A failure here only costs the gauge.
+    if let Ok(row) = client
+        .query_one(
+            "SELECT count(*) FROM mailgend.outbox WHERE state IN ('sending', 'retry', 'held')",
+            &[],
+        )
+        .await
+    {
+        metrics.set_in_doubt(row.get(0));
+    }
+    systemd::status(&format!(
+        "{pending} directives pending in {} groups",
+        groups.len()
+    ));
     let now = Instant::now();
     let present: HashSet<&GroupKey> = groups.iter().map(|g| &g.key).collect();
     // Forget groups that are gone (sent, possibly by another instance).

@@ -58,6 +58,9 @@ pub struct SinkOptions {
     pub max_size: usize,
     /// Our name in the greeting and the EHLO reply.
     pub hostname: String,
+    /// Keep only each message's header block (benchmarks with hundreds of
+    /// thousands of mails).
+    pub headers_only: bool,
 }
 
 impl Default for SinkOptions {
@@ -66,6 +69,7 @@ impl Default for SinkOptions {
             maildir: None,
             max_size: 50 * 1024 * 1024,
             hostname: "sink.mailgend.test".to_string(),
+            headers_only: false,
         }
     }
 }
@@ -89,6 +93,8 @@ pub struct ReceivedMail {
     pub helo: String,
     /// Which connection (1, 2, … in accept order) carried it.
     pub connection_id: u64,
+    /// When the sink accepted it (for latency measurements).
+    pub received_at: std::time::SystemTime,
 }
 
 impl ReceivedMail {
@@ -240,10 +246,16 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn record(&self, mail: ReceivedMail) {
+    fn record(&self, mut mail: ReceivedMail) {
         if let Some(dir) = &self.options.maildir {
             // A demo convenience: a write error must not fail the SMTP side.
             let _ = write_maildir(dir, &mail, self.delivered.fetch_add(1, Ordering::Relaxed));
+        }
+        if self.options.headers_only {
+            if let Some(end) = mail.data.windows(4).position(|w| w == b"\r\n\r\n") {
+                mail.data.truncate(end + 4);
+                mail.data.shrink_to_fit();
+            }
         }
         self.state().messages.push(mail);
         self.cond.notify_all();
@@ -533,7 +545,11 @@ impl Drop for SmtpSink {
 
 async fn accept(listener: &Option<TcpListener>) -> io::Result<TcpStream> {
     match listener {
-        Some(l) => l.accept().await.map(|(s, _)| s),
+        Some(l) => l.accept().await.map(|(s, _)| {
+            // Replies are small writes; do not let Nagle delay them.
+            let _ = s.set_nodelay(true);
+            s
+        }),
         None => std::future::pending().await,
     }
 }
@@ -856,6 +872,7 @@ impl<'a> Session<'a> {
             body_8bitmime: txn.body_8bitmime,
             helo: self.helo.clone().unwrap_or_default(),
             connection_id: self.id,
+            received_at: std::time::SystemTime::now(),
         };
         if let Some(deliver) = self.shared.fire_drop(&mail.rcpt_to) {
             if deliver {
@@ -976,6 +993,7 @@ mod tests {
             body_8bitmime: false,
             helo: String::new(),
             connection_id: 1,
+            received_at: std::time::SystemTime::UNIX_EPOCH,
         };
         assert_eq!(mail.header("subject").as_deref(), Some("a b"));
         assert_eq!(mail.header("To").as_deref(), Some("x@example.net"));
