@@ -248,22 +248,33 @@ pub enum Claim {
 /// Locks the group's directives for the caller's transaction without
 /// waiting (`SKIP LOCKED`: another instance's lock is no error and leaves
 /// nothing in PostgreSQL's log).
-pub async fn claim<C: tokio_postgres::GenericClient>(
-    tx: &C,
+pub async fn claim<S: crate::db::Session>(
+    tx: &S,
     group: &Group,
 ) -> Result<Claim, tokio_postgres::Error> {
+    Ok(claim_at(tx, group).await?.0)
+}
+
+/// [`claim`], also returning the database's `now()` (the transaction's
+/// start), which the formats decide by: one round trip for both.
+pub async fn claim_at<S: crate::db::Session>(
+    tx: &S,
+    group: &Group,
+) -> Result<(Claim, Option<DateTime<Utc>>), tokio_postgres::Error> {
+    use tokio_postgres::GenericClient;
     let ids: Vec<i64> = group.directive_ids.iter().map(|d| d.0).collect();
-    let rows = tx
-        .query(
-            "SELECT id FROM directives WHERE id = ANY($1) AND sent_id IS NULL \
-             FOR UPDATE SKIP LOCKED",
-            &[&ids],
-        )
-        .await?;
+    let st = crate::db::prepare(
+        tx,
+        "SELECT id, now() FROM directives WHERE id = ANY($1) AND sent_id IS NULL \
+         FOR UPDATE SKIP LOCKED",
+    )
+    .await?;
+    let rows = tx.client().query(&st, &[&ids]).await?;
+    let now = rows.first().map(|r| r.get::<_, DateTime<Utc>>(1));
     Ok(if rows.len() == ids.len() {
-        Claim::Claimed
+        (Claim::Claimed, now)
     } else {
-        Claim::Busy
+        (Claim::Busy, now)
     })
 }
 

@@ -108,9 +108,9 @@ impl EventColumns {
 
     /// Loads the events with the given ids (ascending by id), with only
     /// `columns` (plus `id`).
-    pub async fn load<C: tokio_postgres::GenericClient>(
+    pub async fn load<S: crate::db::Session>(
         &self,
-        client: &C,
+        session: &S,
         ids: &[EventId],
         columns: &[String],
     ) -> Result<Vec<Event>, EventError> {
@@ -142,7 +142,8 @@ impl EventColumns {
         }
         select.push_str(" FROM events WHERE id = ANY($1) ORDER BY id");
         let ids: Vec<i64> = ids.iter().map(|e| e.0).collect();
-        let rows = client.query(select.as_str(), &[&ids]).await?;
+        let st = crate::db::prepare(session, &select).await?;
+        let rows = tokio_postgres::GenericClient::query(session.client(), &st, &[&ids]).await?;
         let mut events = Vec::with_capacity(rows.len());
         for row in rows {
             let mut fields = BTreeMap::new();

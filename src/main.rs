@@ -69,7 +69,9 @@ enum Command {
         /// Cases: signed, unsigned or both.
         #[arg(long, default_value = "both")]
         signing: String,
-        #[arg(long, default_value_t = 4)]
+        /// mailgend.workers for the runs (the work waits mostly on
+        /// PostgreSQL and SMTP round trips, so more than the core count).
+        #[arg(long, default_value_t = 8)]
         workers: usize,
         /// Which mode: oneshot (send --all), service (run under load) or all.
         #[arg(long, default_value = "all")]

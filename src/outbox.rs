@@ -21,6 +21,8 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use tokio_postgres::GenericClient;
 
+use crate::db::{self, Session};
+
 use crate::directive::DirectiveId;
 use crate::ticket::Ticket;
 
@@ -118,13 +120,14 @@ fn ids(d: &[DirectiveId]) -> Vec<i64> {
 /// Records the intents of one group's mails; returns their row ids in
 /// order. Call on an autocommitting connection (not the group's
 /// transaction): the record must be durable before SMTP sees the mail.
-pub async fn record<C: GenericClient>(
-    client: &C,
+pub async fn record<S: Session>(
+    session: &S,
     instance: &str,
     intents: &[Intent<'_>],
 ) -> Result<Vec<i64>, tokio_postgres::Error> {
-    let stmt = client
-        .prepare(
+    let client = session.client();
+    let stmt = db::prepare(
+            session,
             "INSERT INTO mailgend.outbox (ticket, message_id, directive_ids, group_directive_ids, \
                  marks_sent, envelope_from, envelope_to, message, sent_at, state, attempts, instance) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'sending', 1, $10) RETURNING id",
@@ -159,13 +162,14 @@ pub async fn record<C: GenericClient>(
 /// Marks a row accepted (in the group's transaction, together with
 /// marking the directives sent). The stored message is dropped: it is no
 /// longer needed and may be large.
-pub async fn accepted<C: GenericClient>(tx: &C, id: i64) -> Result<(), tokio_postgres::Error> {
-    tx.execute(
+pub async fn accepted<S: Session>(tx: &S, id: i64) -> Result<(), tokio_postgres::Error> {
+    let st = db::prepare(
+        tx,
         "UPDATE mailgend.outbox SET state = 'accepted', message = NULL, last_error = NULL, \
              updated_at = now() WHERE id = $1",
-        &[&id],
     )
     .await?;
+    tx.client().execute(&st, &[&id]).await?;
     Ok(())
 }
 
@@ -244,20 +248,17 @@ fn open_from_row(r: &tokio_postgres::Row) -> OpenMail {
 /// The open rows (`sending`, `retry`, `held`) of a group, oldest first.
 /// Call while holding the group's row locks: then any `sending` row's
 /// writer is gone, and the row is in doubt.
-pub async fn open_for_group<C: GenericClient>(
-    tx: &C,
+pub async fn open_for_group<S: Session>(
+    tx: &S,
     group: &[DirectiveId],
 ) -> Result<Vec<OpenMail>, tokio_postgres::Error> {
-    let rows = tx
-        .query(
-            &format!(
-                "SELECT {OPEN_COLUMNS} FROM mailgend.outbox \
-                 WHERE group_directive_ids && $1 AND state IN ('sending', 'retry', 'held') \
-                 ORDER BY id"
-            ),
-            &[&ids(group)],
-        )
-        .await?;
+    let sql = format!(
+        "SELECT {OPEN_COLUMNS} FROM mailgend.outbox \
+         WHERE group_directive_ids && $1 AND state IN ('sending', 'retry', 'held') \
+         ORDER BY id"
+    );
+    let st = db::prepare(tx, &sql).await?;
+    let rows = tx.client().query(&st, &[&ids(group)]).await?;
     Ok(rows.iter().map(open_from_row).collect())
 }
 

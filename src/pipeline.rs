@@ -251,6 +251,8 @@ pub enum RunError {
 pub struct Connections {
     pub main: Client,
     pub side: Client,
+    main_cache: db::StatementCache,
+    side_cache: db::StatementCache,
 }
 
 impl Connections {
@@ -258,6 +260,8 @@ impl Connections {
         Ok(Connections {
             main: db::connect(&config.database).await?,
             side: db::connect(&config.database).await?,
+            main_cache: db::StatementCache::default(),
+            side_cache: db::StatementCache::default(),
         })
     }
 
@@ -374,22 +378,31 @@ pub async fn process_group(
     group: &Group,
     opts: RunOptions,
 ) -> Result<GroupOutcome, GroupError> {
-    let Connections { main, side } = conns;
+    let Connections {
+        main,
+        side,
+        main_cache,
+        side_cache,
+    } = conns;
     let tx = main.transaction().await?;
-    if directive::claim(&tx, group).await? == Claim::Busy {
+    let txc = db::Cached {
+        client: &tx,
+        cache: main_cache,
+    };
+    // The database's clock, not ours: instances on several hosts then agree
+    // on what is due.
+    let (claim, now) = directive::claim_at(&txc, group).await?;
+    let Some(now) = now.filter(|_| claim == Claim::Claimed) else {
         return Ok(GroupOutcome::Busy);
-    }
+    };
     // Mails of this group that an earlier attempt left open come first:
     // they already have tickets and Message-Ids.
     if !opts.dry_run {
-        let open = outbox::open_for_group(&tx, &group.directive_ids).await?;
+        let open = outbox::open_for_group(&txc, &group.directive_ids).await?;
         if !open.is_empty() {
-            return resume_open(p, tx, side, group, open).await;
+            return resume_open(p, tx, (side, side_cache), main_cache, group, open).await;
         }
     }
-    // The database's clock, not ours: instances on several hosts then agree
-    // on what is due.
-    let now: DateTime<Utc> = tx.query_one("SELECT now()", &[]).await?.get(0);
     let plan = match p.formats.decide(group, now) {
         Decision::Postpone {
             format,
@@ -413,12 +426,22 @@ pub async fn process_group(
         Decision::Send(plan) => plan,
     };
     let event_ids = group.distinct_event_ids();
-    let events = columns.load(&tx, &event_ids, &plan.event_columns()).await?;
+    let events = columns
+        .load(&txc, &event_ids, &plan.event_columns())
+        .await?;
     let needed = plan.tickets_needed(events.len());
 
     // Render once with provisional numbers: a template error or an unknown
     // placeholder must not consume ticket numbers (old tool defect).
-    let provisional = provisional_tickets(&tx, needed).await?;
+    let provisional = if opts.dry_run {
+        // A dry run shows the numbers the next draws would most likely give.
+        provisional_tickets(&tx, needed).await?
+    } else {
+        // Only the shape matters for the check; save the query.
+        (0..needed as i64)
+            .map(|i| Ticket::new(now.date_naive(), 10_000_001 + i))
+            .collect()
+    };
     let render = |tickets: &[Ticket]| {
         plan.render(&RenderContext {
             group,
@@ -448,7 +471,7 @@ pub async fn process_group(
         return Ok(GroupOutcome::Sent { mails: mails.len() });
     }
 
-    let tickets = ticket::draw_committed(side, needed).await?;
+    let tickets = ticket::draw_committed(side, Some(side_cache), needed).await?;
     let notifications = render(&tickets)?;
     let meta: Vec<(Ticket, Vec<DirectiveId>)> = notifications
         .iter()
@@ -479,7 +502,15 @@ pub async fn process_group(
             sent_at: o.mail.date,
         })
         .collect();
-    let ids = outbox::record(&*side, &p.instance, &intents).await?;
+    let ids = outbox::record(
+        &db::Cached {
+            client: &*side,
+            cache: side_cache,
+        },
+        &p.instance,
+        &intents,
+    )
+    .await?;
     let sends = outgoing
         .iter()
         .zip(&ids)
@@ -494,7 +525,7 @@ pub async fn process_group(
             marks: &o.marks,
         })
         .collect::<Vec<_>>();
-    deliver(p, tx, side, group, &sends).await
+    deliver(p, tx, (side, side_cache), main_cache, group, &sends).await
 }
 
 /// One mail handed to SMTP and what to record when it is accepted.
@@ -516,11 +547,16 @@ struct Send<'a> {
 async fn deliver(
     p: &Pipeline,
     tx: Transaction<'_>,
-    side: &Client,
+    (side, _side_cache): (&Client, &db::StatementCache),
+    main_cache: &db::StatementCache,
     group: &Group,
     sends: &[Send<'_>],
 ) -> Result<GroupOutcome, GroupError> {
     let mut accepted = 0usize;
+    let txc = db::Cached {
+        client: &tx,
+        cache: main_cache,
+    };
     for (i, s) in sends.iter().enumerate() {
         if let Err(source) = p.outbound.send(s.from, s.to, s.bytes).await {
             p.metrics.smtp_error();
@@ -569,9 +605,9 @@ async fn deliver(
             p.metrics.observe_insert_to_smtp(latency);
         }
         if !s.marks.is_empty() {
-            sent::mark_sent(&tx, s.ticket, s.sent_at, s.marks).await?;
+            sent::mark_sent(&txc, s.ticket, s.sent_at, s.marks).await?;
         }
-        outbox::accepted(&tx, s.outbox_id).await?;
+        outbox::accepted(&txc, s.outbox_id).await?;
         info!(
             ticket = %s.ticket,
             recipient = %s.to.join(", "),
@@ -590,7 +626,8 @@ async fn deliver(
 async fn resume_open(
     p: &Pipeline,
     tx: Transaction<'_>,
-    side: &Client,
+    (side, side_cache): (&Client, &db::StatementCache),
+    main_cache: &db::StatementCache,
     group: &Group,
     open: Vec<outbox::OpenMail>,
 ) -> Result<GroupOutcome, GroupError> {
@@ -652,7 +689,7 @@ async fn resume_open(
             marks: if o.marks_sent { &o.marks } else { &[] },
         })
         .collect();
-    deliver(p, tx, side, group, &sends).await
+    deliver(p, tx, (side, side_cache), main_cache, group, &sends).await
 }
 
 /// `n` numbers the next draws would most likely return (never consumed).

@@ -65,12 +65,16 @@ pub enum TicketError {
 /// many workers and instances draw concurrently.
 pub async fn draw_committed(
     client: &mut tokio_postgres::Client,
+    cache: Option<&crate::db::StatementCache>,
     n: usize,
 ) -> Result<Vec<Ticket>, TicketError> {
     let tx = client.transaction().await?;
     let mut tickets = Vec::with_capacity(n);
     for _ in 0..n {
-        tickets.push(draw(&tx).await?);
+        tickets.push(match cache {
+            Some(cache) => draw(&crate::db::Cached { client: &tx, cache }).await?,
+            None => draw(&tx).await?,
+        });
     }
     tx.commit().await?;
     Ok(tickets)
@@ -78,15 +82,18 @@ pub async fn draw_committed(
 
 /// Draws the next ticket number inside the caller's transaction. Prefer
 /// [`draw_committed`]: see there why.
-pub async fn draw<C: GenericClient>(client: &C) -> Result<Ticket, TicketError> {
+pub async fn draw<S: crate::db::Session>(session: &S) -> Result<Ticket, TicketError> {
+    let client = session.client();
     // Lock ticket_day so two instances crossing midnight do not both
     // restart the sequence (the second restart would reuse numbers).
+    let st = crate::db::prepare(
+        session,
+        "SELECT (now() AT TIME ZONE 'UTC')::date, initialized_for_day \
+         FROM ticket_day FOR UPDATE",
+    )
+    .await?;
     let row = client
-        .query_opt(
-            "SELECT (now() AT TIME ZONE 'UTC')::date, initialized_for_day \
-             FROM ticket_day FOR UPDATE",
-            &[],
-        )
+        .query_opt(&st, &[])
         .await?
         .ok_or(TicketError::NoTicketDay)?;
     let today: NaiveDate = row.get(0);
@@ -108,10 +115,8 @@ pub async fn draw<C: GenericClient>(client: &C) -> Result<Ticket, TicketError> {
                 .await?;
         }
     }
-    let seq: i64 = client
-        .query_one("SELECT nextval('intelmq_ticket_seq')", &[])
-        .await?
-        .get(0);
+    let st = crate::db::prepare(session, "SELECT nextval('intelmq_ticket_seq')").await?;
+    let seq: i64 = client.query_one(&st, &[]).await?.get(0);
     Ok(Ticket::new(today, seq))
 }
 
