@@ -187,6 +187,20 @@ pub async fn pending_groups<C: tokio_postgres::GenericClient>(
     rows.iter().map(group_from_row).collect()
 }
 
+/// The pending groups as a stream, oldest first: rows are turned into
+/// groups as they arrive, so a run over a million directives does not hold
+/// them all in memory at once.
+pub async fn pending_groups_stream<C: tokio_postgres::GenericClient>(
+    client: &C,
+    additional_where: Option<&str>,
+) -> Result<impl futures::Stream<Item = Result<Group, SelectError>>, SelectError> {
+    use futures::StreamExt;
+    let sql = pending_groups_sql(additional_where);
+    let none: [&(dyn tokio_postgres::types::ToSql + Sync); 0] = [];
+    let rows = client.query_raw(sql.as_str(), none).await?;
+    Ok(rows.map(|r| group_from_row(&r?)))
+}
+
 fn group_from_row(row: &tokio_postgres::Row) -> Result<Group, SelectError> {
     let agg_text: Option<String> = row.get("aggregate_identifier");
     let aggregate_identifier = parse_aggregate(agg_text.as_deref())?;

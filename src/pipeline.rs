@@ -10,7 +10,6 @@
 //! process groups concurrently; signing runs on the blocking pool so it
 //! never stalls the async workers.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
@@ -283,35 +282,28 @@ pub fn log_group_error(group: &Group, e: &GroupError) {
 }
 
 /// One pass over every pending group (`mailgend send --all`).
+///
+/// Groups stream from the selection query through a bounded channel to the
+/// workers: memory stays bounded however many directives are pending.
 pub async fn run_once(pipeline: Arc<Pipeline>, opts: RunOptions) -> Result<Summary, RunError> {
+    use futures::StreamExt;
     let client = db::connect(&pipeline.config.database).await?;
     let columns = Arc::new(EventColumns::read(&client).await?);
-    let groups = directive::pending_groups(
-        &client,
-        pipeline
-            .config
-            .database
-            .additional_directive_where
-            .as_deref(),
-    )
-    .await?;
-    drop(client);
-    info!(groups = groups.len(), "pending directive groups selected");
-    let total = groups.len();
-    let queue = Arc::new(Mutex::new(VecDeque::from(groups)));
+    let workers = pipeline.config.service.workers.max(1);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Group>(workers * 4);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let summary = Arc::new(Mutex::new(Summary::default()));
 
-    let workers = pipeline.config.service.workers.clamp(1, total.max(1));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..workers {
         let mut conns = Connections::open(&pipeline.config).await?;
         let pipeline = pipeline.clone();
-        let queue = queue.clone();
+        let rx = rx.clone();
         let summary = summary.clone();
         let columns = columns.clone();
         tasks.spawn(async move {
             loop {
-                let next = queue.lock().expect("queue lock").pop_front();
+                let next = rx.lock().await.recv().await;
                 let Some(group) = next else { break };
                 let result = process_group(&pipeline, &mut conns, &columns, &group, opts).await;
                 let mut s = summary.lock().expect("summary lock");
@@ -330,11 +322,36 @@ pub async fn run_once(pipeline: Arc<Pipeline>, opts: RunOptions) -> Result<Summa
             }
         });
     }
+
+    let mut selected = 0usize;
+    let produced: Result<(), RunError> = async {
+        let stream = directive::pending_groups_stream(
+            &client,
+            pipeline
+                .config
+                .database
+                .additional_directive_where
+                .as_deref(),
+        )
+        .await?;
+        futures::pin_mut!(stream);
+        while let Some(group) = stream.next().await {
+            selected += 1;
+            if tx.send(group?).await.is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    drop(tx);
     while let Some(r) = tasks.join_next().await {
         if let Err(e) = r {
             error!("worker task failed: {e}");
         }
     }
+    produced?;
+    info!(groups = selected, "pending directive groups processed");
     let s = *summary.lock().expect("summary lock");
     if s.busy > 0 {
         info!(

@@ -7,6 +7,8 @@
 //! GNUPGHOME that only knows the public key. Key loading is tested through
 //! a GnuPG home (one `gpg --export-secret-keys`) and through key files,
 //! including the refusals (passphrase, expired, revoked, no secret, ...).
+//! RSA keys sign through OpenSSL with the CRT key, other algorithms through
+//! sequoia's `KeyPair`; both are checked by gpg and by sequoia.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -15,14 +17,15 @@ use std::time::{Duration, SystemTime};
 
 use chrono::Utc;
 use mailgend::mail::{build, Attachment, BuiltMail, MailContext, Notification};
-use mailgend::signature::{SignError, Signer};
+use mailgend::signature::{SignBackend, SignError, Signer};
 use mailgend::ticket::Ticket;
 use sequoia_openpgp as openpgp;
 
 use openpgp::cert::prelude::*;
+use openpgp::packet::signature::SignatureBuilder;
 use openpgp::parse::Parse;
 use openpgp::serialize::SerializeInto;
-use openpgp::types::KeyFlags;
+use openpgp::types::{HashAlgorithm, KeyFlags, PublicKeyAlgorithm, SignatureType};
 
 const FPR: &str = "B9417861749CD740F3E9B2E0C771416A383195BB";
 const KEYID: &str = "C771416A383195BB";
@@ -506,4 +509,161 @@ fn signing_rate() {
     }
     let per_sec = f64::from(n) / start.elapsed().as_secs_f64();
     println!("{per_sec:.0} signatures/s on one thread");
+}
+
+/// The one signature packet of an armoured detached signature.
+fn parse_signature(armored: &str) -> openpgp::packet::Signature {
+    let pile = openpgp::PacketPile::from_bytes(armored.as_bytes()).unwrap();
+    let packets: Vec<_> = pile.children().collect();
+    assert_eq!(packets.len(), 1, "exactly one packet");
+    let openpgp::Packet::Signature(sig) = packets[0] else {
+        panic!("not a signature packet: {:?}", packets[0]);
+    };
+    sig.clone()
+}
+
+/// A ~6 KB mail-like message.
+fn big_message() -> Vec<u8> {
+    let mut m = Vec::new();
+    for i in 0..100 {
+        m.extend_from_slice(
+            format!("\"192.0.2.{i}\",\"2024-05-02T10:00:00+00:00\",\"open resolver\"\r\n")
+                .as_bytes(),
+        );
+    }
+    assert!(m.len() > 5000);
+    m
+}
+
+/// Sorted tags of a signature's hashed subpackets.
+fn hashed_tags(sig: &openpgp::packet::Signature) -> Vec<String> {
+    let mut tags: Vec<String> = sig
+        .hashed_area()
+        .iter()
+        .map(|sp| format!("{:?}", sp.tag()))
+        .collect();
+    tags.sort();
+    tags
+}
+
+#[test]
+fn rsa_keys_sign_through_the_openssl_crt_backend() {
+    let signer = file_signer();
+    assert_eq!(signer.backend(), SignBackend::OpensslRsaCrt);
+    assert_eq!(signer.backend().name(), "openssl-rsa-crt");
+    assert!(format!("{signer:?}").contains("OpensslRsaCrt"));
+    let data = big_message();
+    let sig = signer.sign_detached(&data).unwrap();
+    assert_eq!(sig.micalg, "pgp-sha256");
+
+    // gpg: good signature, RSA (1), SHA-256 (8), v4, binary.
+    let verifier = GpgHome::verifier();
+    let (ok, status) = verifier.verify(sig.armored.as_bytes(), &data);
+    assert!(ok, "gpg --verify failed:\n{status}");
+    assert_good(&status);
+    let v = validsig(&status);
+    assert_eq!(v[4], "4", "signature version");
+    assert_eq!(v[6], "1", "public key algorithm RSA");
+    let mut tampered = data.clone();
+    tampered[1000] ^= 0x01;
+    let (ok, status) = verifier.verify(sig.armored.as_bytes(), &tampered);
+    assert!(!ok, "tampered message verified:\n{status}");
+    assert!(status.contains("[GNUPG:] BADSIG"), "{status}");
+
+    // sequoia: verifies over the data, not over anything else.
+    let packet = parse_signature(&sig.armored);
+    let cert = Cert::from_file(public_key_file()).unwrap();
+    let key = cert.primary_key().key().clone();
+    packet.clone().verify_message(&key, &data).unwrap();
+    assert!(packet.clone().verify_message(&key, &tampered).is_err());
+    assert_eq!(packet.version(), 4);
+    assert_eq!(packet.hash_algo(), HashAlgorithm::SHA256);
+    assert_eq!(packet.pk_algo(), PublicKeyAlgorithm::RSAEncryptSign);
+    assert_eq!(packet.typ(), SignatureType::Binary);
+    // A signature is unpredictable (salt notation): two differ.
+    let again = signer.sign_detached(&data).unwrap();
+    assert_ne!(again.armored, sig.armored);
+
+    // The same packet layout as stock sequoia signing with a KeyPair.
+    let tsk = Cert::from_file(secret_key_file()).unwrap();
+    let mut keypair = tsk
+        .primary_key()
+        .key()
+        .clone()
+        .parts_into_secret()
+        .unwrap()
+        .into_keypair()
+        .unwrap();
+    let stock = SignatureBuilder::new(SignatureType::Binary)
+        .set_hash_algo(HashAlgorithm::SHA256)
+        .sign_message(&mut keypair, &data)
+        .unwrap();
+    assert_eq!(hashed_tags(&packet), hashed_tags(&stock));
+    assert!(hashed_tags(&packet).contains(&"IssuerFingerprint".to_string()));
+    assert!(hashed_tags(&packet).contains(&"NotationData".to_string()));
+    assert_eq!(
+        packet.unhashed_area().iter().count(),
+        stock.unhashed_area().iter().count()
+    );
+}
+
+#[test]
+fn rsa_keys_made_by_sequoia_use_the_crt_backend_too() {
+    // Another RSA key, another implementation's p, q, u: checks that the
+    // CRT conversion is not tuned to gpg's keys.
+    let (cert, _) = CertBuilder::new()
+        .add_userid("rsa@example.org")
+        .set_cipher_suite(CipherSuite::RSA2k)
+        .set_primary_key_flags(KeyFlags::empty().set_certification().set_signing())
+        .generate()
+        .unwrap();
+    let signer = load(&tsk(&cert), None).unwrap();
+    assert_eq!(signer.backend(), SignBackend::OpensslRsaCrt);
+    let data = big_message();
+    let sig = parse_signature(&signer.sign_detached(&data).unwrap().armored);
+    let key = cert.primary_key().key().clone();
+    sig.clone().verify_message(&key, &data).unwrap();
+    assert!(sig.verify_message(&key, b"other").is_err());
+}
+
+#[test]
+fn non_rsa_keys_sign_through_sequoia() {
+    for (suite, gpg_algo) in [(CipherSuite::Cv25519, "22"), (CipherSuite::P256, "19")] {
+        let (cert, _) = CertBuilder::new()
+            .add_userid("Non RSA <nonrsa@example.org>")
+            .set_cipher_suite(suite)
+            .set_primary_key_flags(KeyFlags::empty().set_certification().set_signing())
+            .generate()
+            .unwrap();
+        let signer = load(&tsk(&cert), None).unwrap();
+        assert_eq!(signer.backend(), SignBackend::SequoiaKeyPair, "{suite:?}");
+        let data = big_message();
+        let sig = signer.sign_detached(&data).unwrap();
+        assert_eq!(sig.micalg, "pgp-sha256");
+
+        let verifier = GpgHome::new();
+        let public = verifier.path().join("pub.asc");
+        std::fs::write(&public, cert.armored().to_vec().unwrap()).unwrap();
+        verifier.import(&public);
+        let (ok, status) = verifier.verify(sig.armored.as_bytes(), &data);
+        assert!(ok, "{suite:?}: gpg --verify failed:\n{status}");
+        let fpr = cert.fingerprint().to_hex();
+        assert!(
+            status.contains(&format!("[GNUPG:] GOODSIG {}", cert.keyid().to_hex())),
+            "{status}"
+        );
+        let v = validsig(&status);
+        assert_eq!(v[0], fpr);
+        assert_eq!(v[6], gpg_algo, "{suite:?}: public key algorithm");
+        assert_eq!(v[7], "8", "{suite:?}: SHA-256");
+        let mut tampered = data.clone();
+        tampered[0] ^= 0x20;
+        let (ok, status) = verifier.verify(sig.armored.as_bytes(), &tampered);
+        assert!(!ok && status.contains("[GNUPG:] BADSIG"), "{status}");
+
+        let packet = parse_signature(&sig.armored);
+        let key = cert.primary_key().key().clone();
+        packet.clone().verify_message(&key, &data).unwrap();
+        assert!(packet.verify_message(&key, &tampered).is_err());
+    }
 }
