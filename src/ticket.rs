@@ -68,6 +68,29 @@ pub async fn draw_committed(
     cache: Option<&crate::db::StatementCache>,
     n: usize,
 ) -> Result<Vec<Ticket>, TicketError> {
+    // Fast path, one autocommitted statement and no lock: when ticket_day
+    // already is today, only nextval is needed. A concurrent rollover holds
+    // ticket_day's row lock until it commits, so this statement then still
+    // reads the old day and takes the slow path below, which waits for it.
+    if let Some(cache) = cache {
+        let session = crate::db::Cached {
+            client: &*client,
+            cache,
+        };
+        let st = crate::db::prepare(
+            &session,
+            "SELECT (now() AT TIME ZONE 'UTC')::date, \
+                    array(SELECT nextval('intelmq_ticket_seq') FROM generate_series(1, $1)) \
+               FROM ticket_day \
+              WHERE initialized_for_day = (now() AT TIME ZONE 'UTC')::date",
+        )
+        .await?;
+        if let Some(row) = client.query_opt(&st, &[&(n as i32)]).await? {
+            let today: NaiveDate = row.get(0);
+            let seqs: Vec<i64> = row.get(1);
+            return Ok(seqs.into_iter().map(|s| Ticket::new(today, s)).collect());
+        }
+    }
     let tx = client.transaction().await?;
     let mut tickets = Vec::with_capacity(n);
     for _ in 0..n {

@@ -373,3 +373,45 @@ async fn tickets_restart_each_day_and_refuse_a_future_day() {
     assert!(matches!(err, TicketError::DayInFuture { .. }), "{err}");
     assert_eq!(env.ticket_seq_last_value().await, before);
 }
+
+#[tokio::test]
+async fn committed_draws_roll_over_once_and_then_take_the_fast_path() {
+    let env = TestEnv::new().await;
+    let mut client = env.client().await;
+    let cache = mailgend::db::StatementCache::default();
+    let tail = |t: &[mailgend::ticket::Ticket]| -> Vec<String> {
+        t.iter().map(|t| t.as_str()[9..].to_string()).collect()
+    };
+    // ticket_day is 2016-01-01: the slow path restarts the day.
+    let a = ticket::draw_committed(&mut client, Some(&cache), 2)
+        .await
+        .unwrap();
+    assert_eq!(tail(&a), ["10000001", "10000002"]);
+    // Today now: the one-statement fast path continues the sequence.
+    let b = ticket::draw_committed(&mut client, Some(&cache), 3)
+        .await
+        .unwrap();
+    assert_eq!(tail(&b), ["10000003", "10000004", "10000005"]);
+    assert_eq!(a[0].as_str()[..8], b[0].as_str()[..8]);
+    // A day change is seen again, once.
+    client
+        .batch_execute("UPDATE ticket_day SET initialized_for_day = current_date - 1")
+        .await
+        .unwrap();
+    let c = ticket::draw_committed(&mut client, Some(&cache), 1)
+        .await
+        .unwrap();
+    assert_eq!(tail(&c), ["10000001"]);
+    let d = ticket::draw_committed(&mut client, Some(&cache), 1)
+        .await
+        .unwrap();
+    assert_eq!(tail(&d), ["10000002"]);
+    // A future day is refused on the fast path too.
+    client
+        .batch_execute("UPDATE ticket_day SET initialized_for_day = current_date + 1")
+        .await
+        .unwrap();
+    assert!(ticket::draw_committed(&mut client, Some(&cache), 1)
+        .await
+        .is_err());
+}
