@@ -1,8 +1,8 @@
 -- The outbox: mailgend's record of every mail it hands to SMTP.
 --
 -- A row is written and committed *before* the mail goes to SMTP (state
--- 'sending') and updated in the same transaction that marks the group's
--- directives sent (state 'accepted'). After a crash, a 'sending' row whose
+-- 'sending') and moved to mailgend.sent_mail in the same transaction that
+-- marks the group's directives sent. After a crash, a 'sending' row whose
 -- directives are still pending is a mail whose delivery is in doubt: SMTP
 -- may or may not have accepted it. Recovery resends the stored bytes (same
 -- Message-Id, same ticket) or holds it for the operator, as configured
@@ -32,14 +32,25 @@ CREATE TABLE IF NOT EXISTS mailgend.outbox (
     updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 
--- Open rows are few (mails in flight, in doubt, held): a claim looks them up
--- by state and filters by directive. A GIN index on the arrays would have
--- to be maintained for every mail ever sent.
-CREATE INDEX IF NOT EXISTS outbox_open_idx
-    ON mailgend.outbox (id)
- WHERE state IN ('sending', 'retry', 'held');
-CREATE INDEX IF NOT EXISTS outbox_state_idx
-    ON mailgend.outbox (state, created_at);
+-- The outbox holds only mails not yet accepted (in flight, in doubt, held,
+-- waiting for a retry, failed): a handful of rows, so a claim's look-up is
+-- a scan of a page or two. Accepted mails move to mailgend.sent_mail in the
+-- transaction that marks their directives sent.
+CREATE TABLE IF NOT EXISTS mailgend.sent_mail (
+    id BIGINT PRIMARY KEY,
+    ticket VARCHAR(18) NOT NULL,
+    message_id TEXT NOT NULL,
+    directive_ids BIGINT[] NOT NULL,
+    group_directive_ids BIGINT[] NOT NULL,
+    envelope_to TEXT[] NOT NULL,
+    sent_at TIMESTAMPTZ NOT NULL,
+    attempts INTEGER NOT NULL,
+    instance TEXT NOT NULL,
+    accepted_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS sent_mail_accepted_at_idx ON mailgend.sent_mail (accepted_at);
+CREATE INDEX IF NOT EXISTS sent_mail_ticket_idx ON mailgend.sent_mail (ticket);
+GRANT SELECT, INSERT, DELETE ON mailgend.sent_mail TO eventdb_send_notifications;
 
 GRANT SELECT, INSERT, UPDATE, DELETE ON mailgend.outbox TO eventdb_send_notifications;
 GRANT USAGE ON SEQUENCE mailgend.outbox_id_seq TO eventdb_send_notifications;

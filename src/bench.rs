@@ -306,7 +306,7 @@ async fn counts(db: &TestDb) -> anyhow::Result<(i64, i64, i64, i64)> {
             "SELECT (SELECT count(*) FROM directives), \
                     (SELECT count(*) FROM directives WHERE sent_id IS NULL), \
                     (SELECT count(*) FROM sent), \
-                    (SELECT count(*) FROM mailgend.outbox WHERE state = 'accepted')",
+                    (SELECT count(*) FROM mailgend.sent_mail)",
             &[],
         )
         .await?;
@@ -474,7 +474,7 @@ async fn service(
     let rows = client
         .query(
             "SELECT o.message_id, EXTRACT(EPOCH FROM max(d.inserted_at))::float8 \
-               FROM mailgend.outbox o JOIN directives d ON d.id = ANY(o.group_directive_ids) \
+               FROM mailgend.sent_mail o JOIN directives d ON d.id = ANY(o.group_directive_ids) \
               GROUP BY o.message_id",
             &[],
         )

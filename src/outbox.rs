@@ -159,14 +159,20 @@ pub async fn record<S: Session>(
     Ok(out)
 }
 
-/// Marks a row accepted (in the group's transaction, together with
-/// marking the directives sent). The stored message is dropped: it is no
-/// longer needed and may be large.
+/// Records a row as accepted (in the group's transaction, together with
+/// marking the directives sent): it moves to `mailgend.sent_mail`, without
+/// the message, which is no longer needed. The outbox thus only ever holds
+/// open mails, and looking them up stays cheap however many were sent.
 pub async fn accepted<S: Session>(tx: &S, id: i64) -> Result<(), tokio_postgres::Error> {
     let st = db::prepare(
         tx,
-        "UPDATE mailgend.outbox SET state = 'accepted', message = NULL, last_error = NULL, \
-             updated_at = now() WHERE id = $1",
+        "WITH moved AS (DELETE FROM mailgend.outbox WHERE id = $1 \
+                          RETURNING id, ticket, message_id, directive_ids, group_directive_ids, \
+                                    envelope_to, sent_at, attempts, instance) \
+         INSERT INTO mailgend.sent_mail (id, ticket, message_id, directive_ids, \
+                     group_directive_ids, envelope_to, sent_at, attempts, instance) \
+         SELECT id, ticket, message_id, directive_ids, group_directive_ids, envelope_to, \
+                sent_at, attempts, instance FROM moved",
     )
     .await?;
     tx.client().execute(&st, &[&id]).await?;
@@ -278,17 +284,21 @@ pub async fn list_open<C: GenericClient>(
     Ok(rows.iter().map(open_from_row).collect())
 }
 
-/// Removes accepted rows older than `days` (they are kept a while as an
-/// audit trail of Message-Ids).
-pub async fn purge_accepted<C: GenericClient>(
-    client: &C,
-    days: i32,
-) -> Result<u64, tokio_postgres::Error> {
-    client
+/// Removes records of accepted mails (`mailgend.sent_mail`, an audit trail
+/// of Message-Ids) and of failed or discarded ones older than `days`.
+pub async fn purge<C: GenericClient>(client: &C, days: i32) -> Result<u64, tokio_postgres::Error> {
+    let a = client
         .execute(
-            "DELETE FROM mailgend.outbox WHERE state IN ('accepted', 'failed', 'discarded') \
+            "DELETE FROM mailgend.sent_mail WHERE accepted_at < now() - make_interval(days => $1)",
+            &[&days],
+        )
+        .await?;
+    let b = client
+        .execute(
+            "DELETE FROM mailgend.outbox WHERE state IN ('failed', 'discarded') \
                AND updated_at < now() - make_interval(days => $1)",
             &[&days],
         )
-        .await
+        .await?;
+    Ok(a + b)
 }

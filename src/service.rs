@@ -161,6 +161,7 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
     let watchdog_every = systemd::watchdog_interval().unwrap_or(Duration::from_secs(3600));
     let mut watchdog = tokio::time::interval(watchdog_every);
     let mut retry_db_at: Option<Instant> = None;
+    let mut next_purge = Instant::now();
 
     loop {
         // Rescan when something may have changed and the last scan's queue
@@ -181,6 +182,15 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
             if !sched_client.is_closed() {
                 match scan(&sched_client, &p, &in_flight, &mut hold, &metrics).await {
                     Ok((groups, busy)) => {
+                        if Instant::now() >= next_purge {
+                            // Records of mails sent more than 30 days ago.
+                            match crate::outbox::purge(&sched_client, 30).await {
+                                Ok(n) if n > 0 => debug!(rows = n, "purged old outbox records"),
+                                Ok(_) => {}
+                                Err(e) => warn!("purging old outbox records: {e}"),
+                            }
+                            next_purge = Instant::now() + Duration::from_secs(3600);
+                        }
                         queue = groups;
                         seen_in_flight.extend(busy);
                         scan_wanted = false;
