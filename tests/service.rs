@@ -475,3 +475,62 @@ async fn the_service_runs_as_a_least_privileged_role() {
     let (code, _) = svc.stop();
     assert_eq!(code, Some(0));
 }
+
+#[tokio::test]
+async fn metrics_and_status_show_what_the_service_did() {
+    let mut env = TestEnv::new().await;
+    service_env(&mut env, 1);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    env.config_json["mailgend"]["metrics_listen"] = json!(format!("127.0.0.1:{port}"));
+    let svc = ServiceProcess::start(&env, "svc");
+    env.insert_event(
+        event_fields("192.0.2.1", 64496),
+        json!([directive("abuse@as64496.example.net", "Open-Redis", 64496)]),
+    )
+    .await;
+    assert_eq!(
+        env.sink
+            .wait_for_async(1, Duration::from_secs(5))
+            .await
+            .len(),
+        1
+    );
+    let scrape = || {
+        let out = std::process::Command::new("curl")
+            .args(["-s", &format!("http://127.0.0.1:{port}/metrics")])
+            .output()
+            .unwrap();
+        mailgend::metrics::parse_exposition(&String::from_utf8_lossy(&out.stdout))
+    };
+    let ok = eventually(Duration::from_secs(5), || async {
+        scrape().get("mailgend_mails_sent_total").copied() == Some(1.0)
+    })
+    .await;
+    let m = scrape();
+    assert!(ok, "{m:?}");
+    assert_eq!(m.get("mailgend_up"), Some(&1.0));
+    assert!(m
+        .keys()
+        .any(|k| k.starts_with("mailgend_insert_to_smtp_seconds")));
+    // `mailgend status` reads the same state from the database.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailgend"))
+        .arg("-c")
+        .arg(env.config_file())
+        .arg("status")
+        .env("HOME", env.dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("pending directives  0 in 0 groups"), "{text}");
+    assert!(
+        text.contains("sent                1 in the last hour"),
+        "{text}"
+    );
+    let (code, _) = svc.stop();
+    assert_eq!(code, Some(0));
+}
