@@ -678,3 +678,68 @@ async fn an_in_doubt_mail_can_be_held_for_the_operator() {
     assert_eq!(env.run().await.busy, 1);
     assert_eq!(env.pending_count().await, 1);
 }
+
+fn mailgend(env: &TestEnv, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mailgend"))
+        .arg("-c")
+        .arg(env.config_file())
+        .args(args)
+        .env("HOME", env.dir.path())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[tokio::test]
+async fn the_operator_lists_releases_and_marks_in_doubt_mails() {
+    let mut env = in_doubt_env().await;
+    env.config_json["mailgend"]["in_doubt"] = json!("hold");
+    assert_eq!(env.run().await.busy, 1);
+    let (ok, list) = mailgend(&env, &["in-doubt", "list"]);
+    assert!(ok, "{list}");
+    assert!(list.contains("held"), "{list}");
+    let id: i64 = env
+        .client()
+        .await
+        .query_one("SELECT id FROM mailgend.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Release: sent again with the same bytes.
+    let (ok, out) = mailgend(&env, &["in-doubt", "release", &id.to_string()]);
+    assert!(ok, "{out}");
+    let s = env.run().await;
+    assert_eq!((s.sent, s.errors), (1, 0));
+    let mails = env.sink.messages();
+    assert_eq!(mails.len(), 2);
+    assert_eq!(mails[0].data, mails[1].data);
+    assert_eq!(env.pending_count().await, 0);
+    let (_, list) = mailgend(&env, &["in-doubt", "list"]);
+    assert!(list.contains("nothing is in doubt"), "{list}");
+}
+
+#[tokio::test]
+async fn mark_sent_records_an_in_doubt_mail_without_sending_it() {
+    let mut env = in_doubt_env().await;
+    env.config_json["mailgend"]["in_doubt"] = json!("hold");
+    assert_eq!(env.run().await.busy, 1);
+    let id: i64 = env
+        .client()
+        .await
+        .query_one("SELECT id FROM mailgend.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (ok, out) = mailgend(&env, &["in-doubt", "mark-sent", &id.to_string()]);
+    assert!(ok, "{out}");
+    assert_eq!(env.pending_count().await, 0);
+    assert_eq!(env.sent_tickets().await.len(), 1);
+    assert_eq!(env.run().await.sent, 0);
+    assert_eq!(env.sink.messages().len(), 1, "not sent again");
+    // Unknown ids are an error, not silence.
+    let (ok, out) = mailgend(&env, &["in-doubt", "discard", "999999"]);
+    assert!(!ok, "{out}");
+}
