@@ -136,7 +136,8 @@ pub struct RunOptions {
     /// Render and sign everything; send nothing, write nothing, draw no
     /// ticket.
     pub dry_run: bool,
-    /// Include event ids in per-group log lines (`-vv`).
+    /// Include event ids in the INFO line of each sent mail (`-vv`; ERROR
+    /// lines always carry them).
     pub list_event_ids: bool,
 }
 
@@ -417,7 +418,7 @@ pub async fn process_group(
     if !opts.dry_run {
         let open = outbox::open_for_group(&txc, &group.directive_ids).await?;
         if !open.is_empty() {
-            return resume_open(p, tx, (side, side_cache), main_cache, group, open).await;
+            return resume_open(p, tx, side, main_cache, group, open, opts).await;
         }
     }
     let plan = match p.formats.decide(group, now) {
@@ -542,7 +543,7 @@ pub async fn process_group(
             marks: &o.marks,
         })
         .collect::<Vec<_>>();
-    deliver(p, tx, (side, side_cache), main_cache, group, &sends).await
+    deliver(p, tx, side, main_cache, group, &sends, opts).await
 }
 
 /// One mail handed to SMTP and what to record when it is accepted.
@@ -564,10 +565,11 @@ struct Send<'a> {
 async fn deliver(
     p: &Pipeline,
     tx: Transaction<'_>,
-    (side, _side_cache): (&Client, &db::StatementCache),
+    side: &Client,
     main_cache: &db::StatementCache,
     group: &Group,
     sends: &[Send<'_>],
+    opts: RunOptions,
 ) -> Result<GroupOutcome, GroupError> {
     let mut accepted = 0usize;
     let txc = db::Cached {
@@ -629,7 +631,7 @@ async fn deliver(
             ticket = %s.ticket,
             recipient = %s.to.join(", "),
             directive_ids = %group.directive_ids_display(),
-            event_ids = %group.event_ids_display(),
+            event_ids = %if opts.list_event_ids { group.event_ids_display() } else { "-".into() },
             mail_message_id = %s.message_id,
             "mail sent"
         );
@@ -643,10 +645,11 @@ async fn deliver(
 async fn resume_open(
     p: &Pipeline,
     tx: Transaction<'_>,
-    (side, side_cache): (&Client, &db::StatementCache),
+    side: &Client,
     main_cache: &db::StatementCache,
     group: &Group,
     open: Vec<outbox::OpenMail>,
+    opts: RunOptions,
 ) -> Result<GroupOutcome, GroupError> {
     if open.iter().any(|o| o.state == outbox::State::Held) {
         tx.rollback().await?;
@@ -706,7 +709,7 @@ async fn resume_open(
             marks: if o.marks_sent { &o.marks } else { &[] },
         })
         .collect();
-    deliver(p, tx, (side, side_cache), main_cache, group, &sends).await
+    deliver(p, tx, side, main_cache, group, &sends, opts).await
 }
 
 /// `n` numbers the next draws would most likely return (never consumed).

@@ -743,3 +743,37 @@ async fn mark_sent_records_an_in_doubt_mail_without_sending_it() {
     let (ok, out) = mailgend(&env, &["in-doubt", "discard", "999999"]);
     assert!(!ok, "{out}");
 }
+
+#[tokio::test]
+async fn dash_vv_lists_event_ids_of_sent_mails() {
+    let env = TestEnv::new().await;
+    for (ip, asn) in [("192.0.2.1", 64496), ("192.0.2.2", 64497)] {
+        env.insert_event(
+            event_fields(ip, asn),
+            json!([directive(
+                &format!("abuse@as{asn}.example.net"),
+                "Open-Redis",
+                asn
+            )]),
+        )
+        .await;
+    }
+    env.client()
+        .await
+        .batch_execute("UPDATE directives SET medium = 'later' WHERE events_id = 2")
+        .await
+        .unwrap();
+    let (ok, out) = mailgend(&env, &["send", "--all"]);
+    assert!(ok, "{out}");
+    let line = out.lines().find(|l| l.contains("mail sent")).expect(&out);
+    assert!(line.contains("event_ids=-"), "{line}");
+    env.client()
+        .await
+        .batch_execute("UPDATE directives SET medium = 'email' WHERE events_id = 2")
+        .await
+        .unwrap();
+    let (ok, out) = mailgend(&env, &["-vv", "send", "--all"]);
+    assert!(ok, "{out}");
+    let line = out.lines().find(|l| l.contains("mail sent")).expect(&out);
+    assert!(line.contains("event_ids=[2]"), "{line}");
+}
