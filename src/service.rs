@@ -248,7 +248,9 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
                 if seen_in_flight.remove(&done.key) {
                     scan_wanted = true;
                 }
-                handle_done(done, &mut hold, &metrics, sweep);
+                if handle_done(done, &mut hold, &metrics, sweep) {
+                    scan_wanted = true;
+                }
             }
             _ = tokio::time::sleep_until(wake_at) => {
                 scan_wanted = true;
@@ -392,12 +394,15 @@ async fn scan(
     Ok((queue, busy))
 }
 
+/// Records what became of a group; returns true when groups were released
+/// from a hold so that a rescan should pick them up now.
 fn handle_done(
     done: Done,
     hold: &mut HashMap<GroupKey, HoldOff>,
     metrics: &Metrics,
     sweep: Duration,
-) {
+) -> bool {
+    let mut released = false;
     let now = Instant::now();
     let prior_failures = hold.get(&done.key).map_or(0, |h| h.failures);
     let mut hold_for = |key: GroupKey, wait: Duration, failed: Option<bool>| {
@@ -427,6 +432,7 @@ fn handle_done(
             for h in hold.values_mut().filter(|h| h.temporary) {
                 h.temporary = false;
                 h.until = h.until.min(now);
+                released = true;
             }
         }
         Ok(GroupOutcome::Postponed { until, .. }) => {
@@ -479,6 +485,7 @@ fn handle_done(
             hold_for(done.key, wait, Some(temporary));
         }
     }
+    released
 }
 
 /// One worker: takes a group, processes it with the configuration current
