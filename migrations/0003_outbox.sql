@@ -33,9 +33,15 @@ CREATE TABLE IF NOT EXISTS mailgend.outbox (
 );
 
 -- The outbox holds only mails not yet accepted (in flight, in doubt, held,
--- waiting for a retry, failed): a handful of rows, so a claim's look-up is
--- a scan of a page or two. Accepted mails move to mailgend.sent_mail in the
--- transaction that marks their directives sent.
+-- waiting for a retry, failed): a handful of live rows, but every mail
+-- passes through it, so it churns, and the claim's look-up scans it.
+-- Autovacuum visits it after every 5,000 dead rows instead of after a
+-- fifth of its size: in a run over a million events the dead rows had made
+-- that scan take 100 ms per group. Accepted mails move to
+-- mailgend.sent_mail in the transaction that marks their directives sent.
+ALTER TABLE mailgend.outbox SET (autovacuum_vacuum_scale_factor = 0,
+                                 autovacuum_vacuum_threshold = 5000);
+
 CREATE TABLE IF NOT EXISTS mailgend.sent_mail (
     id BIGINT PRIMARY KEY,
     ticket VARCHAR(18) NOT NULL,
