@@ -112,9 +112,7 @@ impl Pipeline {
 /// `hostname:pid`, recorded with each outbox row so an operator can tell
 /// which instance wrote it.
 pub fn instance_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into());
+    let host = crate::smtp::host_name().unwrap_or_else(|| "localhost".into());
     format!("{host}:{}", std::process::id())
 }
 

@@ -184,12 +184,7 @@ impl Outbound {
             (Some(u), Some(p)) => Some(Credentials::new(u.clone(), p.clone())),
             _ => None,
         };
-        let hello = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .map(|h| h.trim().to_string())
-            .filter(|h| !h.is_empty())
-            .map(ClientId::Domain)
-            .unwrap_or_default();
+        let hello = host_name().map(ClientId::Domain).unwrap_or_default();
         Ok(Outbound {
             inner: Arc::new(Inner {
                 host: cfg.host.clone(),
@@ -330,6 +325,15 @@ fn classify_setup(e: &lettre::transport::smtp::Error) -> SmtpError {
     } else {
         SmtpError::Unreachable(error_chain(e))
     }
+}
+
+/// This host's name (our EHLO name; also names the instance in the
+/// outbox).
+pub fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
 }
 
 fn parse_address(a: &str) -> Result<Address, SmtpError> {
