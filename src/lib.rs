@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod outbox;
 pub mod pipeline;
+pub mod route;
 pub mod sandbox;
 pub mod sent;
 pub mod service;
