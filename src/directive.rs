@@ -187,18 +187,63 @@ pub async fn pending_groups<C: tokio_postgres::GenericClient>(
     rows.iter().map(group_from_row).collect()
 }
 
-/// The pending groups as a stream, oldest first: rows are turned into
-/// groups as they arrive, so a run over a million directives does not hold
-/// them all in memory at once.
-pub async fn pending_groups_stream<C: tokio_postgres::GenericClient>(
-    client: &C,
+/// The pending groups as a stream, oldest first, for a one-shot run over
+/// a backlog of any size.
+///
+/// The selection runs once into a holdable cursor (`WITH HOLD`): PostgreSQL
+/// materialises the result at COMMIT, spilling to its own temp files, and
+/// the stream fetches it in batches. Memory stays bounded on our side, and —
+/// unlike one long-running statement — no snapshot is held for the whole
+/// run: a snapshot that old keeps autovacuum from removing the dead rows
+/// every sent group leaves in `directives` and `mailgend.outbox`, and the
+/// claims and outbox look-ups then slow down with every group sent (it
+/// made a 100,000-event run spend 150 s in claims).
+///
+/// `client` must be a connection of its own: the cursor lives in its
+/// session until the stream is dropped with the connection or exhausted.
+pub async fn pending_groups_stream<'c>(
+    client: &'c tokio_postgres::Client,
     additional_where: Option<&str>,
-) -> Result<impl futures::Stream<Item = Result<Group, SelectError>>, SelectError> {
+) -> Result<impl futures::Stream<Item = Result<Group, SelectError>> + 'c, SelectError> {
     use futures::StreamExt;
+    const BATCH: &str = "FETCH 1000 FROM mailgend_pending";
     let sql = pending_groups_sql(additional_where);
-    let none: [&(dyn tokio_postgres::types::ToSql + Sync); 0] = [];
-    let rows = client.query_raw(sql.as_str(), none).await?;
-    Ok(rows.map(|r| group_from_row(&r?)))
+    client.batch_execute("BEGIN").await?;
+    let declared = client
+        .execute(
+            format!("DECLARE mailgend_pending NO SCROLL CURSOR WITH HOLD FOR {sql}").as_str(),
+            &[],
+        )
+        .await;
+    if let Err(e) = declared {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(e.into());
+    }
+    client.batch_execute("COMMIT").await?;
+    let fetch = client.prepare(BATCH).await?;
+    let batches =
+        futures::stream::try_unfold((client, fetch, false), |(client, fetch, done)| async move {
+            if done {
+                return Ok(None);
+            }
+            let rows = client.query(&fetch, &[]).await?;
+            if rows.is_empty() {
+                let _ = client.batch_execute("CLOSE mailgend_pending").await;
+                return Ok(None);
+            }
+            let done = rows.len() < 1000;
+            if done {
+                let _ = client.batch_execute("CLOSE mailgend_pending").await;
+            }
+            Ok::<_, SelectError>(Some((rows, (client, fetch, done))))
+        });
+    Ok(batches
+        .map(|batch| match batch {
+            Ok(rows) => futures::stream::iter(rows.iter().map(group_from_row).collect::<Vec<_>>())
+                .left_stream(),
+            Err(e) => futures::stream::iter(vec![Err(e)]).right_stream(),
+        })
+        .flatten())
 }
 
 fn group_from_row(row: &tokio_postgres::Row) -> Result<Group, SelectError> {
@@ -279,7 +324,12 @@ pub async fn claim_at<S: crate::db::Session>(
     let ids: Vec<i64> = group.directive_ids.iter().map(|d| d.0).collect();
     let st = crate::db::prepare(
         tx,
-        "SELECT id, now() FROM directives WHERE id = ANY($1) AND sent_id IS NULL \
+        // `sent_id + 0`: not indexable on purpose. With statistics that
+        // say few directives are pending (normal, until a feed's burst
+        // arrives) the planner otherwise ANDs in the sent_id index and
+        // reads every pending entry for each claim: 9 ms per group in a
+        // 100,000-event run.
+        "SELECT id, now() FROM directives WHERE id = ANY($1) AND sent_id + 0 IS NULL \
          FOR UPDATE SKIP LOCKED",
     )
     .await?;

@@ -21,6 +21,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../migrations/0002_mailgend_schema.sql"),
     ),
     (3, "outbox", include_str!("../migrations/0003_outbox.sql")),
+    (
+        4,
+        "outbox_group_index",
+        include_str!("../migrations/0004_outbox_group_index.sql"),
+    ),
 ];
 
 /// An arbitrary constant naming our advisory lock ("mailgend" in ASCII).

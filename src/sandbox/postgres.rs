@@ -459,7 +459,8 @@ impl PgCluster {
              full_page_writes = off\n\
              timezone = 'UTC'\n\
              log_timezone = 'UTC'\n\
-             log_line_prefix = '%m [%p] %q%u@%d '\n",
+             log_line_prefix = '%m [%p] %q%u@%d '\n\
+             include_if_exists 'mailgend-extra.conf'\n",
             port = self.endpoint.port,
             sock = self.endpoint.host.replace('\'', "''"),
         );
@@ -554,6 +555,19 @@ impl PgCluster {
 
     pub fn is_running(&self) -> bool {
         self.running
+    }
+
+    /// Adds server settings (postgresql.conf lines) and restarts the
+    /// server so that settings needing a restart (`shared_buffers`,
+    /// `shared_preload_libraries`) apply. The benchmark uses this to run
+    /// with a production-sized buffer cache instead of the tests' 32 MB.
+    pub fn apply_settings(&mut self, lines: &str) -> Result<()> {
+        let path = self.data_dir.join("mailgend-extra.conf");
+        fs::write(&path, lines)
+            .map_err(|e| SandboxError::io(format!("write {}", path.display()), e))?;
+        self.run_as.give(&path)?;
+        self.stop()?;
+        self.start_again()
     }
 
     /// The Unix socket directory, usable as libpq's `host`.
