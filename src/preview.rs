@@ -242,8 +242,9 @@ pub async fn preview_groups(
     Ok(out)
 }
 
-/// The database enforces that nothing here writes.
-async fn read_only(client: &mut Client) -> Result<Transaction<'_>, tokio_postgres::Error> {
+/// The transaction every preview runs in: the database enforces that
+/// nothing in it writes (and `REPEATABLE READ` gives one snapshot).
+pub async fn read_only(client: &mut Client) -> Result<Transaction<'_>, tokio_postgres::Error> {
     client
         .build_transaction()
         .read_only(true)
