@@ -170,6 +170,15 @@ impl Review {
         &self.entries
     }
 
+    /// Recomputes the statuses of the current page (time passes while an
+    /// operator reads: a postponed group may have become due).
+    pub fn reclassify_page(&mut self, status: impl Fn(&Group) -> Status) {
+        let end = (self.start + self.page_size).min(self.entries.len());
+        for e in &mut self.entries[self.start.min(end)..end] {
+            e.status = status(&e.group);
+        }
+    }
+
     /// The groups of the current page; empty when the review is over.
     pub fn page(&self) -> &[Entry] {
         let end = (self.start + self.page_size).min(self.entries.len());
@@ -283,7 +292,8 @@ pub enum Fresh {
     /// Its directives that are still pending (only ones the operator saw),
     /// with the current `last_sent`; `dropped` were sent meanwhile.
     Current {
-        group: Group,
+        // Boxed: a Group is large next to `Gone`.
+        group: Box<Group>,
         dropped: Vec<DirectiveId>,
     },
 }
@@ -315,7 +325,10 @@ pub fn refresh_all(snapshot: &[Group], current: &[Group]) -> Vec<Fresh> {
             }
             group.directive_ids = keep_d;
             group.event_ids = keep_e;
-            Fresh::Current { group, dropped }
+            Fresh::Current {
+                group: Box::new(group),
+                dropped,
+            }
         })
         .collect()
 }
@@ -388,7 +401,11 @@ where
     W: std::io::Write,
 {
     let mut total = ReviewSummary::default();
-    let (groups, mut now) = pending_now(&p).await?;
+    let (groups, snapshot_now) = pending_now(&p).await?;
+    // The database's clock at the snapshot, advanced by our own since: the
+    // formats decide by the database's clock, as `send` does.
+    let started = std::time::Instant::now();
+    let clock = || snapshot_now + chrono::Duration::from_std(started.elapsed()).unwrap_or_default();
     if groups.is_empty() {
         writeln!(out, "No pending notifications to be sent.")?;
         return Ok(total);
@@ -402,12 +419,14 @@ where
     let entries = groups
         .into_iter()
         .map(|group| Entry {
-            status: classify(&p.formats, &group, now),
+            status: classify(&p.formats, &group, snapshot_now),
             group,
         })
         .collect();
     let mut review = Review::new(entries, page_size);
     while !review.is_done() {
+        let now = clock();
+        review.reclassify_page(|g| classify(&p.formats, g, now));
         write!(out, "{}", review.page_text(now))?;
         let choice = loop {
             write!(out, "{PROMPT}")?;
@@ -438,8 +457,6 @@ where
                 total.postponed += s.postponed;
                 total.errors += s.errors;
                 total.skipped += s.skipped;
-                // Statuses on later pages are judged at the time shown.
-                now = now.max(Utc::now());
             }
         }
         out.flush()?;
@@ -461,7 +478,7 @@ async fn view<W: std::io::Write>(
         )?,
         Fresh::Current { group, dropped } => {
             let mut client = db::connect(&p.config.database).await?;
-            let previews = preview::preview_groups(p, &mut client, &[group]).await?;
+            let previews = preview::preview_groups(p, &mut client, &[*group]).await?;
             let mut text = format!(
                 "\n===== group {page_no}: preview only (nothing sent, no ticket drawn; \
                  the ticket is the one the next draw would give)\n"
@@ -519,7 +536,7 @@ async fn send<W: std::io::Write>(
                         id_list(&dropped)
                     )?;
                 }
-                to_send.push(group);
+                to_send.push(*group);
             }
         }
     }
@@ -680,6 +697,18 @@ mod tests {
         let mut r = review(5, 2);
         assert!(matches!(r.apply(Choice::Quit), Step::Quit));
         assert!(r.is_done());
+    }
+
+    #[test]
+    fn only_the_current_page_is_reclassified() {
+        let mut r = review(3, 2);
+        r.reclassify_page(|_| Status::Error { reason: "x".into() });
+        let errors = r
+            .entries()
+            .iter()
+            .filter(|e| matches!(e.status, Status::Error { .. }))
+            .count();
+        assert_eq!(errors, 2);
     }
 
     #[test]

@@ -41,10 +41,15 @@ fn received_by(env: &TestEnv) -> Vec<String> {
 }
 
 fn review(env: &TestEnv, batch: usize) -> PtySession {
+    review_with(env, batch, &[])
+}
+
+fn review_with(env: &TestEnv, batch: usize, extra: &[&str]) -> PtySession {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mailgend"));
     cmd.arg("-c")
         .arg(env.config_file())
         .args(["send", "-N", &batch.to_string()])
+        .args(extra)
         .env("HOME", env.dir.path())
         .env_remove("MAILGEND_LOG");
     spawn_command(cmd, Some(30_000)).expect("spawn mailgend in a pty")
@@ -190,6 +195,30 @@ async fn every_choice_in_a_real_terminal() {
     assert_eq!(exit_code(&p), 0);
     assert_eq!(env.sink.messages().len(), 3);
     assert_eq!(env.pending_count().await, 3);
+
+    // A dry run: send [a]ll only simulates; nothing sent, drawn or written.
+    let seq = env.ticket_seq_last_value().await;
+    let mut p = review_with(&env, 10, &["-n"]);
+    p.exp_string("Dry run: sending only simulates").unwrap();
+    p.exp_string("[q]uit? ").unwrap();
+    p.send_line("a").unwrap();
+    p.exp_string("Simulation: 2 mails sent, 1 postponed, 0 errors.")
+        .unwrap();
+    p.exp_eof().unwrap();
+    assert_eq!(exit_code(&p), 0);
+    assert_eq!(env.sink.messages().len(), 3);
+    assert_eq!(env.pending_count().await, 3);
+    assert_eq!(env.ticket_seq_last_value().await, seq);
+
+    // End of input (Ctrl-D) quits too.
+    let mut p = review(&env, 10);
+    p.exp_string("[q]uit? ").unwrap();
+    p.send_control('d').unwrap();
+    p.exp_string("Exiting without sending any further mails.")
+        .unwrap();
+    p.exp_eof().unwrap();
+    assert_eq!(exit_code(&p), 0);
+    assert_eq!(env.sink.messages().len(), 3);
 }
 
 #[tokio::test]
