@@ -285,7 +285,53 @@ async fn filters_select_groups() {
     })
     .await
     .is_empty());
-    // The same through the command line (repeatable --event).
+    // The same through the command line, as docs/review.md shows it.
+    let d1: i64 = env
+        .client()
+        .await
+        .query_one("SELECT id FROM directives WHERE events_id = $1", &[&ids[0]])
+        .await
+        .unwrap()
+        .get(0);
+    let shown = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, text, err) = mailgend(&env, &args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        text.lines()
+            .filter_map(|l| l.strip_prefix("recipient      "))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        shown(s(&["preview", "--recipient", "abuse@as2.example.net"])),
+        ["abuse@as2.example.net"]
+    );
+    assert_eq!(
+        shown(s(&[
+            "preview",
+            "--template",
+            "shadowserver_csv_Open-Redis",
+            "--limit",
+            "1"
+        ])),
+        ["abuse@as1.example.net"]
+    );
+    assert_eq!(
+        shown(s(&[
+            "preview",
+            "--directive",
+            &d1.to_string(),
+            "--directive",
+            &d3.0.to_string()
+        ])),
+        ["abuse@as1.example.net", "abuse@as3.example.net"]
+    );
+    assert_eq!(
+        shown(s(&["preview", "--event", &ids[1].to_string()])),
+        ["abuse@as2.example.net"]
+    );
+    // JSON, with a repeated --event and a limit.
     let (code, out, err) = mailgend(
         &env,
         &[
