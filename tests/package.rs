@@ -500,6 +500,50 @@ fn the_package_installs_and_checks_out_in_a_clean_debian_12() {
         install.elapsed() - systemd_install,
     ));
 
+    // An upgrade (the same version again runs the same maintainer-script
+    // paths: prerm upgrade, postinst configure OLD) keeps the operator's
+    // edits and the enabled unit.
+    let start = Instant::now();
+    let edited = std::fs::read_to_string(&conf_path).unwrap();
+    ok(&mut root.chroot(&["dpkg", "-i", "/tmp/mailgend.deb"]));
+    assert_eq!(std::fs::read_to_string(&conf_path).unwrap(), edited);
+    assert!(
+        std::fs::read_link(&wants).is_ok(),
+        "upgrade disabled the unit"
+    );
+    ok(&mut as_service(&root));
+
+    // Purge: the program and the conffiles go; what intelmq-mailgen may
+    // share (configuration, templates) and the user stay.
+    ok(&mut root.chroot(&["dpkg", "--purge", "mailgend"]));
+    assert!(!root.file("/usr/bin/mailgend").exists());
+    assert!(!root
+        .file("/etc/intelmq/mailgen/formats/10shadowserver.toml")
+        .exists());
+    assert_eq!(std::fs::read_to_string(&conf_path).unwrap(), edited);
+    assert!(custom_template.is_file());
+    ok(&mut root.chroot(&["getent", "passwd", "mailgend"]));
+
+    // Installing over an intelmq-mailgen installation's configuration
+    // (its own owner and mode): the file is left exactly as it is, and
+    // the package says that the service user cannot read it.
+    let theirs = "{\"sender\": \"intelmq-mailgen's own file\"}\n";
+    std::fs::write(&conf_path, theirs).unwrap();
+    ok(&mut root.chroot(&["chown", "root:root", "/etc/intelmq/intelmq-mailgen.conf"]));
+    ok(&mut root.chroot(&["chmod", "0600", "/etc/intelmq/intelmq-mailgen.conf"]));
+    let said = ok(&mut root.chroot(&["dpkg", "-i", "/tmp/mailgend.deb"]));
+    assert_eq!(std::fs::read_to_string(&conf_path).unwrap(), theirs);
+    let meta = std::fs::metadata(&conf_path).unwrap();
+    assert_eq!((meta.mode() & 0o7777, meta.gid()), (0o600, 0));
+    assert!(
+        said.contains("the user mailgend cannot read /etc/intelmq/intelmq-mailgen.conf"),
+        "{said}"
+    );
+    t.add(
+        "upgrade, purge, install over an existing configuration",
+        start,
+    );
+
     t.add("whole test", total);
     let report = t.report();
     println!("{report}");
