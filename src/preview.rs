@@ -27,6 +27,7 @@ use crate::directive::{self, DirectiveId, EventId, Group};
 use crate::event::{EventColumns, EventError};
 use crate::format::{DataLocation, Decision, Plan, RenderContext};
 use crate::mail::{self, BuiltMail, MailContext, Notification};
+use crate::outbox::{self, InDoubtPolicy, OpenMail, State};
 use crate::pipeline::Pipeline;
 use crate::ticket::{self, Ticket};
 
@@ -105,6 +106,14 @@ pub enum Outcome {
         reason: String,
         /// When it becomes due, if that is known.
         until: Option<DateTime<Utc>>,
+    },
+    /// An earlier attempt left mails of this group open in the outbox
+    /// (after a crash or a temporary SMTP refusal): `send` finishes those,
+    /// byte for byte with their ticket and Message-Id, or leaves them held
+    /// for the operator; it renders nothing anew.
+    Open {
+        note: String,
+        mails: Vec<MailPreview>,
     },
     /// No format rule fits: `send` logs an ERROR and leaves it pending.
     NoMatch { error: String },
@@ -271,6 +280,12 @@ async fn render_groups(
         sender_domain: p.config.sender_domain.clone(),
     };
     for group in groups {
+        // As in `send`: mails an earlier attempt left open come first.
+        let open = outbox::open_for_group(tx, &group.directive_ids).await?;
+        if !open.is_empty() {
+            out.push(group_preview(group, open_outcome(p, &open)));
+            continue;
+        }
         let outcome = match p.formats.decide(group, now) {
             Decision::Postpone {
                 format,
@@ -386,6 +401,179 @@ async fn build(
     })
     .await
     .map_err(|e| PreviewError::Join(e.to_string()))
+}
+
+fn open_outcome(p: &Pipeline, open: &[OpenMail]) -> Outcome {
+    let has = |s: State| open.iter().any(|o| o.state == s);
+    let note = if has(State::Held) {
+        "held for the operator after a crash: `send` leaves this group alone until \
+         `mailgend in-doubt release`, `mark-sent` or `discard` (see `mailgend in-doubt list`)"
+            .to_string()
+    } else if has(State::Sending) && p.config.service.in_doubt == InDoubtPolicy::Hold {
+        "in doubt after a crash (mailgend.in_doubt = hold): `send` holds these mails for \
+         the operator (see `mailgend in-doubt list`)"
+            .to_string()
+    } else if has(State::Sending) {
+        "in doubt after a crash (mailgend.in_doubt = resend): `send` sends these stored \
+         mails again, same bytes, ticket and Message-Id; the recipient may get them twice"
+            .to_string()
+    } else {
+        "SMTP refused these mails temporarily: `send` retries them, same bytes, ticket \
+         and Message-Id"
+            .to_string()
+    };
+    Outcome::Open {
+        note,
+        mails: open.iter().map(stored_mail_preview).collect(),
+    }
+}
+
+/// A stored outbox message, read back for display.
+fn stored_mail_preview(o: &OpenMail) -> MailPreview {
+    let raw = String::from_utf8_lossy(&o.message).into_owned();
+    let headers = top_headers(&raw);
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value.clone())
+    };
+    let mut leaves = Vec::new();
+    mime_leaves(&raw, 0, &mut leaves);
+    let mut text = None;
+    let mut attachments = Vec::new();
+    for leaf in leaves {
+        let ct = header_value(&leaf.headers, "Content-Type").unwrap_or_default();
+        let cd = header_value(&leaf.headers, "Content-Disposition").unwrap_or_default();
+        let name = param(&cd, "filename").or_else(|| param(&ct, "name"));
+        let mime_type = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if mime_type == "application/pgp-signature" {
+            continue;
+        }
+        let content = decode_body(&leaf.headers, &leaf.body);
+        match (&text, name, mime_type.as_str()) {
+            (None, None, "text/plain") => text = Some(content),
+            (_, name, _) => attachments.push(AttachmentPreview {
+                name: name.unwrap_or_default(),
+                content_type: ct.clone(),
+                size: content.len(),
+                content: mime_type.starts_with("text/").then_some(content),
+            }),
+        }
+    }
+    MailPreview {
+        ticket: o.ticket.to_string(),
+        message_id: o.message_id.clone(),
+        envelope_from: o.envelope_from.clone(),
+        envelope_to: o.envelope_to.clone(),
+        marks_sent: o.marks_sent,
+        signed: get("Content-Type").is_some_and(|c| c.starts_with("multipart/signed")),
+        subject: get("Subject").unwrap_or_default(),
+        text: text.unwrap_or_default(),
+        headers,
+        attachments,
+        size: o.message.len(),
+        raw,
+    }
+}
+
+/// A leaf of a MIME tree.
+struct Leaf {
+    headers: Vec<Header>,
+    body: String,
+}
+
+/// The leaves of the MIME entity `raw` (CRLF line ends), depth first.
+fn mime_leaves(raw: &str, depth: usize, out: &mut Vec<Leaf>) {
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw, ""));
+    let headers = top_headers(&format!("{head}\r\n\r\n"));
+    let ct = header_value(&headers, "Content-Type").unwrap_or_default();
+    let boundary = param(&ct, "boundary");
+    match boundary {
+        Some(b) if depth < 8 && ct.to_ascii_lowercase().starts_with("multipart/") => {
+            let delimiter = format!("\r\n--{b}");
+            // The preamble is empty in mailgend's mails; a body that starts
+            // with the delimiter has no CRLF before it.
+            let body = format!("\r\n{body}");
+            for part in body.split(delimiter.as_str()).skip(1) {
+                if part.starts_with("--") {
+                    break;
+                }
+                let part = part.strip_prefix("\r\n").unwrap_or(part);
+                mime_leaves(part, depth + 1, out);
+            }
+        }
+        _ => out.push(Leaf {
+            headers,
+            body: body.to_string(),
+        }),
+    }
+}
+
+fn header_value(headers: &[Header], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value.clone())
+}
+
+/// A parameter of a structured header value (`boundary="x"`, `name=y`).
+fn param(value: &str, name: &str) -> Option<String> {
+    value.split(';').skip(1).find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        if !k.trim().eq_ignore_ascii_case(name) {
+            return None;
+        }
+        let v = v.trim();
+        Some(
+            match v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+                Some(q) => q.replace("\\\"", "\"").replace("\\\\", "\\"),
+                None => v.to_string(),
+            },
+        )
+    })
+}
+
+/// The body decoded by its Content-Transfer-Encoding (mailgend writes
+/// quoted-printable text), with `\n` line ends.
+fn decode_body(headers: &[Header], body: &str) -> String {
+    let cte = header_value(headers, "Content-Transfer-Encoding").unwrap_or_default();
+    let bytes = if cte.eq_ignore_ascii_case("quoted-printable") {
+        qp_decode(body)
+    } else {
+        body.as_bytes().to_vec()
+    };
+    String::from_utf8_lossy(&bytes).replace("\r\n", "\n")
+}
+
+fn qp_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'=' {
+            if b[i + 1..].starts_with(b"\r\n") {
+                i += 3;
+                continue;
+            }
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok());
+            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
 }
 
 fn why(plan: &Plan, group: &Group) -> String {
@@ -512,8 +700,16 @@ this order and nobody else drew numbers meanwhile; Date and Message-Id are made
 anew when a mail is really sent.
 ";
 
-/// One group as readable text (terminal-safe).
+/// One group as readable text. Everything is passed through
+/// [`terminal_safe`]: recipients, formats, aggregate values and the mails
+/// all carry untrusted data.
 pub fn write_group_text(out: &mut String, g: &GroupPreview, opts: TextOptions) {
+    let mut text = String::new();
+    group_text(&mut text, g, opts);
+    out.push_str(&terminal_safe(&text));
+}
+
+fn group_text(out: &mut String, g: &GroupPreview, opts: TextOptions) {
     let _ = writeln!(
         out,
         "recipient      {}\ntemplate       {}\nformats        {} / {}",
@@ -554,6 +750,14 @@ pub fn write_group_text(out: &mut String, g: &GroupPreview, opts: TextOptions) {
         Outcome::NoMatch { error } => {
             let _ = writeln!(out, "status         ERROR: {error}");
         }
+        Outcome::Open { note, mails } => {
+            let _ = writeln!(
+                out,
+                "status         OPEN: {} mail(s) of an earlier attempt: {note}",
+                mails.len()
+            );
+            write_mails(out, mails, opts, "stored, not drawn anew");
+        }
         Outcome::Error { error, .. } => {
             let _ = writeln!(out, "status         ERROR: {error}");
         }
@@ -564,45 +768,47 @@ pub fn write_group_text(out: &mut String, g: &GroupPreview, opts: TextOptions) {
                 mails.len()
             );
             let _ = writeln!(out, "why            {why}");
-            for (i, m) in mails.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "\n--- mail {} of {}: ticket {} (would be drawn next), {}{} octets{}",
-                    i + 1,
-                    mails.len(),
-                    m.ticket,
-                    if m.signed { "signed, " } else { "" },
-                    m.size,
-                    if m.marks_sent {
-                        ", marks the group sent"
-                    } else {
-                        ", a copy (marks nothing sent)"
-                    }
-                );
-                let _ = writeln!(
-                    out,
-                    "envelope       {} -> {}",
-                    m.envelope_from,
-                    m.envelope_to.join(", ")
-                );
-                for h in &m.headers {
-                    let _ = writeln!(out, "{}: {}", h.name, terminal_safe(&h.value));
-                }
-                let _ = writeln!(out, "\n{}", terminal_safe(m.text.trim_end()));
-                for a in &m.attachments {
-                    let _ = writeln!(
-                        out,
-                        "[attachment {} ({}, {} octets)]",
-                        terminal_safe(&a.name),
-                        a.content_type,
-                        a.size
-                    );
-                    if opts.attachment_content {
-                        if let Some(c) = &a.content {
-                            let _ = writeln!(out, "{}", terminal_safe(c.trim_end()));
-                            let _ = writeln!(out, "[end of {}]", terminal_safe(&a.name));
-                        }
-                    }
+            write_mails(out, mails, opts, "would be drawn next");
+        }
+    }
+}
+
+fn write_mails(out: &mut String, mails: &[MailPreview], opts: TextOptions, ticket_note: &str) {
+    for (i, m) in mails.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "\n--- mail {} of {}: ticket {} ({ticket_note}), {}{} octets{}",
+            i + 1,
+            mails.len(),
+            m.ticket,
+            if m.signed { "signed, " } else { "" },
+            m.size,
+            if m.marks_sent {
+                ", marks the group sent"
+            } else {
+                ", a copy (marks nothing sent)"
+            }
+        );
+        let _ = writeln!(
+            out,
+            "envelope       {} -> {}",
+            m.envelope_from,
+            m.envelope_to.join(", ")
+        );
+        for h in &m.headers {
+            let _ = writeln!(out, "{}: {}", h.name, h.value);
+        }
+        let _ = writeln!(out, "\n{}", m.text.trim_end());
+        for a in &m.attachments {
+            let _ = writeln!(
+                out,
+                "[attachment {} ({}, {} octets)]",
+                a.name, a.content_type, a.size
+            );
+            if opts.attachment_content {
+                if let Some(c) = &a.content {
+                    let _ = writeln!(out, "{}", c.trim_end());
+                    let _ = writeln!(out, "[end of {}]", a.name);
                 }
             }
         }
@@ -673,6 +879,55 @@ mod tests {
                     value: "z".into()
                 },
             ]
+        );
+    }
+
+    #[test]
+    fn a_stored_message_reads_back_as_it_was_built() {
+        let day = NaiveDate::from_ymd_opt(2024, 5, 1).unwrap();
+        let n = Notification {
+            ticket: Ticket::new(day, 10000007),
+            recipient: "abuse@example.net".into(),
+            envelope_to: None,
+            subject: "Subject".into(),
+            body: "From here\nli=ne \u{e4} ".repeat(20) + "end\n",
+            attachments: vec![mail::Attachment {
+                subtype: "csv".into(),
+                filename: "events.csv".into(),
+                disposition_attachment: true,
+                content: "\"a\",\"b\"\n\"1\",\"=2\"\n".into(),
+            }],
+            extra_headers: Vec::new(),
+            mark_sent: true,
+            covers: None,
+        };
+        let ctx = MailContext::from_sender("CERT <cert@example.org>").unwrap();
+        let built = mail::build(&n, &ctx, None, chrono::Utc::now()).unwrap();
+        let stored = OpenMail {
+            id: 1,
+            state: State::Retry,
+            ticket: n.ticket.clone(),
+            message_id: built.message_id.clone(),
+            marks: Vec::new(),
+            marks_sent: true,
+            envelope_from: built.envelope_from.clone(),
+            envelope_to: built.envelope_to.clone(),
+            message: built.bytes.clone(),
+            sent_at: built.date,
+            attempts: 1,
+            instance: "h:1".into(),
+            created_at: built.date,
+            last_error: None,
+        };
+        let m = stored_mail_preview(&stored);
+        assert_eq!(m.text, n.body);
+        assert!(!m.signed);
+        assert_eq!(m.subject, "Subject");
+        assert_eq!(m.attachments.len(), 1);
+        assert_eq!(m.attachments[0].name, "events.csv");
+        assert_eq!(
+            m.attachments[0].content.as_deref(),
+            Some(n.attachments[0].content.as_str())
         );
     }
 

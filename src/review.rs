@@ -546,7 +546,12 @@ async fn send<W: std::io::Write>(
             Ok(GroupOutcome::Sent { mails }) => s.sent += mails,
             Ok(GroupOutcome::Postponed { reason, .. }) => {
                 s.postponed += 1;
-                writeln!(out, "  postponed {}: {}", describe(g), reason)?;
+                writeln!(
+                    out,
+                    "  postponed {}: {}",
+                    describe(g),
+                    preview::terminal_safe(&reason)
+                )?;
             }
             Ok(GroupOutcome::Busy) => {
                 s.skipped += 1;

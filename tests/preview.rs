@@ -491,3 +491,53 @@ async fn preview_runs_read_only_and_takes_no_locks() {
     assert!(matches!(groups[0].outcome, Outcome::Due { .. }));
     tx.rollback().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_mail_left_open_by_an_earlier_attempt_is_shown_as_stored() {
+    use mailgend::sandbox::smtp_sink::{Failure, Fault, Scope, Stage};
+    let env = TestEnv::new().await;
+    env.insert_event(
+        event_fields("192.0.2.4", 64499),
+        json!([directive("abuse@as64499.example.net", "Open-Redis", 64499)]),
+    )
+    .await;
+    // SMTP refuses temporarily: the mail stays in the outbox for a retry,
+    // with its ticket already drawn.
+    env.sink.set_fault(Fault::Fail {
+        stage: Stage::DataEnd,
+        failure: Failure::Temporary,
+        scope: Scope::All,
+    });
+    let s = env.run().await;
+    assert_eq!((s.sent, s.errors), (0, 1));
+    let before = db_state(&env).await;
+
+    let groups = preview::preview(&*env.pipeline().await, &PreviewFilter::default())
+        .await
+        .unwrap();
+    let Outcome::Open { note, mails } = &groups[0].outcome else {
+        panic!("{:?}", groups[0])
+    };
+    assert!(note.contains("retries them"), "{note}");
+    assert_eq!(mails.len(), 1);
+    let stored = &mails[0];
+    assert!(stored.text.contains("\"192.0.2.4\""), "{}", stored.text);
+    let (code, text, _) = mailgend(&env, &["preview"]);
+    assert_eq!(code, Some(0));
+    assert!(text.contains("status         OPEN: 1 mail(s)"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "ticket {} (stored, not drawn anew)",
+            stored.ticket
+        )),
+        "{text}"
+    );
+    assert_eq!(db_state(&env).await, before);
+
+    // The retry sends exactly the stored message.
+    env.sink.set_fault(Fault::None);
+    assert_eq!(env.run().await.sent, 1);
+    let got = env.sink.wait_for(1, std::time::Duration::from_secs(5));
+    assert_eq!(got[0].data, stored.raw.as_bytes());
+    assert_eq!(env.sent_tickets().await, vec![stored.ticket.clone()]);
+}
