@@ -541,3 +541,39 @@ async fn a_mail_left_open_by_an_earlier_attempt_is_shown_as_stored() {
     assert_eq!(got[0].data, stored.raw.as_bytes());
     assert_eq!(env.sent_tickets().await, vec![stored.ticket.clone()]);
 }
+
+#[tokio::test]
+async fn a_signed_mail_previews_signed_as_it_is_sent() {
+    let mut env = TestEnv::new().await;
+    env.enable_signing();
+    env.insert_event(
+        event_fields("192.0.2.4", 64499),
+        json!([directive("abuse@as64499.example.net", "Open-Redis", 64499)]),
+    )
+    .await;
+    let groups = preview::preview(&*env.pipeline().await, &PreviewFilter::default())
+        .await
+        .unwrap();
+    let Outcome::Due { mails, .. } = &groups[0].outcome else {
+        panic!("{:?}", groups[0])
+    };
+    let m = &mails[0];
+    assert!(m.signed);
+    assert!(m.raw.contains("-----BEGIN PGP SIGNATURE-----"));
+    assert_eq!(env.run().await.sent, 1);
+    let got = env.sink.wait_for(1, std::time::Duration::from_secs(5));
+    let real = got[0].text().into_owned();
+    let no_boundary = |v: Vec<String>| -> Vec<String> {
+        v.into_iter()
+            .map(|h| h.split("boundary=").next().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        no_boundary(stable_headers(&real)),
+        no_boundary(stable_headers(&m.raw))
+    );
+    assert!(stable_headers(&real)
+        .iter()
+        .any(|h| h.starts_with("Content-Type: multipart/signed")));
+    assert_eq!(decoded_part(&real, "Content-Type: text/plain"), lf(&m.text));
+}
