@@ -765,9 +765,14 @@ pub async fn run_groups(
     let groups = Arc::new(groups);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let slots: Arc<Mutex<Vec<Slot>>> = Arc::new(Mutex::new((0..n).map(|_| None).collect()));
-    let mut tasks = tokio::task::JoinSet::new();
+    // All connections first: a failure here must not abort workers that
+    // are already sending.
+    let mut all_conns = Vec::new();
     for _ in 0..pipeline.config.service.workers.clamp(1, n) {
-        let mut conns = Connections::open(&pipeline.config).await?;
+        all_conns.push(Connections::open(&pipeline.config).await?);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut conns in all_conns {
         let (pipeline, groups, next, slots, columns) = (
             pipeline.clone(),
             groups.clone(),
