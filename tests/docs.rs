@@ -504,6 +504,125 @@ fn the_command_extraction_sees_what_an_operator_would_type() {
     );
 }
 
+/// The message texts of the `error!`/`warn!` calls under `src/` (without
+/// the throw-away sandbox, `bench` and `demo`): the literal text before
+/// the first `{`, at most 40 characters; purely formatted messages
+/// (`"{e:#}"`) have none. Rust's `\`-newline continuations are joined.
+fn log_messages() -> Vec<(String, String)> {
+    fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&repo_path("src"), &mut files);
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let rel = f
+            .strip_prefix(repo_path(""))
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        if rel.starts_with("src/sandbox/") || rel == "src/bench.rs" || rel == "src/demo.rs" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&f).unwrap();
+        for (pos, _) in text
+            .match_indices("error!(")
+            .chain(text.match_indices("warn!("))
+        {
+            let Some(literal) = last_string_literal(&text[pos..]) else {
+                continue;
+            };
+            let head: String = literal
+                .split('{')
+                .next()
+                .unwrap()
+                .chars()
+                .take(40)
+                .collect();
+            if head.trim().len() >= 8 {
+                out.push((rel.clone(), squash(&head)));
+            }
+        }
+    }
+    out
+}
+
+/// The last string literal among the arguments of the macro call that
+/// starts `call` (`name!(…)`), with escapes and `\`-newline
+/// continuations resolved.
+fn last_string_literal(call: &str) -> Option<String> {
+    let mut chars = call[call.find('(')?..].chars().peekable();
+    let (mut depth, mut last) = (0, None);
+    while let Some(c) = chars.next() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth == 0 {
+                    return last;
+                }
+            }
+            '"' => {
+                let mut lit = String::new();
+                while let Some(c) = chars.next() {
+                    match c {
+                        '"' => break,
+                        '\\' => match chars.next() {
+                            Some('\n') => {
+                                while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                                    chars.next();
+                                }
+                            }
+                            Some('n') => lit.push('\n'),
+                            Some(other) => lit.push(other),
+                            None => break,
+                        },
+                        c => lit.push(c),
+                    }
+                }
+                last = Some(lit);
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Collapses runs of white space (Markdown wraps lines anywhere).
+fn squash(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[test]
+fn troubleshooting_covers_every_error_and_warning_message() {
+    let doc = squash(&read("docs/troubleshooting.md"));
+    let router = squash(&std::fs::read_to_string(repo_path("docs/router.md")).unwrap_or_default());
+    let messages = log_messages();
+    assert!(messages.len() > 15, "found too few: {messages:?}");
+    let missing: Vec<String> = messages
+        .iter()
+        .filter(|(file, head)| {
+            // The alert router's messages may be explained in its own page.
+            !(doc.contains(head.as_str())
+                || (file.starts_with("src/route/") && router.contains(head.as_str())))
+        })
+        .map(|(file, head)| format!("{file}: {head:?}"))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/troubleshooting.md does not explain:\n{}",
+        missing.join("\n")
+    );
+}
+
 /// Documents that other branches add (the alert router's); links to them
 /// are expected before they land.
 const PENDING_DOCS: &[&str] = &["docs/router.md"];
