@@ -162,6 +162,41 @@ fn base_root_tar(timings: &mut Timings) -> (PathBuf, bool) {
     (tar, true)
 }
 
+/// Unmounts and removes roots a killed earlier run left behind (a timeout
+/// kills the test without running destructors).
+fn clean_stale_roots() {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let Ok(entries) = std::fs::read_dir(work_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !(name.starts_with("root-")
+            || name.starts_with("debootstrap-")
+            || name.starts_with("deb-"))
+        {
+            continue;
+        }
+        let dir = e.path();
+        let prefix = format!("{}/", dir.display());
+        let mut mounted: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| m.starts_with(&prefix))
+            .collect();
+        mounted.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in &mounted {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+        let still = std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .contains(&prefix);
+        if !still {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
 /// A fresh root for one run: unpacked from the cache, /proc mounted,
 /// everything unmounted and removed on drop (also when the test fails).
 struct Root {
@@ -293,6 +328,7 @@ fn gid_of(root: &Root, group: &str) -> u32 {
 #[test]
 fn the_package_installs_and_checks_out_in_a_clean_debian_12() {
     require_prerequisites();
+    clean_stale_roots();
     let total = Instant::now();
     let mut t = Timings(Vec::new());
 
