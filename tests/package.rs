@@ -130,12 +130,10 @@ fn apt_mirror() -> String {
 }
 
 /// The cached tar of a freshly bootstrapped minbase root; made when absent.
-/// The second value is true when the root was bootstrapped just now (its
-/// package lists are fresh).
-fn base_root_tar(timings: &mut Timings) -> (PathBuf, bool) {
+fn base_root_tar(timings: &mut Timings) -> PathBuf {
     let tar = work_dir().join("bookworm-minbase.tar");
     if tar.exists() {
-        return (tar, false);
+        return tar;
     }
     let start = Instant::now();
     let staging = tempfile::Builder::new()
@@ -159,7 +157,7 @@ fn base_root_tar(timings: &mut Timings) -> (PathBuf, bool) {
         "debootstrap --variant=minbase bookworm (cached afterwards)",
         start,
     );
-    (tar, true)
+    tar
 }
 
 /// Unmounts and removes roots a killed earlier run left behind (a timeout
@@ -247,6 +245,22 @@ impl Root {
             .env("LANG", "C.UTF-8")
             .env("HOME", "/root");
         c
+    }
+}
+
+impl Root {
+    /// `apt-get ARGS` in the root. The package lists of a cached root may
+    /// be older than the mirror (a point release removes old versions):
+    /// on failure, `apt-get update` and try once more. (No update up front:
+    /// it costs seconds on every run and is rarely needed.)
+    fn apt(&self, args: &[&str]) {
+        let mut cmd: Vec<&str> = vec!["apt-get"];
+        cmd.extend(args);
+        if run(&mut self.chroot(&cmd)).status.success() {
+            return;
+        }
+        ok(&mut self.chroot(&["apt-get", "update", "-qq"]));
+        ok(&mut self.chroot(&cmd));
     }
 }
 
@@ -345,7 +359,7 @@ fn the_package_installs_and_checks_out_in_a_clean_debian_12() {
         (deb, start.elapsed())
     });
     let start = Instant::now();
-    let (tar, fresh_lists) = base_root_tar(&mut t);
+    let tar = base_root_tar(&mut t);
     let root = Root::new(&tar);
     t.add("bootstrap or unpack the Debian 12 minbase root", start);
     let (deb, took) = building.join().expect("cargo deb");
@@ -403,14 +417,8 @@ fn the_package_installs_and_checks_out_in_a_clean_debian_12() {
     t.add("dpkg -i", start);
     let start = Instant::now();
     // A cached root's package lists may be older than the mirror.
-    if !fresh_lists {
-        ok(&mut root.chroot(&["apt-get", "update", "-qq"]));
-    }
-    ok(&mut root.chroot(&["apt-get", "-f", "install", "-y", "-qq"]));
-    t.add(
-        "apt-get update (cached root only); apt-get -f install",
-        start,
-    );
+    root.apt(&["-f", "install", "-y", "-qq"]);
+    t.add("apt-get -f install", start);
     let status = ok(&mut root.chroot(&["dpkg-query", "-W", "-f=${Status}", "mailgend"]));
     assert_eq!(status, "install ok installed", "dpkg -i said:\n{dpkg_text}");
 
@@ -525,14 +533,7 @@ fn the_package_installs_and_checks_out_in_a_clean_debian_12() {
     // 252, what the operator has); systemd comes after the package, so the
     // package was installed into a root without systemd, as in a container.
     let start = Instant::now();
-    ok(&mut root.chroot(&[
-        "apt-get",
-        "install",
-        "-y",
-        "-qq",
-        "--no-install-recommends",
-        "systemd",
-    ]));
+    root.apt(&["install", "-y", "-qq", "--no-install-recommends", "systemd"]);
     let systemd_install = start.elapsed();
     t.add(
         "apt-get install systemd (for systemd-analyze; not counted below)",
