@@ -130,8 +130,20 @@ fn apt_mirror() -> String {
 }
 
 /// The cached tar of a freshly bootstrapped minbase root; made when absent.
+///
+/// `.ci/run` may be making the same tar in the background while the tests
+/// build (under `flock` on the same lock file): wait for it rather than
+/// bootstrapping twice.
 fn base_root_tar(timings: &mut Timings) -> PathBuf {
     let tar = work_dir().join("bookworm-minbase.tar");
+    let start = Instant::now();
+    let lock = std::fs::File::create(work_dir().join("bootstrap.lock")).unwrap();
+    // Released when `lock` is dropped at the end of this function.
+    let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+    if start.elapsed() > Duration::from_secs(1) {
+        timings.add("waiting for .ci/run's bootstrap", start);
+    }
     if tar.exists() {
         return tar;
     }
