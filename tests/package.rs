@@ -1,15 +1,17 @@
 //! The Debian package, installed the way an operator installs it: built
-//! with cargo-deb from the test build of the binary, installed with
-//! `dpkg -i` + `apt-get -f install` into a clean Debian 12 root made by
-//! `debootstrap --variant=minbase`, then checked from inside that root
-//! (version, system user, permissions of the secrets, `check-config` as
-//! the service user, `systemd-analyze verify` of the installed unit by the
-//! root's own systemd, installed after the package).
+//! with cargo-deb from the test build of the binary and checked by
+//! lintian, installed with `dpkg -i` + `apt-get -f install` into a clean
+//! Debian 12 root made by `debootstrap --variant=minbase`, then checked
+//! from inside that root (version, system user, permissions of the
+//! secrets, `check-config` as the service user, `systemd-analyze verify`
+//! of the installed unit by the root's own systemd, installed after the
+//! package), upgraded, purged and installed over an existing
+//! configuration.
 //!
 //! The bootstrapped root is cached as a tar under `target/pkgtest/` so
 //! that repeated runs skip the download; every run unpacks a fresh copy.
-//! Missing prerequisites (root, debootstrap, cargo-deb) fail the test with
-//! what to install: `.ci/run` installs them.
+//! Missing prerequisites (root, debootstrap, lintian, cargo-deb) fail the
+//! test with what to install: `.ci/run` installs them.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -62,6 +64,9 @@ fn require_prerequisites() {
         .is_err()
     {
         missing.push("debootstrap (apt-get install debootstrap)".into());
+    }
+    if Command::new("lintian").arg("--version").output().is_err() {
+        missing.push("lintian (apt-get install lintian)".into());
     }
     if !Command::new("cargo")
         .args(["deb", "--version"])
@@ -368,17 +373,31 @@ fn the_package_installs_and_checks_out_in_a_clean_debian_12() {
     let building = std::thread::spawn(move || {
         let start = Instant::now();
         let deb = build_deb(&out_path);
-        (deb, start.elapsed())
+        let built = start.elapsed();
+        // Debian's own checks of the package; only the tag for uploads
+        // into the Debian archive (a bug closed by the first upload) does
+        // not apply.
+        let start = Instant::now();
+        ok(Command::new("lintian")
+            .args([
+                "--fail-on",
+                "error,warning",
+                "--suppress-tags",
+                "initial-upload-closes-no-bugs",
+            ])
+            .arg(&deb));
+        (deb, built, start.elapsed())
     });
     let start = Instant::now();
     let tar = base_root_tar(&mut t);
     let root = Root::new(&tar);
     t.add("bootstrap or unpack the Debian 12 minbase root", start);
-    let (deb, took) = building.join().expect("cargo deb");
+    let (deb, built, linted) = building.join().expect("cargo deb, lintian");
     t.0.push((
         "cargo deb --no-build --profile dev (in parallel)".into(),
-        took,
+        built,
     ));
+    t.0.push(("lintian (in parallel)".into(), linted));
 
     // What is in the package, before installing it.
     let contents = ok(Command::new("dpkg-deb").arg("--contents").arg(&deb));
