@@ -31,10 +31,8 @@ fn work_dir() -> PathBuf {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    out
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 /// Runs `cmd` and panics with its output unless it succeeded.
@@ -263,9 +261,7 @@ impl Root {
             .env("HOME", "/root");
         c
     }
-}
 
-impl Root {
     /// `apt-get ARGS` in the root. The package lists of a cached root may
     /// be older than the mirror (a point release removes old versions):
     /// on failure, `apt-get update` and try once more. (No update up front:
