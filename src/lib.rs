@@ -28,6 +28,8 @@ pub mod metrics;
 pub mod migrate;
 pub mod outbox;
 pub mod pipeline;
+pub mod preview;
+pub mod review;
 pub mod route;
 pub mod sandbox;
 pub mod sent;

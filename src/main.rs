@@ -1,6 +1,7 @@
 //! The `mailgend` command line: the binary edge, where errors become exit
 //! codes and log lines.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -34,7 +35,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Send every pending notification once (what `intelmqcbmail --all` does).
+    /// Send pending notifications once: with --all every one (what
+    /// `intelmqcbmail --all` does); without it, page through them and choose
+    /// in a terminal (see docs/review.md).
     Send {
         /// Process all pending directives non-interactively.
         #[arg(short, long)]
@@ -46,6 +49,35 @@ enum Command {
         /// Groups per page in interactive review.
         #[arg(short = 'N', long, default_value_t = 10)]
         batch_size: usize,
+    },
+    /// Show what would be sent for pending groups, rendered as `send` renders
+    /// it, without drawing ticket numbers, writing or sending anything.
+    Preview {
+        /// Only groups for this recipient_address (case-insensitive).
+        #[arg(long, value_name = "ADDRESS")]
+        recipient: Option<String>,
+        /// Only groups with this template_name.
+        #[arg(long, value_name = "NAME")]
+        template: Option<String>,
+        /// Only the group containing this directive (repeatable).
+        #[arg(long = "directive", value_name = "ID")]
+        directives: Vec<i64>,
+        /// Only groups containing this event (repeatable).
+        #[arg(long = "event", value_name = "ID")]
+        events: Vec<i64>,
+        /// At most N groups, oldest first.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Text output: also print the content of attachments.
+        #[arg(long)]
+        attachments: bool,
+        /// Exit 1 when a shown group would fail (no format, template or
+        /// recipient error); otherwise such groups only show the error.
+        #[arg(long)]
+        fail_on_error: bool,
     },
     /// Run as a service: send each notification as soon as it is due, until
     /// SIGTERM (SIGHUP reloads the configuration).
@@ -176,15 +208,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Send {
             all,
             dry_run,
-            batch_size: _,
+            batch_size,
         } => {
-            let config = load_config(&cli)?;
-            if !all {
-                anyhow::bail!(
-                    "interactive review is not available yet; run `mailgend send --all` \
-                     (add --dry-run to see what would be sent)"
+            if !all && !std::io::stdin().is_terminal() {
+                eprintln!(
+                    "mailgend send: interactive review needs a terminal, and standard input \
+                     is not one. Use `mailgend send --all` to send every due notification \
+                     without asking, or `mailgend preview` to see what would be sent."
                 );
+                return Ok(ExitCode::from(2));
             }
+            let config = load_config(&cli)?;
             let pipeline =
                 Arc::new(Pipeline::load(config).context("loading formats, templates and key")?);
             let opts = RunOptions {
@@ -193,6 +227,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             if opts.dry_run {
                 info!("Running dry-run mode. Not sending mails and not writing changes to the database.");
+            }
+            if !all {
+                let mut input = tokio::io::BufReader::new(tokio::io::stdin());
+                let mut out = std::io::stdout();
+                let total = mailgend::review::run(
+                    pipeline,
+                    opts,
+                    (*batch_size).max(1),
+                    &mut input,
+                    &mut out,
+                )
+                .await?;
+                return Ok(if total.errors > 0 {
+                    ExitCode::from(1)
+                } else {
+                    ExitCode::SUCCESS
+                });
             }
             let summary = pipeline::run_once(pipeline, opts).await?;
             let line = if opts.dry_run {
@@ -203,6 +254,56 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             info!("{line}");
             println!("{line}");
             Ok(if summary.errors > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Preview {
+            recipient,
+            template,
+            directives,
+            events,
+            limit,
+            json,
+            attachments,
+            fail_on_error,
+        } => {
+            use mailgend::directive::{DirectiveId, EventId};
+            use mailgend::preview;
+            let config = load_config(&cli)?;
+            let pipeline = Pipeline::load(config).context("loading formats, templates and key")?;
+            let filter = preview::PreviewFilter {
+                recipient: recipient.clone(),
+                template: template.clone(),
+                directive_ids: directives.iter().copied().map(DirectiveId).collect(),
+                event_ids: events.iter().copied().map(EventId).collect(),
+                limit: *limit,
+            };
+            let groups = preview::preview(&pipeline, &filter).await?;
+            if *json {
+                let doc = serde_json::json!({
+                    "note": "Preview only: nothing was sent, no ticket number was drawn, \
+                             nothing was written. Tickets are the ones the next draws would \
+                             give if these groups were sent in this order and nobody else \
+                             drew numbers meanwhile; Date and Message-Id are made anew when \
+                             a mail is really sent.",
+                    "groups": groups,
+                });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print!(
+                    "{}",
+                    preview::to_text(
+                        &groups,
+                        preview::TextOptions {
+                            attachment_content: *attachments
+                        }
+                    )
+                );
+            }
+            let failed = groups.iter().any(|g| g.outcome.is_error());
+            Ok(if *fail_on_error && failed {
                 ExitCode::from(1)
             } else {
                 ExitCode::SUCCESS

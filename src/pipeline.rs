@@ -759,3 +759,65 @@ async fn build_all(
     .map_err(|e| GroupError::Join(e.to_string()))?
     .map_err(GroupError::from)
 }
+
+/// Drives exactly `groups` through the data path, each with the same
+/// guarantees as in [`run_once`]: claimed with `SKIP LOCKED` and re-checked
+/// to be pending (a group another instance sent or is sending comes back
+/// [`GroupOutcome::Busy`]), outbox, tickets, marked sent. For interactive
+/// review, which sends the groups an operator chose. Failed groups are
+/// logged like in [`run_once`]; results come in the order of `groups`.
+pub async fn run_groups(
+    pipeline: Arc<Pipeline>,
+    groups: Vec<Group>,
+    opts: RunOptions,
+) -> Result<Vec<Result<GroupOutcome, GroupError>>, RunError> {
+    type Slot = Option<Result<GroupOutcome, GroupError>>;
+    if groups.is_empty() {
+        return Ok(Vec::new());
+    }
+    let columns = {
+        let client = db::connect(&pipeline.config.database).await?;
+        Arc::new(EventColumns::read(&client).await?)
+    };
+    let n = groups.len();
+    let groups = Arc::new(groups);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let slots: Arc<Mutex<Vec<Slot>>> = Arc::new(Mutex::new((0..n).map(|_| None).collect()));
+    // All connections first: a failure here must not abort workers that
+    // are already sending.
+    let mut all_conns = Vec::new();
+    for _ in 0..pipeline.config.service.workers.clamp(1, n) {
+        all_conns.push(Connections::open(&pipeline.config).await?);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut conns in all_conns {
+        let (pipeline, groups, next, slots, columns) = (
+            pipeline.clone(),
+            groups.clone(),
+            next.clone(),
+            slots.clone(),
+            columns.clone(),
+        );
+        tasks.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(group) = groups.get(i) else { break };
+                let r = process_group(&pipeline, &mut conns, &columns, group, opts).await;
+                if let Err(e) = &r {
+                    log_group_error(group, e);
+                }
+                slots.lock().expect("results lock")[i] = Some(r);
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r {
+            error!("worker task failed: {e}");
+        }
+    }
+    let slots = std::mem::take(&mut *slots.lock().expect("results lock"));
+    Ok(slots
+        .into_iter()
+        .map(|s| s.unwrap_or_else(|| Err(GroupError::Join("worker task failed".into()))))
+        .collect())
+}
