@@ -784,7 +784,7 @@ async fn the_operators_first_run_works_as_documented() {
         out.contains("1 mails sent, 0 postponed, 0 errors."),
         "{out}"
     );
-    let mails = env.sink.wait_for(1, std::time::Duration::from_secs(5));
+    let mails = env.sink.wait_for(1, std::time::Duration::from_secs(30));
     assert_eq!(mails.len(), 1);
     assert_eq!(mails[0].rcpt_to, ["abuse@as64496.example.net"]);
     assert_eq!(env.pending_count().await, 0);

@@ -155,7 +155,7 @@ async fn preview_predicts_exactly_what_send_then_sends() {
     // Now really send: the same mails, the predicted ticket.
     let s = env.run().await;
     assert_eq!((s.sent, s.errors), (2, 0));
-    let received = env.sink.wait_for(2, std::time::Duration::from_secs(5));
+    let received = env.sink.wait_for(2, std::time::Duration::from_secs(30));
     let real_main = received
         .iter()
         .find(|m| m.rcpt_to == ["abuse@as64496.example.net"])
@@ -537,7 +537,7 @@ async fn a_mail_left_open_by_an_earlier_attempt_is_shown_as_stored() {
     // The retry sends exactly the stored message.
     env.sink.set_fault(Fault::None);
     assert_eq!(env.run().await.sent, 1);
-    let got = env.sink.wait_for(1, std::time::Duration::from_secs(5));
+    let got = env.sink.wait_for(1, std::time::Duration::from_secs(30));
     assert_eq!(got[0].data, stored.raw.as_bytes());
     assert_eq!(env.sent_tickets().await, vec![stored.ticket.clone()]);
 }
@@ -561,7 +561,7 @@ async fn a_signed_mail_previews_signed_as_it_is_sent() {
     assert!(m.signed);
     assert!(m.raw.contains("-----BEGIN PGP SIGNATURE-----"));
     assert_eq!(env.run().await.sent, 1);
-    let got = env.sink.wait_for(1, std::time::Duration::from_secs(5));
+    let got = env.sink.wait_for(1, std::time::Duration::from_secs(30));
     let real = got[0].text().into_owned();
     let no_boundary = |v: Vec<String>| -> Vec<String> {
         v.into_iter()

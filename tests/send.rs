@@ -52,7 +52,7 @@ async fn a_group_becomes_one_mail_with_csv_and_is_marked_sent() {
 
     let summary = env.run().await;
     assert_eq!(summary.to_string(), "2 mails sent, 0 postponed, 0 errors.");
-    let mails = env.sink.wait_for(2, std::time::Duration::from_secs(5));
+    let mails = env.sink.wait_for(2, std::time::Duration::from_secs(30));
     assert_eq!(mails.len(), 2);
     let mail = mails
         .iter()

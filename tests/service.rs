@@ -128,7 +128,7 @@ async fn an_inserted_event_is_mailed_within_two_seconds() {
         .await;
         let got = env
             .sink
-            .wait_for_async(i as usize + 1, Duration::from_secs(5))
+            .wait_for_async(i as usize + 1, Duration::from_secs(30))
             .await;
         assert_eq!(got.len(), i as usize + 1, "{}", svc.log_text());
         latencies.push(t0.elapsed());
@@ -150,7 +150,7 @@ async fn a_postponed_group_goes_when_its_interval_expires() {
         .await;
     assert_eq!(
         env.sink
-            .wait_for_async(1, Duration::from_secs(5))
+            .wait_for_async(1, Duration::from_secs(30))
             .await
             .len(),
         1
@@ -162,7 +162,7 @@ async fn a_postponed_group_goes_when_its_interval_expires() {
         .await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(env.sink.messages().len(), 1, "must wait for the interval");
-    let got = env.sink.wait_for_async(2, Duration::from_secs(8)).await;
+    let got = env.sink.wait_for_async(2, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 2, "{}", svc.log_text());
     let waited = first.elapsed();
     assert!(
@@ -387,7 +387,7 @@ async fn sighup_applies_a_good_config_and_refuses_a_broken_one() {
         json!([directive("abuse@as64496.example.net", "Open-Redis", 64496)]),
     )
     .await;
-    let got = env.sink.wait_for_async(1, Duration::from_secs(5)).await;
+    let got = env.sink.wait_for_async(1, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 1, "{}", svc.log_text());
     // Good: the template changes, and the next mail shows it.
     std::fs::remove_file(env.format_dir().join("50broken.toml")).unwrap();
@@ -402,7 +402,7 @@ async fn sighup_applies_a_good_config_and_refuses_a_broken_one() {
         json!([directive("abuse@as64497.example.net", "Open-Redis", 64497)]),
     )
     .await;
-    let got = env.sink.wait_for_async(2, Duration::from_secs(5)).await;
+    let got = env.sink.wait_for_async(2, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 2);
     let subject = header(&got[1].data, "Subject").unwrap();
     assert!(subject.starts_with("Reloaded subject"), "{subject}");
@@ -462,10 +462,10 @@ async fn the_service_runs_as_a_least_privileged_role() {
         json!([directive("abuse@as64496.example.net", "Open-Redis", 64496)]),
     )
     .await;
-    let got = env.sink.wait_for_async(1, Duration::from_secs(5)).await;
+    let got = env.sink.wait_for_async(1, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 1, "{}", svc.log_text());
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(30), || async {
             env.pending_count().await == 0
         })
         .await,
@@ -494,7 +494,7 @@ async fn metrics_and_status_show_what_the_service_did() {
     .await;
     assert_eq!(
         env.sink
-            .wait_for_async(1, Duration::from_secs(5))
+            .wait_for_async(1, Duration::from_secs(30))
             .await
             .len(),
         1
@@ -506,7 +506,7 @@ async fn metrics_and_status_show_what_the_service_did() {
             .unwrap();
         mailgend::metrics::parse_exposition(&String::from_utf8_lossy(&out.stdout))
     };
-    let ok = eventually(Duration::from_secs(5), || async {
+    let ok = eventually(Duration::from_secs(30), || async {
         scrape().get("mailgend_mails_sent_total").copied() == Some(1.0)
     })
     .await;
