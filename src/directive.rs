@@ -187,6 +187,20 @@ pub async fn pending_groups<C: tokio_postgres::GenericClient>(
     rows.iter().map(group_from_row).collect()
 }
 
+/// The pending groups as a stream within the caller's snapshot (one
+/// statement, rows turned into groups as they arrive): for readers that
+/// want one consistent view, such as `preview`, and hold no locks.
+pub async fn pending_groups_stream<C: tokio_postgres::GenericClient>(
+    client: &C,
+    additional_where: Option<&str>,
+) -> Result<impl futures::Stream<Item = Result<Group, SelectError>>, SelectError> {
+    use futures::StreamExt;
+    let sql = pending_groups_sql(additional_where);
+    let none: [&(dyn tokio_postgres::types::ToSql + Sync); 0] = [];
+    let rows = client.query_raw(sql.as_str(), none).await?;
+    Ok(rows.map(|r| group_from_row(&r?)))
+}
+
 /// The pending groups as a stream, oldest first, for a one-shot run over
 /// a backlog of any size.
 ///
@@ -201,7 +215,7 @@ pub async fn pending_groups<C: tokio_postgres::GenericClient>(
 ///
 /// `client` must be a connection of its own: the cursor lives in its
 /// session until the stream is dropped with the connection or exhausted.
-pub async fn pending_groups_stream<'c>(
+pub async fn pending_groups_materialized<'c>(
     client: &'c tokio_postgres::Client,
     additional_where: Option<&str>,
 ) -> Result<impl futures::Stream<Item = Result<Group, SelectError>> + 'c, SelectError> {

@@ -327,7 +327,7 @@ pub async fn run_once(pipeline: Arc<Pipeline>, opts: RunOptions) -> Result<Summa
 
     let mut selected = 0usize;
     let produced: Result<(), RunError> = async {
-        let stream = directive::pending_groups_stream(
+        let stream = directive::pending_groups_materialized(
             &client,
             pipeline
                 .config
