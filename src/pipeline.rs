@@ -393,10 +393,10 @@ fn marked_directives(group: &Group, n: &Notification) -> Vec<DirectiveId> {
 /// together. A group's rows, its CSV and its MIME body are in memory while
 /// it is rendered, ~1 KB per event; with Zipf-skewed feeds one network's
 /// group can hold a tenth of a burst, and eight such groups at once took a
-/// 1,000,000-event run to 510 MB. Groups take permits for their size (a
+/// 1,000,000-event run to 589 MB. Groups take permits for their size (a
 /// group larger than the budget takes all of it and runs alone), so small
 /// groups flow freely and peak memory stays bounded.
-pub const DIRECTIVE_BUDGET: usize = 60_000;
+pub const DIRECTIVE_BUDGET: usize = 40_000;
 static IN_FLIGHT: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(DIRECTIVE_BUDGET);
 
 /// Drives one group through the data path in its own transaction.
