@@ -73,3 +73,8 @@ pub struct Routing {
 }
 
 pub mod config;
+pub mod bounce;
+pub mod forward;
+pub mod retry;
+pub mod server;
+pub mod spool;
