@@ -72,9 +72,14 @@ pub struct Routing {
     pub trace: Vec<String>,
 }
 
-pub mod config;
+pub mod actions;
 pub mod bounce;
+pub mod check;
+pub mod config;
 pub mod forward;
+pub mod managers;
 pub mod retry;
+pub mod router;
+pub mod rules;
 pub mod server;
 pub mod spool;
