@@ -82,4 +82,5 @@ pub mod retry;
 pub mod router;
 pub mod rules;
 pub mod server;
+pub mod service;
 pub mod spool;
