@@ -1029,17 +1029,27 @@ fn close(a: &str, b: &str) -> bool {
     if a.len().abs_diff(b.len()) > 1 {
         return false;
     }
-    // Levenshtein distance ≤ 1.
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    // Optimal string alignment distance ≤ 1 (one insertion, deletion,
+    // substitution or swap of neighbours: `remote-smpt`).
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
     for i in 1..=a.len() {
-        let mut cur = vec![i; b.len() + 1];
         for j in 1..=b.len() {
             let cost = usize::from(a[i - 1] != b[j - 1]);
-            cur[j] = (prev[j] + 1).min(cur[j - 1] + 1).min(prev[j - 1] + cost);
+            d[i][j] = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
+            }
         }
-        prev = cur;
     }
-    prev[b.len()] <= 1
+    d[a.len()][b.len()] <= 1
 }
 
 /// Replaces `$NAME` and `${NAME}`; `$` not followed by a name stays.
@@ -1117,6 +1127,7 @@ mod tests {
     fn close_keys() {
         assert!(close("event", "events"));
         assert!(close("fuction", "function"));
+        assert!(close("remote-smpt", "remote-smtp"));
         assert!(close("messages_we_want", "messages-we-want"));
         assert!(!close("colour", "rules"));
     }

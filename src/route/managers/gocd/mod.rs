@@ -159,7 +159,7 @@ fn parse(r: &mut Reader, m: &MapView<'_>, k: &str) -> ManagerSettings {
             .unwrap_or(Duration::from_secs_f64(default))
     };
     // mail2alert re-read the groups when older than 30 s.
-    let refresh_interval = secs(r, "refresh-interval", 1.0, 86400.0, 30.0);
+    let refresh_interval = secs(r, "refresh-interval", 0.1, 86400.0, 30.0);
     let timeout = secs(r, "timeout", 0.1, 300.0, 10.0);
     let startup_wait = secs(r, "startup-wait", 0.0, 60.0, 3.0);
     ManagerSettings::Gocd(GocdSettings {
