@@ -9,11 +9,12 @@
 //! reply or the connection closes; nothing it sends can panic the task.
 //!
 //! Line ends: command lines may end in a bare LF (harmless, and some
-//! scripts do it). In message data a bare LF is refused (554) for the whole
-//! message: accepting it is what makes SMTP smuggling possible, where one
-//! server sees the end of the data and another does not. The end of data
-//! is still recognised after a bare LF, so such a client gets its refusal
-//! at once instead of hanging until the timeout.
+//! scripts do it). In message data a bare LF ends the session with a 554
+//! at once, as Postfix's `smtpd_forbid_bare_newline` does: where the data
+//! ends would be ambiguous, and that ambiguity is what SMTP smuggling
+//! uses (one server sees `<LF>.<LF>` as the end, the next does not), so no
+//! later byte of that connection can be trusted as a command. Only
+//! `<CR><LF>.<CR><LF>` ends the data.
 
 use std::io;
 use std::net::SocketAddr;
@@ -156,7 +157,7 @@ async fn read_data<R: AsyncBufRead + Unpin>(
 ) -> io::Result<DataRead> {
     let mut data = Vec::new();
     let mut line = Vec::new();
-    let (mut too_big, mut too_long, mut bare_lf) = (false, false, false);
+    let (mut too_big, mut too_long) = (false, false);
     loop {
         line.clear();
         let read =
@@ -173,9 +174,9 @@ async fn read_data<R: AsyncBufRead + Unpin>(
             LineRead::Line => {}
         }
         if !line.ends_with(b"\r\n") {
-            bare_lf = true;
+            return Ok(DataRead::BareLf);
         }
-        if line == b".\r\n" || line == b".\n" {
+        if line == b".\r\n" {
             break;
         }
         let part = line.strip_prefix(b".").unwrap_or(&line);
@@ -191,8 +192,6 @@ async fn read_data<R: AsyncBufRead + Unpin>(
         DataRead::LineTooLong
     } else if too_big {
         DataRead::TooBig
-    } else if bare_lf {
-        DataRead::BareLf
     } else {
         DataRead::Message(data)
     })
@@ -503,8 +502,11 @@ impl Session {
                 return Ok(Next::Continue);
             }
             DataRead::BareLf => {
-                self.reply("554 5.6.0 Bare LF in message data; lines must end with CRLF");
-                return Ok(Next::Continue);
+                // Where this data ends is ambiguous: hang up (see above).
+                self.reply(
+                    "554 5.5.2 Bare LF in message data; lines must end with CRLF. Closing connection",
+                );
+                return Ok(Next::Close);
             }
         };
         let inbound = Inbound {
@@ -764,8 +766,8 @@ mod tests {
     async fn data_refusals() {
         assert_eq!(data(b"0123456789\r\n.\r\n", 5).await, DataRead::TooBig);
         assert_eq!(data(b"a\nb\r\n.\r\n", 100).await, DataRead::BareLf);
-        // The end after a bare LF is still seen (no hang until the timeout).
-        assert_eq!(data(b"a\r\n.\n", 100).await, DataRead::BareLf);
+        // Refused at the first bare LF, before any "end" it may suggest.
+        assert_eq!(data(b"a\r\n.\nRSET\r\n", 100).await, DataRead::BareLf);
         assert_eq!(data(b"a\r\nno end", 100).await, DataRead::Eof);
         let mut long = vec![b'x'; MAX_DATA_LINE + 1];
         long.extend_from_slice(b"\r\n.\r\n");
