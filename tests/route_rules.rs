@@ -289,6 +289,26 @@ async fn fake_gocd() -> FakeHttp {
     g
 }
 
+/// Waits (generously: CI machines are shared) until every GoCD source has
+/// finished its first fetch and holds pipeline groups.
+async fn gocd_ready(router: &Router) {
+    for src in router.gocd_sources() {
+        assert!(src.wait_first_attempt(Duration::from_secs(20)).await);
+        assert!(src.groups().is_some(), "{:?}", src.status());
+    }
+}
+
+async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn rcpts(r: &Routing) -> Vec<Vec<String>> {
     r.deliveries.iter().map(|d| d.rcpt_to.clone()).collect()
 }
@@ -810,6 +830,7 @@ async fn gocd_rules_events_and_state_seeded_from_cctray() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = load(dir.path(), &gocd_config(&format!("{}/go", gocd.url()), ""));
     let router = Router::start(&cfg).await.unwrap();
+    gocd_ready(&router).await;
     let to = ["mail2alert@example.com"];
     let from = Some("go@ci.example.org");
 
@@ -945,7 +966,8 @@ async fn gocd_down_at_start_any_rules_work_and_mail_waits_briefly() {
         ))
         .await;
     let waited = started.elapsed();
-    assert!(waited < Duration::from_millis(1500), "waited {waited:?}");
+    // Bounded by startup-wait (0.5 s), with room for a loaded machine.
+    assert!(waited < Duration::from_secs(5), "waited {waited:?}");
     // No cctray, no groups: BREAKS as GoCD said; group rules cannot match,
     // pipelines.any can.
     assert_eq!(
@@ -961,12 +983,13 @@ async fn gocd_down_at_start_any_rules_work_and_mail_waits_briefly() {
         "{:?}",
         r.trace
     );
-    let src = &router.gocd_sources()[0];
-    assert!(
+    let src = router.gocd_sources()[0].clone();
+    wait_until("a failed fetch", || {
         src.fetches_failed
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 1
-    );
+    })
+    .await;
     assert!(src
         .status()
         .last_error
@@ -981,7 +1004,7 @@ async fn gocd_down_at_start_any_rules_work_and_mail_waits_briefly() {
             &["mail2alert@example.com"],
         ))
         .await;
-    assert!(started.elapsed() < Duration::from_millis(200));
+    assert!(started.elapsed() < Duration::from_secs(1));
     router.shutdown();
 }
 
@@ -992,6 +1015,7 @@ async fn gocd_failing_later_keeps_the_last_good_copy() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = load(dir.path(), &gocd_config(&format!("{}/go", gocd.url()), ""));
     let router = Router::start(&cfg).await.unwrap();
+    gocd_ready(&router).await;
     let to = ["mail2alert@example.com"];
     let r = router
         .route(&inbound(fixture("gocd_release_broken.eml"), None, &to))
@@ -1008,17 +1032,6 @@ async fn gocd_failing_later_keeps_the_last_good_copy() {
         src.fetches_failed
             .load(std::sync::atomic::Ordering::Relaxed)
     };
-
-    async fn wait_until(what: &str, f: impl Fn() -> bool) {
-        let t = Instant::now();
-        while !f() {
-            assert!(
-                t.elapsed() < Duration::from_secs(5),
-                "timed out waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
 
     // 401, then 500, then garbage, then down: the copy stays.
     for (status, body) in [(401, "{}"), (500, "oops"), (200, "<html>login</html>")] {
@@ -1062,6 +1075,7 @@ async fn gocd_group_changes_are_picked_up() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = load(dir.path(), &gocd_config(&format!("{}/go", gocd.url()), ""));
     let router = Router::start(&cfg).await.unwrap();
+    gocd_ready(&router).await;
     let to = ["mail2alert@example.com"];
     let r = router
         .route(&inbound(fixture("gocd_other_cancelled.eml"), None, &to))
@@ -1075,10 +1089,11 @@ async fn gocd_group_changes_are_picked_up() {
     );
     let src = router.gocd_sources()[0].clone();
     let t = Instant::now();
-    while !src.groups().unwrap().contains("my-group", "other") {
-        assert!(t.elapsed() < Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the new groups", || {
+        src.groups()
+            .is_some_and(|g| g.contains("my-group", "other"))
+    })
+    .await;
     // other last passed (cctray): "failed" is BREAKS → in_group rule.
     let r = router
         .route(&inbound(
@@ -1284,7 +1299,7 @@ async fn explain_and_selftest() {
     );
 }
 
-/// `route` is cheap: well above the 600 msg/s the server must sustain.
+/// `route` is cheap: no I/O, only the in-memory GoCD copy.
 #[tokio::test]
 async fn routing_is_fast() {
     set_env();
@@ -1292,6 +1307,7 @@ async fn routing_is_fast() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = load(dir.path(), &gocd_config(&format!("{}/go", gocd.url()), ""));
     let router = Router::start(&cfg).await.unwrap();
+    gocd_ready(&router).await;
     let msgs = [
         inbound(
             fixture("gocd_failed.eml"),
@@ -1318,6 +1334,121 @@ async fn routing_is_fast() {
     }
     let rate = n as f64 / t.elapsed().as_secs_f64();
     eprintln!("Router::route: {rate:.0} messages/s (debug build)");
-    assert!(rate > 600.0, "{rate:.0}/s");
+    // The server needs 600/s in a release build; this is a debug build on
+    // a shared machine, so only a pathological slowdown fails here.
+    assert!(rate > 300.0, "{rate:.0}/s");
     router.shutdown();
+}
+
+/// A GoCD that accepts connections and never answers delays mail only
+/// within `startup-wait` after start, not per message.
+#[tokio::test]
+async fn hanging_gocd_delays_mail_only_within_startup_wait() {
+    set_env();
+    // Connections complete in the kernel's backlog; nobody ever answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let text = gocd_config(&url, "")
+        .replace("startup-wait: 2", "startup-wait: 2.5")
+        .replace("timeout: 1", "timeout: 30");
+    let cfg = load(dir.path(), &text);
+    let t0 = Instant::now();
+    let router = Router::start(&cfg).await.unwrap();
+    let msg = inbound(
+        fixture("gocd_release_broken.eml"),
+        None,
+        &["mail2alert@example.com"],
+    );
+    let r = router.route(&msg).await;
+    // The first message waited until startup-wait after start (GoCD's own
+    // timeout is 30 s), not longer (with room for a loaded machine).
+    let first = t0.elapsed();
+    assert!(
+        first >= Duration::from_millis(2400) && first < Duration::from_secs(8),
+        "{first:?}"
+    );
+    assert!(
+        r.trace
+            .iter()
+            .any(|t| t.contains("GoCD has not answered within startup-wait")),
+        "{:?}",
+        r.trace
+    );
+    let t = Instant::now();
+    router.route(&msg).await;
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    router.shutdown();
+}
+
+// ---------------------------------------------------------------------------
+// The binary: mailgend route --check / --explain
+// ---------------------------------------------------------------------------
+
+fn mailgend(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mailgend"));
+    cmd.args(args).env_remove("MAIL2ALERT_CONFIGURATION");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn binary_check_and_explain() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), GOOD_MAIL);
+    let p = path.to_str().unwrap();
+
+    // Found through $MAIL2ALERT_CONFIGURATION, as mail2alert did.
+    let (code, out) = mailgend(&["route", "--check"], &[("MAIL2ALERT_CONFIGURATION", p)]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("[0] mail (line 4): mail from backup@example.com"),
+        "{out}"
+    );
+
+    let bad = dir.path().join("bad.yml");
+    std::fs::write(&bad, GOOD_MAIL.replace("function:", "fuction:")).unwrap();
+    let (code, out) = mailgend(&["route", "-c", bad.to_str().unwrap(), "--check"], &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "{}:11: key `managers[0].rules[0].filter.fuction`: unknown key; did you mean `function`?",
+            bad.display()
+        )),
+        "{out}"
+    );
+
+    let eml = dir.path().join("backup.eml");
+    std::fs::write(&eml, fixture("backup_encoded_lf.eml")).unwrap();
+    let (code, out) = mailgend(
+        &[
+            "route",
+            "-c",
+            p,
+            "--explain",
+            eml.to_str().unwrap(),
+            "--from",
+            "backup@example.com",
+            "--to",
+            "ops@example.com",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("rule 0 (line 8) mail.in_subject(server) matched: mailto:sys@example.com"),
+        "{out}"
+    );
+    assert!(
+        out.contains("result: mail to sys@example.com (From/To rewritten, X-Peer added)"),
+        "{out}"
+    );
 }

@@ -27,6 +27,7 @@ pub struct GocdSource {
     /// Becomes true once the first fetch attempt has finished (either way).
     first_attempt: watch::Sender<bool>,
     status: Mutex<Status>,
+    created: Instant,
     pub fetches_ok: AtomicU64,
     pub fetches_failed: AtomicU64,
 }
@@ -64,6 +65,7 @@ impl GocdSource {
             cctray_seeded: false.into(),
             first_attempt: watch::channel(false).0,
             status: Mutex::new(Status::default()),
+            created: Instant::now(),
             fetches_ok: AtomicU64::new(0),
             fetches_failed: AtomicU64::new(0),
         }
@@ -80,6 +82,15 @@ impl GocdSource {
 
     pub fn status(&self) -> Status {
         self.status.lock().expect("not poisoned").clone()
+    }
+
+    /// How much of `startup-wait` is left: the wait is bounded from the
+    /// start of the router, not per message, so a hanging GoCD delays
+    /// only the first few seconds of mail.
+    pub fn startup_wait_left(&self) -> Duration {
+        self.settings
+            .startup_wait
+            .saturating_sub(self.created.elapsed())
     }
 
     /// Waits until the first fetch attempt is over, at most `limit`.

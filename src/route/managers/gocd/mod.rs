@@ -213,10 +213,11 @@ impl Manager for GocdManager {
         Box::pin(async move {
             let mut groups = self.source.groups();
             if groups.is_none() && self.needs_groups {
-                let limit = self.source.settings().startup_wait;
+                let limit = self.source.startup_wait_left();
                 if !self.source.wait_first_attempt(limit).await {
                     trace.push(format!(
-                        "GoCD has not answered within startup-wait ({limit:?})"
+                        "GoCD has not answered within startup-wait ({:?})",
+                        self.source.settings().startup_wait
                     ));
                 }
                 groups = self.source.groups();
