@@ -1088,7 +1088,6 @@ async fn gocd_group_changes_are_picked_up() {
         r#"{"_embedded": {"groups": [{"name": "my-group", "pipelines": [{"name": "other"}]}]}}"#,
     );
     let src = router.gocd_sources()[0].clone();
-    let t = Instant::now();
     wait_until("the new groups", || {
         src.groups()
             .is_some_and(|g| g.contains("my-group", "other"))
