@@ -452,6 +452,20 @@ fn config_errors_name_file_line_key_and_reason() {
         ),
         (
             "      args: [server]\n",
+            "      args: [server]\n          args: [x]\n",
+            13,
+            "managers[0].rules[0].filter.args",
+            "given twice",
+        ),
+        (
+            "      args: [server]\n",
+            "      args: [server]\n  - name: gocd\n    url: http://ci.example.org/go\n    messages-we-want: {from: BACKUP@example.com}\n    rules: []\n",
+            13,
+            "managers[1].messages-we-want",
+            "managers[0] (line 4) already wants the same mail",
+        ),
+        (
+            "      args: [server]\n",
             "      args: [server]\n          event: [FIXED]\n",
             13,
             "managers[0].rules[0].filter.event",

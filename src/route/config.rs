@@ -572,6 +572,27 @@ fn read_managers(r: &mut Reader, n: &Node, have_slack: bool) -> Vec<ManagerConfi
     for (i, item) in items.iter().enumerate() {
         let k = format!("managers[{i}]");
         if let Some(m) = read_manager(r, item, &k, have_slack) {
+            // The first match wins: a later manager wanting exactly the
+            // same mail would never see any.
+            let same = |a: &Wanted, b: &Wanted| match (a, b) {
+                (Wanted::To(x), Wanted::To(y)) | (Wanted::From(x), Wanted::From(y)) => {
+                    x.eq_ignore_ascii_case(y)
+                }
+                _ => false,
+            };
+            if let Some(first) = out
+                .iter()
+                .position(|o: &ManagerConfig| same(&o.wanted, &m.wanted))
+            {
+                r.problem(
+                    m.line,
+                    &format!("{k}.messages-we-want"),
+                    format!(
+                        "managers[{first}] (line {}) already wants the same mail; this manager would never get any",
+                        out[first].line
+                    ),
+                );
+            }
             out.push(m);
         }
     }
