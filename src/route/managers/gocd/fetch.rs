@@ -118,8 +118,12 @@ impl GocdSource {
                 *self.groups.write().expect("not poisoned") = Some(Arc::new(g));
                 self.fetches_ok.fetch_add(1, Ordering::Relaxed);
                 let mut st = self.status.lock().expect("not poisoned");
+                if let Some(e) = st.last_error.take() {
+                    if st.last_success.is_some() {
+                        tracing::info!(url = %self.settings.url, "GoCD answers again (last error: {e})");
+                    }
+                }
                 st.last_success = Some(SystemTime::now());
-                st.last_error = None;
             }
             Err(e) => {
                 self.fetches_failed.fetch_add(1, Ordering::Relaxed);
@@ -128,8 +132,16 @@ impl GocdSource {
                 } else {
                     "no copy yet: group rules cannot match"
                 };
-                tracing::warn!(error = %e, "GoCD pipeline groups not refreshed; {kept}");
-                self.status.lock().expect("not poisoned").last_error = Some(e.to_string());
+                let mut st = self.status.lock().expect("not poisoned");
+                // WARN when GoCD starts failing or the reason changes; the
+                // same failure every refresh-interval only at DEBUG (the
+                // counters keep the tally).
+                if st.last_error.as_deref() != Some(e.to_string().as_str()) {
+                    tracing::warn!(error = %e, "GoCD pipeline groups not refreshed; {kept}");
+                } else {
+                    tracing::debug!(error = %e, "GoCD pipeline groups still not refreshed; {kept}");
+                }
+                st.last_error = Some(e.to_string());
             }
         }
         match cctray {
