@@ -1465,3 +1465,29 @@ fn binary_check_and_explain() {
         "{out}"
     );
 }
+
+/// `mailgend route --test` against a fake GoCD: mail2alert's selftest.
+#[tokio::test]
+async fn binary_selftest() {
+    let gocd = fake_gocd().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &gocd_config(&format!("{}/go", gocd.url()), ""));
+    let p = path.to_str().unwrap().to_string();
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        mailgend(
+            &["route", "-c", &p, "--test"],
+            &[("ROUTE_TEST_GOUSER", "olle")],
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("pipeline group other-group:\n    pipeline other:\n      FIXED -> mailto:all@example.com, slack:#ci:brief\n"), "{out}");
+    assert!(
+        gocd.requests()
+            .iter()
+            .any(|q| q.headers.get("authorization").map(String::as_str)
+                == Some("Basic b2xsZTpwZWxsZQ==")),
+        "the user came from the environment"
+    );
+}
