@@ -47,14 +47,16 @@ impl Router {
     }
 
     fn build(cfg: &RouteConfig) -> Result<Router, RouteConfigError> {
-        let managers = cfg
-            .managers
-            .iter()
-            .map(|m| {
-                let spec = managers::lookup(&m.name).expect("the loader checked the name");
-                (spec.build)(m)
-            })
-            .collect();
+        let mut managers = Vec::new();
+        for (i, m) in cfg.managers.iter().enumerate() {
+            let spec = managers::lookup(&m.name).expect("the loader checked the name");
+            let built = (spec.build)(m).map_err(|reason| {
+                let mut e = RouteConfigError::single(&cfg.path, &format!("managers[{i}]"), reason);
+                e.0[0].line = Some(m.line);
+                e
+            })?;
+            managers.push(built);
+        }
         let slack = match &cfg.slack {
             None => None,
             Some(s) => Some(

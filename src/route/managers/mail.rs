@@ -21,8 +21,8 @@ fn parse(_r: &mut Reader, _m: &MapView<'_>, _k: &str) -> ManagerSettings {
     ManagerSettings::Mail
 }
 
-fn build(cfg: &ManagerConfig) -> Arc<dyn Manager> {
-    Arc::new(MailManager { cfg: cfg.clone() })
+fn build(cfg: &ManagerConfig) -> Result<Arc<dyn Manager>, String> {
+    Ok(Arc::new(MailManager { cfg: cfg.clone() }))
 }
 
 pub struct MailManager {

@@ -58,7 +58,9 @@ pub struct ManagerSpec {
     pub has_events: bool,
     /// Reads the manager's own keys; problems go to the reader.
     pub parse: fn(&mut Reader, &MapView<'_>, &str) -> ManagerSettings,
-    pub build: fn(&ManagerConfig) -> Arc<dyn Manager>,
+    /// Builds the running manager; the error (e.g. no TLS backend) is the
+    /// reason it cannot run.
+    pub build: fn(&ManagerConfig) -> Result<Arc<dyn Manager>, String>,
 }
 
 pub const MANAGERS: &[&ManagerSpec] = &[&mail::SPEC, &gocd::SPEC];

@@ -50,14 +50,15 @@ pub enum FetchError {
 }
 
 impl GocdSource {
-    pub fn new(settings: GocdSettings) -> GocdSource {
+    /// Fails only when no HTTP client can be built (TLS backend).
+    pub fn new(settings: GocdSettings) -> Result<GocdSource, String> {
         let http = reqwest::Client::builder()
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout)
             .user_agent(concat!("mailgend/", env!("CARGO_PKG_VERSION")))
             .build()
-            .expect("TLS backend initialises");
-        GocdSource {
+            .map_err(|e| format!("cannot set up an HTTP client for GoCD: {}", error_chain(&e)))?;
+        Ok(GocdSource {
             settings,
             http,
             groups: RwLock::new(None),
@@ -68,7 +69,7 @@ impl GocdSource {
             created: Instant::now(),
             fetches_ok: AtomicU64::new(0),
             fetches_failed: AtomicU64::new(0),
-        }
+        })
     }
 
     pub fn settings(&self) -> &GocdSettings {

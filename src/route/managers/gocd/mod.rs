@@ -172,16 +172,16 @@ fn parse(r: &mut Reader, m: &MapView<'_>, k: &str) -> ManagerSettings {
     })
 }
 
-fn build(cfg: &ManagerConfig) -> Arc<dyn Manager> {
+fn build(cfg: &ManagerConfig) -> Result<Arc<dyn Manager>, String> {
     let ManagerSettings::Gocd(settings) = &cfg.settings else {
         unreachable!("the gocd parser produced the settings")
     };
     let needs_groups = cfg.rules.iter().any(|r| r.function.needs_groups());
-    Arc::new(GocdManager {
+    Ok(Arc::new(GocdManager {
         cfg: cfg.clone(),
-        source: Arc::new(GocdSource::new(settings.clone())),
+        source: Arc::new(GocdSource::new(settings.clone())?),
         needs_groups,
-    })
+    }))
 }
 
 pub struct GocdManager {
