@@ -17,6 +17,10 @@ use tokio::sync::watch;
 use super::state::{BuildState, StateTable};
 use super::{GocdSettings, PipelineGroups};
 
+/// Largest answer read from GoCD (a big installation's pipeline groups
+/// are a few MB).
+const MAX_RESPONSE: usize = 64 * 1024 * 1024;
+
 /// The GoCD data one manager routes with, shared with its refresh task.
 pub struct GocdSource {
     settings: GocdSettings,
@@ -198,9 +202,24 @@ impl GocdSource {
         if status != 200 {
             return Err(FetchError::Status { url, status });
         }
-        resp.text().await.map_err(|e| FetchError::Network {
-            url,
+        // Bounded: a misconfigured URL (or proxy) must not fill memory.
+        let mut body = Vec::new();
+        let mut resp = resp;
+        while let Some(chunk) = resp.chunk().await.map_err(|e| FetchError::Network {
+            url: url.clone(),
             reason: error_chain(&e),
+        })? {
+            if body.len() + chunk.len() > MAX_RESPONSE {
+                return Err(FetchError::Parse {
+                    url,
+                    reason: format!("answer larger than {MAX_RESPONSE} bytes"),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        String::from_utf8(body).map_err(|e| FetchError::Parse {
+            url,
+            reason: format!("not UTF-8: {e}"),
         })
     }
 
