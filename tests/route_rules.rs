@@ -1461,7 +1461,7 @@ fn binary_check_and_explain() {
         "{out}"
     );
     assert!(
-        out.contains("result: mail to sys@example.com (From/To rewritten, X-Peer added)"),
+        out.contains("result: mail to sys@example.com (From/To rewritten, X-Peer added)\n    X-Peer: 127.0.0.1\n    To: sys@example.com\n    From: backup@example.com\n"),
         "{out}"
     );
 }

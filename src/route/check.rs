@@ -145,6 +145,11 @@ pub async fn explain(
                 "unchanged"
             }
         );
+        if changed {
+            for line in rewritten_fields(&d.data) {
+                let _ = writeln!(out, "    {line}");
+            }
+        }
     }
     for p in &routing.slack {
         let _ = writeln!(
@@ -153,6 +158,27 @@ pub async fn explain(
             p.channel,
             p.text.lines().next().unwrap_or("")
         );
+    }
+    out
+}
+
+/// The From, To and X-Peer fields of a rewritten message, as written.
+fn rewritten_fields(data: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut keep = false;
+    for line in data.split(|&b| b == b'\n') {
+        let line = String::from_utf8_lossy(line);
+        let line = line.trim_end_matches('\r');
+        if line.is_empty() {
+            break;
+        }
+        if !line.starts_with([' ', '\t']) {
+            let name = line.split(':').next().unwrap_or("").to_ascii_lowercase();
+            keep = matches!(name.as_str(), "from" | "to" | "x-peer");
+        }
+        if keep {
+            out.push(line.to_string());
+        }
     }
     out
 }
