@@ -49,12 +49,15 @@ impl Router {
     fn build(cfg: &RouteConfig) -> Result<Router, RouteConfigError> {
         let mut managers = Vec::new();
         for (i, m) in cfg.managers.iter().enumerate() {
-            let spec = managers::lookup(&m.name).expect("the loader checked the name");
-            let built = (spec.build)(m).map_err(|reason| {
-                let mut e = RouteConfigError::single(&cfg.path, &format!("managers[{i}]"), reason);
-                e.0[0].line = Some(m.line);
-                e
-            })?;
+            let built = managers::lookup(&m.name)
+                .ok_or_else(|| format!("unknown manager {:?}", m.name))
+                .and_then(|spec| (spec.build)(m))
+                .map_err(|reason| {
+                    let mut e =
+                        RouteConfigError::single(&cfg.path, &format!("managers[{i}]"), reason);
+                    e.0[0].line = Some(m.line);
+                    e
+                })?;
             managers.push(built);
         }
         let slack = match &cfg.slack {

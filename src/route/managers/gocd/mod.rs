@@ -174,7 +174,7 @@ fn parse(r: &mut Reader, m: &MapView<'_>, k: &str) -> ManagerSettings {
 
 fn build(cfg: &ManagerConfig) -> Result<Arc<dyn Manager>, String> {
     let ManagerSettings::Gocd(settings) = &cfg.settings else {
-        unreachable!("the gocd parser produced the settings")
+        return Err("the gocd manager needs url/user/passwd settings".into());
     };
     let needs_groups = cfg.rules.iter().any(|r| r.function.needs_groups());
     Ok(Arc::new(GocdManager {
