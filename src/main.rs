@@ -73,9 +73,13 @@ enum Command {
         /// PostgreSQL and SMTP round trips, so more than the core count).
         #[arg(long, default_value_t = 8)]
         workers: usize,
-        /// Which mode: oneshot (send --all), service (run under load) or all.
+        /// Which mode: oneshot (send --all), service (run under load) or all;
+        /// `route` measures the alert router instead (docs/router.md).
         #[arg(long, default_value = "all")]
         mode: String,
+        /// Route mode: messages per case.
+        #[arg(long, default_value_t = 2000)]
+        messages: usize,
         /// Service mode: events inserted per second.
         #[arg(long, default_value_t = 200)]
         rate: usize,
@@ -258,8 +262,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mode,
             rate,
             duration,
+            messages,
         } => {
             init_logging("WARNING", cli.verbose);
+            if mode == "route" {
+                mailgend::route::bench::run(*messages).await?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let signed = match signing.as_str() {
                 "signed" => vec![true],
                 "unsigned" => vec![false],

@@ -778,3 +778,191 @@ async fn sigterm_lets_a_transaction_in_flight_finish() {
     assert_eq!(s.sink.messages().len(), 1);
     let _ = raw.rd.read(&mut [0u8; 16]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_and_auth_with_python_smtplib() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(dir.path().join("key.pem"))
+        .arg("-out")
+        .arg(dir.path().join("cert.pem"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success());
+    let sink = SmtpSink::start();
+    let port = free_port();
+    let extra = format!(
+        "  tls-cert: {}\n  tls-key: {}\n  auth-user: router\n  auth-password: s3cret\n",
+        dir.path().join("cert.pem").display(),
+        dir.path().join("key.pem").display()
+    );
+    std::fs::write(
+        dir.path().join("configuration.yml"),
+        config_text(port, sink.port(), &dir.path().join("spool"), &extra),
+    )
+    .unwrap();
+    let route = Route::start(dir.path(), port);
+    let cert = dir.path().join("cert.pem");
+    let script = format!(
+        "import smtplib, ssl\n\
+         s = smtplib.SMTP('127.0.0.1', {port}, timeout=10)\n\
+         s.ehlo()\n\
+         print('starttls', s.has_extn('starttls'))\n\
+         print('mail', s.mail('a@example.org')[0])\n\
+         s.rset()\n\
+         s.starttls(context=ssl.create_default_context(cafile={cert:?}))\n\
+         s.ehlo()\n\
+         print('auth', s.has_extn('auth'), s.has_extn('starttls'))\n\
+         s.user, s.password = 'router', 'wrong'\n\
+         try:\n    s.auth('PLAIN', s.auth_plain)\n\
+         except smtplib.SMTPAuthenticationError as e:\n    print('bad', e.smtp_code)\n\
+         s.user, s.password = 'router', 's3cret'\n\
+         print('login', s.auth('LOGIN', s.auth_login, initial_response_ok=False)[0])\n\
+         print('sent', s.sendmail('a@example.org', ['b@example.net'], b'Subject: tls\\r\\n\\r\\nx\\r\\n'))\n\
+         s.quit()\n",
+        cert = cert.display().to_string()
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(
+        text,
+        "starttls True\nmail 530\nauth True False\nbad 535\nlogin 235\nsent {}\n",
+        "{err}\n{}",
+        route.log()
+    );
+    let got = sink.wait_for_async(1, WAIT).await;
+    assert_eq!(got[0].data, b"Subject: tls\r\n\r\nx\r\n".to_vec());
+    assert!(route.log().contains("SMTP authentication failed"));
+    assert!(!route.log().contains("wrong"), "no password in the log");
+}
+
+/// A Slack Web API stand-in on loopback: answers every request with the
+/// current status and records the bodies.
+struct FakeSlack {
+    port: u16,
+    status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakeSlack {
+    async fn start() -> FakeSlack {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let status = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (st, bo) = (status.clone(), bodies.clone());
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let (st, bo) = (st.clone(), bo.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let n = sock.read(&mut chunk).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let text = String::from_utf8_lossy(&buf).to_string();
+                        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                            continue;
+                        };
+                        let len: usize = head
+                            .lines()
+                            .filter_map(|l| l.split_once(':'))
+                            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                            .and_then(|(_, v)| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if body.len() < len {
+                            continue;
+                        }
+                        let status = st.load(Ordering::SeqCst);
+                        let answer = if status == 200 {
+                            r#"{"ok":true}"#
+                        } else {
+                            r#"{"ok":false,"error":"internal_error"}"#
+                        };
+                        if status == 200 {
+                            bo.lock().unwrap().push(body.to_string());
+                        }
+                        let reply = format!(
+                            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n\
+                             Content-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                            answer.len()
+                        );
+                        let _ = sock.write_all(reply.as_bytes()).await;
+                        let _ = sock.shutdown().await;
+                        return;
+                    }
+                });
+            }
+        });
+        FakeSlack {
+            port,
+            status,
+            bodies,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slack_post_that_failed_is_retried_from_the_spool_once() {
+    use std::sync::atomic::Ordering;
+    let slack = FakeSlack::start().await;
+    slack.status.store(503, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SmtpSink::start();
+    let port = free_port();
+    let text = config_text(port, sink.port(), &dir.path().join("spool"), "")
+        .replace(
+            "    - mailto:backup-team@example.net\n",
+            "    - mailto:backup-team@example.net\n    - slack:#ops\n",
+        )
+        .replace(
+            "managers:\n",
+            &format!(
+                "slack-token: xoxb-test\nslack-url: http://127.0.0.1:{}/api\nmanagers:\n",
+                slack.port
+            ),
+        );
+    std::fs::write(dir.path().join("configuration.yml"), text).unwrap();
+    let route = Route::start(dir.path(), port);
+    lettre_send(
+        port,
+        "alerts@example.org",
+        &["x@example.net"],
+        b"Subject: server backup failed\r\n\r\nx\r\n",
+    )
+    .await;
+    let got = sink.wait_for_async(1, WAIT).await;
+    assert_eq!(got[0].rcpt_to, vec!["backup-team@example.net"]);
+    route.wait_log("will retry", 1);
+    slack.status.store(200, Ordering::SeqCst);
+    route.wait_log("spooled message done", 1);
+    let bodies = slack.bodies.lock().unwrap().clone();
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    assert!(bodies[0].contains("#ops") && bodies[0].contains("server backup failed"));
+    assert_eq!(sink.messages().len(), 1, "the mail is not sent again");
+}

@@ -73,6 +73,7 @@ pub struct Routing {
 }
 
 pub mod actions;
+pub mod bench;
 pub mod bounce;
 pub mod check;
 pub mod config;
