@@ -966,3 +966,36 @@ async fn a_slack_post_that_failed_is_retried_from_the_spool_once() {
     assert!(bodies[0].contains("#ops") && bodies[0].contains("server backup failed"));
     assert_eq!(sink.messages().len(), 1, "the mail is not sent again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_spool_file_is_set_aside_not_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SmtpSink::start();
+    let port = free_port();
+    let spool = dir.path().join("spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    std::fs::write(
+        spool.join("00000000000000000001-00000000-1.msg"),
+        b"not a spool file",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("configuration.yml"),
+        config_text(port, sink.port(), &spool, ""),
+    )
+    .unwrap();
+    let route = Route::start(dir.path(), port);
+    route.wait_log("unreadable spool file", 1);
+    assert!(route.log().contains("ERROR"));
+    let kept = spool.join("bad/00000000000000000001-00000000-1.msg");
+    assert_eq!(std::fs::read(kept).unwrap(), b"not a spool file");
+    // And it goes on serving.
+    lettre_send(
+        port,
+        "a@example.org",
+        &["b@example.net"],
+        b"Subject: ok\r\n\r\nx\r\n",
+    )
+    .await;
+    assert_eq!(sink.wait_for_async(1, WAIT).await.len(), 1);
+}
