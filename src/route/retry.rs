@@ -200,7 +200,8 @@ mod tests {
     fn backoff_doubles_and_is_capped() {
         assert_eq!(backoff(0), Duration::from_secs(1));
         assert_eq!(backoff(3), Duration::from_secs(8));
-        assert_eq!(backoff(9), MAX_BACKOFF);
+        assert_eq!(backoff(9), Duration::from_secs(512));
+        assert_eq!(backoff(10), MAX_BACKOFF);
         assert_eq!(backoff(1000), MAX_BACKOFF);
     }
 }
