@@ -16,9 +16,32 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+
+/// Why the benchmark could not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Failed(String),
+}
+
+type Result<T> = std::result::Result<T, BenchError>;
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> BenchError {
+    move |source| BenchError::Io { what, source }
+}
+
+macro_rules! fail {
+    ($($t:tt)*) => {
+        return Err(BenchError::Failed(format!($($t)*)))
+    };
+}
 
 /// A GoCD-like alert of ~1.5 kB.
 fn message(i: usize) -> Vec<u8> {
@@ -36,10 +59,11 @@ fn message(i: usize) -> Vec<u8> {
     m.into_bytes()
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+fn free_port() -> Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(io("finding a free port"))
 }
 
 /// A child process killed when dropped.
@@ -70,11 +94,11 @@ c.stop()
 print(count, flush=True)
 "#;
 
-async fn wait_port(port: u16) -> anyhow::Result<()> {
+async fn wait_port(port: u16) -> Result<()> {
     let start = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
         if start.elapsed() > Duration::from_secs(20) {
-            bail!("nothing listens on 127.0.0.1:{port}");
+            fail!("nothing listens on 127.0.0.1:{port}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -89,9 +113,11 @@ struct Client {
 }
 
 impl Client {
-    async fn connect(port: u16) -> anyhow::Result<Client> {
-        let s = TcpStream::connect(("127.0.0.1", port)).await?;
-        s.set_nodelay(true)?;
+    async fn connect(port: u16) -> Result<Client> {
+        let s = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(io("connecting"))?;
+        s.set_nodelay(true).map_err(io("connecting"))?;
         let (r, w) = s.into_split();
         let mut c = Client {
             rd: BufReader::new(r),
@@ -103,14 +129,20 @@ impl Client {
         Ok(c)
     }
 
-    async fn expect(&mut self, code: &str) -> anyhow::Result<()> {
+    async fn expect(&mut self, code: &str) -> Result<()> {
         loop {
             self.line.clear();
-            if self.rd.read_line(&mut self.line).await? == 0 {
-                bail!("connection closed");
+            if self
+                .rd
+                .read_line(&mut self.line)
+                .await
+                .map_err(io("reading a reply"))?
+                == 0
+            {
+                fail!("connection closed");
             }
             if !self.line.starts_with(code) {
-                bail!("expected {code}, got {:?}", self.line.trim_end());
+                fail!("expected {code}, got {:?}", self.line.trim_end());
             }
             if self.line.as_bytes().get(3) != Some(&b'-') {
                 return Ok(());
@@ -118,13 +150,13 @@ impl Client {
         }
     }
 
-    async fn cmd(&mut self, line: &[u8], code: &str) -> anyhow::Result<()> {
-        self.wr.write_all(line).await?;
+    async fn cmd(&mut self, line: &[u8], code: &str) -> Result<()> {
+        self.wr.write_all(line).await.map_err(io("sending"))?;
         self.expect(code).await
     }
 
     /// One message; returns its latency.
-    async fn send(&mut self, data: &[u8]) -> anyhow::Result<Duration> {
+    async fn send(&mut self, data: &[u8]) -> Result<Duration> {
         let t = Instant::now();
         self.cmd(b"MAIL FROM:<gocd@build.example.org>\r\n", "250")
             .await?;
@@ -144,7 +176,7 @@ struct Case {
 }
 
 /// `clients` senders, `per_client` messages each, against `port`.
-async fn drive(port: u16, clients: usize, per_client: usize) -> anyhow::Result<Case> {
+async fn drive(port: u16, clients: usize, per_client: usize) -> Result<Case> {
     let mut conns = Vec::new();
     for _ in 0..clients {
         conns.push(Client::connect(port).await?);
@@ -158,12 +190,13 @@ async fn drive(port: u16, clients: usize, per_client: usize) -> anyhow::Result<C
                 lat.push(c.send(&message(n * per_client + i)).await?);
             }
             let _ = c.cmd(b"QUIT\r\n", "221").await;
-            anyhow::Ok(lat)
+            Ok::<_, BenchError>(lat)
         });
     }
     let mut latencies = Vec::new();
     while let Some(r) = tasks.join_next().await {
-        latencies.extend(r??);
+        let lat = r.map_err(|e| BenchError::Failed(format!("a sender task failed: {e}")))??;
+        latencies.extend(lat);
     }
     let wall = start.elapsed().as_secs_f64();
     latencies.sort();
@@ -182,9 +215,9 @@ fn pct(v: &[Duration], p: f64) -> f64 {
 }
 
 /// Runs the benchmark and prints the table; `messages` per case.
-pub async fn run(messages: usize) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("locating the mailgend binary")?;
-    let dir = tempfile::tempdir()?;
+pub async fn run(messages: usize) -> Result<()> {
+    let exe = std::env::current_exe().map_err(io("locating the mailgend binary"))?;
+    let dir = tempfile::tempdir().map_err(io("creating a temporary directory"))?;
     let sink_port = free_port()?;
     let mut sink = Child(
         Command::new("python3")
@@ -194,11 +227,11 @@ pub async fn run(messages: usize) -> anyhow::Result<()> {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .context("starting python3 (aiosmtpd)")?,
+            .map_err(io("starting python3 (aiosmtpd)"))?,
     );
-    wait_port(sink_port)
-        .await
-        .context("the aiosmtpd sink did not start (is aiosmtpd installed?)")?;
+    if wait_port(sink_port).await.is_err() {
+        fail!("the aiosmtpd receiver did not start (is Python's aiosmtpd installed?)");
+    }
 
     let route_port = free_port()?;
     let cfg = dir.path().join("configuration.yml");
@@ -211,8 +244,10 @@ pub async fn run(messages: usize) -> anyhow::Result<()> {
              mailgend:\n  spool: {}\n  outbound-connections: 16\n  max-messages-per-connection: 1000000\n",
             dir.path().join("spool").display()
         ),
-    )?;
-    let log = std::fs::File::create(dir.path().join("route.log"))?;
+    )
+    .map_err(io("writing the router's configuration"))?;
+    let log = std::fs::File::create(dir.path().join("route.log"))
+        .map_err(io("creating the router's log"))?;
     let _router = Child(
         Command::new(&exe)
             .arg("route")
@@ -223,11 +258,14 @@ pub async fn run(messages: usize) -> anyhow::Result<()> {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .context("starting mailgend route")?,
+            .map_err(io("starting mailgend route"))?,
     );
-    wait_port(route_port)
-        .await
-        .context("mailgend route did not start")?;
+    if wait_port(route_port).await.is_err() {
+        fail!(
+            "mailgend route did not start; its log: {}",
+            std::fs::read_to_string(dir.path().join("route.log")).unwrap_or_default()
+        );
+    }
 
     println!(
         "alert router benchmark: {messages} messages per case (~{} bytes each), aiosmtpd on loopback",
@@ -276,7 +314,8 @@ pub async fn run(messages: usize) -> anyhow::Result<()> {
         }
         s
     })
-    .await?;
+    .await
+    .map_err(|e| BenchError::Failed(format!("reading the receiver's count: {e}")))?;
     let received: usize = out
         .lines()
         .last()
@@ -284,14 +323,14 @@ pub async fn run(messages: usize) -> anyhow::Result<()> {
         .unwrap_or(0);
     let spooled = std::fs::read_dir(dir.path().join("spool"))
         .map(|d| {
-            d.filter_map(Result::ok)
+            d.filter_map(std::result::Result::ok)
                 .filter(|e| e.path().extension().is_some_and(|x| x == "msg"))
                 .count()
         })
         .unwrap_or(0);
     println!("receiver counted {received} of {total} messages sent; {spooled} left in the spool");
     if received != total {
-        bail!("the receiver got {received} messages, {total} were sent");
+        fail!("the receiver got {received} messages, {total} were sent");
     }
     Ok(())
 }
