@@ -999,3 +999,27 @@ async fn an_unreadable_spool_file_is_set_aside_not_deleted() {
     .await;
     assert_eq!(sink.wait_for_async(1, WAIT).await.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_arriving_after_an_outage_is_delivered_behind_the_queued_mail() {
+    let s = setup("");
+    let port = s.route.port;
+    s.sink.set_fault(Fault::RefuseConnections);
+    for i in 1..=2 {
+        let data = format!("Subject: m{i}\r\n\r\nx\r\n");
+        lettre_send(port, "q@example.org", &["ops@example.net"], data.as_bytes()).await;
+    }
+    // The worker tried and found the relay down (the entries now wait).
+    s.route.wait_log("will retry in", 1);
+    s.sink.resume().unwrap();
+    lettre_send(
+        port,
+        "q@example.org",
+        &["ops@example.net"],
+        b"Subject: m3\r\n\r\nx\r\n",
+    )
+    .await;
+    let got = s.sink.wait_for_async(3, WAIT).await;
+    let subjects: Vec<String> = got.iter().map(|m| m.header("Subject").unwrap()).collect();
+    assert_eq!(subjects, vec!["m1", "m2", "m3"], "{}", s.route.log());
+}

@@ -11,7 +11,7 @@
 //! sender (itself a job of the same entry) and an ERROR; an entry that
 //! cannot be read is moved to `bad/` with an ERROR.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +49,11 @@ pub async fn run(
 ) {
     // id → when it is due.
     let mut due: BTreeMap<String, Instant> = BTreeMap::new();
+    // Entries held back because the relay did not answer: tried again, in
+    // order, as soon as there is a sign it is back (a delivery succeeded,
+    // or new mail arrived and will be tried behind them) rather than
+    // after their own backoff.
+    let mut relay_waiting: HashSet<String> = HashSet::new();
     let mut rescan = true;
     loop {
         if *stop.borrow() {
@@ -79,18 +84,29 @@ pub async fn run(
             if *stop.borrow() {
                 return;
             }
-            match deliver(&queue, &fw, &id).await {
+            let (pass, delivered) = deliver(&queue, &fw, &id).await;
+            if delivered {
+                let now = Instant::now();
+                for id in relay_waiting.drain() {
+                    if let Some(t) = due.get_mut(&id) {
+                        *t = now;
+                    }
+                }
+            }
+            match pass {
                 Pass::Finished => {
                     due.remove(&id);
                 }
                 Pass::Later(wait, relay_down) => {
                     let at = Instant::now() + wait;
-                    due.insert(id, at);
+                    due.insert(id.clone(), at);
                     if relay_down {
                         // The others wait with it, in their order.
-                        for t in due.values_mut() {
+                        relay_waiting.insert(id);
+                        for (other, t) in due.iter_mut() {
                             if *t < at {
                                 *t = at;
+                                relay_waiting.insert(other.clone());
                             }
                         }
                         break;
@@ -109,7 +125,15 @@ pub async fn run(
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {}
-            _ = queue.added.notified() => rescan = true,
+            _ = queue.added.notified() => {
+                rescan = true;
+                let now = Instant::now();
+                for id in relay_waiting.drain() {
+                    if let Some(t) = due.get_mut(&id) {
+                        *t = now;
+                    }
+                }
+            }
             _ = stop.wait_for(|s| *s) => return,
         }
     }
@@ -124,8 +148,19 @@ enum Pass {
     SpoolTrouble,
 }
 
-/// One attempt at one entry.
-async fn deliver(queue: &Arc<Queue>, forward: &Forwarder, id: &str) -> Pass {
+/// One attempt at one entry; also whether anything was delivered.
+async fn deliver(queue: &Arc<Queue>, forward: &Forwarder, id: &str) -> (Pass, bool) {
+    let mut delivered = false;
+    let pass = attempt_entry(queue, forward, id, &mut delivered).await;
+    (pass, delivered)
+}
+
+async fn attempt_entry(
+    queue: &Arc<Queue>,
+    forward: &Forwarder,
+    id: &str,
+    delivered: &mut bool,
+) -> Pass {
     let id_owned = id.to_string();
     let mut entry: Entry = match blocking(queue, move |q| q.spool.load(&id_owned)).await {
         Ok(e) => e,
@@ -151,6 +186,7 @@ async fn deliver(queue: &Arc<Queue>, forward: &Forwarder, id: &str) -> Pass {
     };
     entry.attempts += 1;
     let attempt = forward.attempt(&mut entry).await;
+    *delivered = attempt.done > 0;
     for (what, why) in &attempt.permanent {
         error!(
             spool_id = %id,
