@@ -105,9 +105,13 @@ enum Command {
         /// PostgreSQL and SMTP round trips, so more than the core count).
         #[arg(long, default_value_t = 8)]
         workers: usize,
-        /// Which mode: oneshot (send --all), service (run under load) or all.
+        /// Which mode: oneshot (send --all), service (run under load) or all;
+        /// `route` measures the alert router instead (docs/router.md).
         #[arg(long, default_value = "all")]
         mode: String,
+        /// Route mode: messages per case.
+        #[arg(long, default_value_t = 2000)]
+        messages: usize,
         /// Service mode: events inserted per second.
         #[arg(long, default_value_t = 200)]
         rate: usize,
@@ -123,6 +127,30 @@ enum Command {
     /// Load configuration, formats, templates and the signing key and report
     /// every problem at once.
     CheckConfig,
+    /// The alert router (mail2alert's job): an SMTP server that routes alert
+    /// mail by rules and forwards the rest unchanged. Configuration: -c FILE,
+    /// else $MAIL2ALERT_CONFIGURATION, else ./configuration.yml; LOGLEVEL=
+    /// DEBUG|INFO|WARNING|ERROR. SIGHUP reloads. See docs/router.md.
+    Route {
+        /// Check the configuration, print a summary; exit 1 on problems.
+        #[arg(long, conflicts_with_all = ["explain", "test"])]
+        check: bool,
+        /// Say what would happen to this message (an .eml file); sends
+        /// nothing.
+        #[arg(long, value_name = "FILE.eml", conflicts_with = "test")]
+        explain: Option<PathBuf>,
+        /// Envelope sender for --explain (default: the From header).
+        #[arg(long, value_name = "ADDR", requires = "explain")]
+        from: Option<String>,
+        /// Envelope recipient for --explain, repeatable (default: the To
+        /// header).
+        #[arg(long, value_name = "ADDR", requires = "explain")]
+        to: Vec<String>,
+        /// Self-test: ask the configured GoCD servers and show what each
+        /// rule would match.
+        #[arg(long)]
+        test: bool,
+    },
     /// Bring up a throw-away PostgreSQL and SMTP receiver, feed realistic
     /// events, send signed mails, show them, tear everything down.
     Demo {
@@ -343,8 +371,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mode,
             rate,
             duration,
+            messages,
         } => {
             init_logging("WARNING", cli.verbose);
+            if mode == "route" {
+                mailgend::route::bench::run(*messages).await?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let signed = match signing.as_str() {
                 "signed" => vec![true],
                 "unsigned" => vec![false],
@@ -391,6 +424,52 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             print!("{out}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Route {
+            check,
+            explain,
+            from,
+            to,
+            test,
+        } => {
+            use mailgend::route;
+            // mail2alert's LOGLEVEL (Python level names) sets the level.
+            let level = std::env::var("LOGLEVEL").unwrap_or_else(|_| "INFO".to_string());
+            init_logging(&level, cli.verbose);
+            let path = route::config::locate(cli.config.as_deref());
+            if *check {
+                return Ok(match route::check::check(&path) {
+                    Ok(summary) => {
+                        print!("{summary}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        println!("{e}");
+                        ExitCode::from(1)
+                    }
+                });
+            }
+            if explain.is_some() || *test {
+                let cfg = match route::config::load(&path) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        println!("{e}");
+                        return Ok(ExitCode::from(1));
+                    }
+                };
+                let out = match explain {
+                    Some(eml) => {
+                        let data = std::fs::read(eml)
+                            .with_context(|| format!("reading {}", eml.display()))?;
+                        route::check::explain(&cfg, &data, from.as_deref(), to).await
+                    }
+                    None => route::check::selftest(&cfg).await,
+                };
+                print!("{out}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            route::service::run(&path).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { events, maildir } => {

@@ -307,6 +307,88 @@ impl Outbound {
     }
 }
 
+/// One recipient's answer within a [`Outbound::send_each`] transaction.
+pub type RecipientResult = Result<(), SmtpError>;
+
+impl Outbound {
+    /// Sends one message in one transaction and reports per recipient
+    /// (the alert router records which recipients have the message, so a
+    /// retry never sends it twice to one that accepted it). `from == None`
+    /// is the null sender `<>`, for bounces.
+    ///
+    /// `Err`: nobody got the message (MAIL or DATA refused, the relay
+    /// unreachable, the connection lost). `Ok(results)`: one entry per
+    /// recipient, in order; the message was accepted for every `Ok` entry
+    /// (or for none, when every RCPT was refused).
+    pub async fn send_each(
+        &self,
+        from: Option<&str>,
+        to: &[String],
+        message: &[u8],
+    ) -> Result<Vec<RecipientResult>, SmtpError> {
+        use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
+        use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParameter};
+
+        let from = from.map(parse_address).transpose()?;
+        let to = to
+            .iter()
+            .map(|a| parse_address(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        // lettre appends CRLF.CRLF itself (see `send`).
+        let message = message.strip_suffix(b"\r\n").unwrap_or(message);
+        let mut conn = self.checkout().await?;
+        let work = async {
+            let mut params = Vec::new();
+            if !message.is_ascii() && conn.server_info().supports_feature(Extension::EightBitMime) {
+                params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+            }
+            conn.command(Mail::new(from, params))
+                .await
+                .map_err(|e| classify(&e))?;
+            let mut results = Vec::with_capacity(to.len());
+            for address in to {
+                match conn.command(Rcpt::new(address, vec![])).await {
+                    Ok(_) => results.push(Ok(())),
+                    Err(e) => {
+                        let e = classify(&e);
+                        if let SmtpError::Connection(_) = e {
+                            return Err(e);
+                        }
+                        results.push(Err(e));
+                    }
+                }
+            }
+            if results.iter().all(Result::is_err) {
+                conn.command(Rset).await.map_err(|e| classify(&e))?;
+                return Ok(results);
+            }
+            conn.command(Data).await.map_err(|e| classify(&e))?;
+            conn.message(message).await.map_err(|e| classify(&e))?;
+            Ok(results)
+        };
+        match tokio::time::timeout(self.inner.timeout, work).await {
+            Ok(Ok(results)) => {
+                let mut idle = self.inner.idle.lock().expect("smtp pool");
+                if idle.len() < self.inner.max_idle {
+                    idle.push((conn, Instant::now()));
+                }
+                Ok(results)
+            }
+            Ok(Err(e)) => {
+                conn.abort().await;
+                Err(e)
+            }
+            Err(_) => {
+                conn.abort().await;
+                Err(SmtpError::Connection(format!(
+                    "{}: no answer within {:?}",
+                    self.inner.relay, self.inner.timeout
+                )))
+            }
+        }
+    }
+}
+
 /// A failure while sending a mail.
 fn classify(e: &lettre::transport::smtp::Error) -> SmtpError {
     if e.is_permanent() {

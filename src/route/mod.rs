@@ -72,4 +72,16 @@ pub struct Routing {
     pub trace: Vec<String>,
 }
 
+pub mod actions;
+pub mod bench;
+pub mod bounce;
+pub mod check;
 pub mod config;
+pub mod forward;
+pub mod managers;
+pub mod retry;
+pub mod router;
+pub mod rules;
+pub mod server;
+pub mod service;
+pub mod spool;

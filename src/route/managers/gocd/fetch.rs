@@ -1,0 +1,375 @@
+//! Talking to GoCD: its pipeline-group configuration
+//! (`GET {url}/api/config/pipeline_groups`, as mail2alert reads it; the
+//! newer `/api/admin/pipeline_groups` shape is understood too) and
+//! `GET {url}/cctray.xml` for each pipeline's last result.
+//!
+//! [`GocdSource`] keeps the last good copy: a failed fetch (GoCD down,
+//! 401, 5xx, garbage) is logged at WARN and counted, and routing goes on
+//! with what it had.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+
+use super::state::{BuildState, StateTable};
+use super::{GocdSettings, PipelineGroups};
+
+/// Largest answer read from GoCD (a big installation's pipeline groups
+/// are a few MB).
+const MAX_RESPONSE: usize = 64 * 1024 * 1024;
+
+/// The GoCD data one manager routes with, shared with its refresh task.
+pub struct GocdSource {
+    settings: GocdSettings,
+    http: reqwest::Client,
+    groups: RwLock<Option<Arc<PipelineGroups>>>,
+    pub(super) states: Mutex<StateTable>,
+    cctray_seeded: std::sync::atomic::AtomicBool,
+    /// Becomes true once the first fetch attempt has finished (either way).
+    first_attempt: watch::Sender<bool>,
+    status: Mutex<Status>,
+    created: Instant,
+    pub fetches_ok: AtomicU64,
+    pub fetches_failed: AtomicU64,
+}
+
+/// For logs, `--test` and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub last_success: Option<SystemTime>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("cannot reach GoCD at {url}: {reason}")]
+    Network { url: String, reason: String },
+    #[error("GoCD answered HTTP {status} for {url}")]
+    Status { url: String, status: u16 },
+    #[error("GoCD's answer from {url} was not understood: {reason}")]
+    Parse { url: String, reason: String },
+}
+
+impl GocdSource {
+    /// Fails only when no HTTP client can be built (TLS backend).
+    pub fn new(settings: GocdSettings) -> Result<GocdSource, String> {
+        let http = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout)
+            .user_agent(concat!("mailgend/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot set up an HTTP client for GoCD: {}", error_chain(&e)))?;
+        Ok(GocdSource {
+            settings,
+            http,
+            groups: RwLock::new(None),
+            states: Mutex::new(StateTable::default()),
+            cctray_seeded: false.into(),
+            first_attempt: watch::channel(false).0,
+            status: Mutex::new(Status::default()),
+            created: Instant::now(),
+            fetches_ok: AtomicU64::new(0),
+            fetches_failed: AtomicU64::new(0),
+        })
+    }
+
+    pub fn settings(&self) -> &GocdSettings {
+        &self.settings
+    }
+
+    /// The last good copy of the pipeline groups.
+    pub fn groups(&self) -> Option<Arc<PipelineGroups>> {
+        self.groups.read().expect("not poisoned").clone()
+    }
+
+    pub fn status(&self) -> Status {
+        self.status.lock().expect("not poisoned").clone()
+    }
+
+    /// How much of `startup-wait` is left: the wait is bounded from the
+    /// start of the router, not per message, so a hanging GoCD delays
+    /// only the first few seconds of mail.
+    pub fn startup_wait_left(&self) -> Duration {
+        self.settings
+            .startup_wait
+            .saturating_sub(self.created.elapsed())
+    }
+
+    /// Waits until the first fetch attempt is over, at most `limit`.
+    /// Returns whether it is over.
+    pub async fn wait_first_attempt(&self, limit: Duration) -> bool {
+        let mut rx = self.first_attempt.subscribe();
+        let done = tokio::time::timeout(limit, rx.wait_for(|done| *done)).await;
+        done.is_ok()
+    }
+
+    /// One refresh: pipeline groups always, cctray.xml until it has been
+    /// read once (afterwards messages keep the states current).
+    pub async fn refresh(&self) {
+        let seed = !self.cctray_seeded.load(Ordering::Relaxed);
+        let (groups, cctray) = tokio::join!(self.fetch_groups(), async {
+            if seed {
+                Some(self.fetch_cctray().await)
+            } else {
+                None
+            }
+        });
+        match groups {
+            Ok(g) => {
+                tracing::debug!(groups = g.len(), "GoCD pipeline groups fetched");
+                *self.groups.write().expect("not poisoned") = Some(Arc::new(g));
+                self.fetches_ok.fetch_add(1, Ordering::Relaxed);
+                let mut st = self.status.lock().expect("not poisoned");
+                if let Some(e) = st.last_error.take() {
+                    if st.last_success.is_some() {
+                        tracing::info!(url = %self.settings.url, "GoCD answers again (last error: {e})");
+                    }
+                }
+                st.last_success = Some(SystemTime::now());
+            }
+            Err(e) => {
+                self.fetches_failed.fetch_add(1, Ordering::Relaxed);
+                let kept = if self.groups().is_some() {
+                    "keeping the last good copy"
+                } else {
+                    "no copy yet: group rules cannot match"
+                };
+                let mut st = self.status.lock().expect("not poisoned");
+                // WARN when GoCD starts failing or the reason changes; the
+                // same failure every refresh-interval only at DEBUG (the
+                // counters keep the tally).
+                if st.last_error.as_deref() != Some(e.to_string().as_str()) {
+                    tracing::warn!(error = %e, "GoCD pipeline groups not refreshed; {kept}");
+                } else {
+                    tracing::debug!(error = %e, "GoCD pipeline groups still not refreshed; {kept}");
+                }
+                st.last_error = Some(e.to_string());
+            }
+        }
+        match cctray {
+            Some(Ok(states)) => {
+                let mut t = self.states.lock().expect("not poisoned");
+                for (p, s) in &states {
+                    t.seed(p, *s);
+                }
+                self.cctray_seeded.store(true, Ordering::Relaxed);
+                tracing::debug!(
+                    pipelines = states.len(),
+                    "pipeline states seeded from cctray.xml"
+                );
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "GoCD cctray.xml not read; FIXED/BREAKS rely on messages seen");
+            }
+            None => {}
+        }
+        self.first_attempt.send_replace(true);
+    }
+
+    /// Refreshes every `refresh_interval` until `shutdown` turns true.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let started = Instant::now();
+            tokio::select! {
+                _ = self.refresh() => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            let next = self
+                .settings
+                .refresh_interval
+                .saturating_sub(started.elapsed());
+            tokio::select! {
+                _ = tokio::time::sleep(next) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    async fn get(&self, path: &str) -> Result<String, FetchError> {
+        let url = format!("{}{path}", self.settings.url.trim_end_matches('/'));
+        let mut req = self.http.get(&url);
+        if let Some(user) = &self.settings.user {
+            req = req.basic_auth(user, self.settings.passwd.as_deref());
+        }
+        let resp = req.send().await.map_err(|e| FetchError::Network {
+            url: url.clone(),
+            reason: error_chain(&e),
+        })?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            return Err(FetchError::Status { url, status });
+        }
+        // Bounded: a misconfigured URL (or proxy) must not fill memory.
+        let mut body = Vec::new();
+        let mut resp = resp;
+        while let Some(chunk) = resp.chunk().await.map_err(|e| FetchError::Network {
+            url: url.clone(),
+            reason: error_chain(&e),
+        })? {
+            if body.len() + chunk.len() > MAX_RESPONSE {
+                return Err(FetchError::Parse {
+                    url,
+                    reason: format!("answer larger than {MAX_RESPONSE} bytes"),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        String::from_utf8(body).map_err(|e| FetchError::Parse {
+            url,
+            reason: format!("not UTF-8: {e}"),
+        })
+    }
+
+    async fn fetch_groups(&self) -> Result<PipelineGroups, FetchError> {
+        let text = self.get("/api/config/pipeline_groups").await?;
+        parse_groups(&text).map_err(|reason| FetchError::Parse {
+            url: format!("{}/api/config/pipeline_groups", self.settings.url),
+            reason,
+        })
+    }
+
+    async fn fetch_cctray(&self) -> Result<HashMap<String, BuildState>, FetchError> {
+        let text = self.get("/cctray.xml").await?;
+        parse_cctray(&text).map_err(|reason| FetchError::Parse {
+            url: format!("{}/cctray.xml", self.settings.url),
+            reason,
+        })
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+/// `[{"name": G, "pipelines": [{"name": P, …}, …]}, …]` (the config API
+/// mail2alert used) or `{"_embedded": {"groups": [same]}}` (the admin API).
+pub fn parse_groups(text: &str) -> Result<PipelineGroups, String> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let list = match &v {
+        serde_json::Value::Array(a) => a,
+        other => other
+            .pointer("/_embedded/groups")
+            .and_then(|g| g.as_array())
+            .ok_or("expected a list of pipeline groups")?,
+    };
+    let mut groups = Vec::new();
+    for g in list {
+        let name = g
+            .get("name")
+            .and_then(|n| n.as_str())
+            .ok_or("a pipeline group without a name")?;
+        let pipelines = g
+            .get("pipelines")
+            .and_then(|p| p.as_array())
+            .map(|ps| {
+                ps.iter()
+                    .filter_map(|p| p.get("name").and_then(|n| n.as_str()))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        groups.push((name.to_string(), pipelines));
+    }
+    Ok(PipelineGroups::new(groups))
+}
+
+/// Each pipeline's state from its most recent `<Project>` entry
+/// (`name="pipeline :: stage[ :: job]"`, `lastBuildStatus`,
+/// `lastBuildTime`).
+pub fn parse_cctray(text: &str) -> Result<HashMap<String, BuildState>, String> {
+    use quick_xml::events::Event as X;
+    let mut reader = quick_xml::Reader::from_str(text);
+    let mut latest: HashMap<String, (String, Option<BuildState>)> = HashMap::new();
+    let mut saw_root = false;
+    loop {
+        match reader.read_event().map_err(|e| e.to_string())? {
+            X::Eof => break,
+            X::Start(e) | X::Empty(e) => {
+                match e.name().as_ref() {
+                    "Projects" => {
+                        saw_root = true;
+                        continue;
+                    }
+                    "Project" => {}
+                    _ => continue,
+                }
+                let (mut name, mut status, mut time) = (None, None, String::new());
+                for a in e.attributes() {
+                    let a = a.map_err(|e| e.to_string())?;
+                    let value = a
+                        .normalized_value(quick_xml::XmlVersion::Implicit1_0)
+                        .map_err(|e| e.to_string())?
+                        .into_owned();
+                    match a.key.as_ref() {
+                        "name" => name = Some(value),
+                        "lastBuildStatus" => status = Some(value),
+                        "lastBuildTime" => time = value,
+                        _ => {}
+                    }
+                }
+                let (Some(name), Some(status)) = (name, status) else {
+                    continue;
+                };
+                let pipeline = name.split("::").next().unwrap_or("").trim().to_string();
+                if pipeline.is_empty() {
+                    continue;
+                }
+                // ISO 8601 times in one format compare as strings.
+                let newer = latest.get(&pipeline).is_none_or(|(t, _)| time > *t);
+                if newer {
+                    latest.insert(pipeline, (time, BuildState::from_cctray(&status)));
+                }
+            }
+            _ => {}
+        }
+    }
+    if !saw_root {
+        return Err("no <Projects> element".into());
+    }
+    Ok(latest
+        .into_iter()
+        .filter_map(|(p, (_, s))| s.map(|s| (p, s)))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_both_shapes() {
+        let a =
+            parse_groups(r#"[{"name":"g1","pipelines":[{"name":"p1"},{"name":"p2"}]}]"#).unwrap();
+        assert!(a.contains("g1", "p2"));
+        let b =
+            parse_groups(r#"{"_embedded":{"groups":[{"name":"g1","pipelines":[{"name":"p1"}]}]}}"#)
+                .unwrap();
+        assert!(b.contains("G1", "P1"));
+        assert!(parse_groups("<html>").is_err());
+        assert!(parse_groups(r#"{"message":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn cctray_latest_entry_wins() {
+        let xml = r#"<?xml version="1.0"?><Projects>
+<Project name="p :: build" lastBuildStatus="Success" lastBuildTime="2024-01-02T10:00:00Z" activity="Sleeping"/>
+<Project name="p :: test" lastBuildStatus="Failure" lastBuildTime="2024-01-02T11:00:00Z" activity="Sleeping"/>
+<Project name="p :: test :: job" lastBuildStatus="Failure" lastBuildTime="2024-01-02T09:00:00Z"/>
+<Project name="q :: build" lastBuildStatus="Unknown" lastBuildTime="2024-01-02T10:00:00Z"/>
+</Projects>"#;
+        let s = parse_cctray(xml).unwrap();
+        assert_eq!(s.get("p"), Some(&BuildState::Failing));
+        assert_eq!(s.get("q"), None);
+        assert!(parse_cctray("<html/>").is_err());
+    }
+}

@@ -1,0 +1,334 @@
+//! The `gocd` manager: GoCD's stage notification mail. It reads the
+//! pipeline and event from the subject, corrects the event by the
+//! pipeline's history (FIXED/BREAKS), and gives its rules GoCD's pipeline
+//! groups, refreshed in the background ([`fetch::GocdSource`]).
+//!
+//! Mail never waits on GoCD beyond `startup-wait` after start, and then
+//! only for a rule that needs group data; `pipelines.any` rules work while
+//! GoCD is down.
+
+pub mod fetch;
+pub mod state;
+pub mod subject;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::{Manager, ManagerSpec};
+use crate::route::config::{ManagerConfig, ManagerSettings, MapView, Reader};
+use crate::route::rules::{Facts, Verdict};
+
+pub use fetch::GocdSource;
+
+/// The events a rule's `events:` filter can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Event {
+    Breaks,
+    Cancelled,
+    Fails,
+    Fixed,
+    Passes,
+}
+
+impl Event {
+    pub const ALL: [Event; 5] = [
+        Event::Breaks,
+        Event::Cancelled,
+        Event::Fails,
+        Event::Fixed,
+        Event::Passes,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Event::Breaks => "BREAKS",
+            Event::Cancelled => "CANCELLED",
+            Event::Fails => "FAILS",
+            Event::Fixed => "FIXED",
+            Event::Passes => "PASSES",
+        }
+    }
+
+    /// Exact upper-case names, as mail2alert compared them.
+    pub fn parse(s: &str) -> Option<Event> {
+        Event::ALL.into_iter().find(|e| e.name() == s)
+    }
+}
+
+/// GoCD's pipeline groups: names as GoCD gives them (for `--test`), and a
+/// case-insensitive index (GoCD treats names case-insensitively).
+#[derive(Debug, Clone, Default)]
+pub struct PipelineGroups {
+    pub groups: Vec<(String, Vec<String>)>,
+    index: HashMap<String, HashSet<String>>,
+}
+
+impl PipelineGroups {
+    pub fn new(groups: Vec<(String, Vec<String>)>) -> PipelineGroups {
+        let mut index: HashMap<String, HashSet<String>> = HashMap::new();
+        for (g, ps) in &groups {
+            index
+                .entry(g.to_lowercase())
+                .or_default()
+                .extend(ps.iter().map(|p| p.to_lowercase()));
+        }
+        PipelineGroups { groups, index }
+    }
+
+    pub fn contains(&self, group: &str, pipeline: &str) -> bool {
+        self.index
+            .get(&group.to_lowercase())
+            .is_some_and(|ps| ps.contains(&pipeline.to_lowercase()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.groups.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+}
+
+/// The gocd manager's own keys.
+#[derive(Clone, PartialEq, Eq)]
+pub struct GocdSettings {
+    /// `url`: GoCD's base URL, e.g. `https://gocd.example.org/go`.
+    pub url: String,
+    pub user: Option<String>,
+    pub passwd: Option<String>,
+    /// `refresh-interval`: how often the pipeline groups are re-read.
+    pub refresh_interval: Duration,
+    /// `timeout`: per HTTP request to GoCD.
+    pub timeout: Duration,
+    /// `startup-wait`: how long a message needing group data waits for
+    /// GoCD's first answer after start.
+    pub startup_wait: Duration,
+}
+
+impl std::fmt::Debug for GocdSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GocdSettings")
+            .field("url", &self.url)
+            .field("user", &self.user)
+            .field("refresh_interval", &self.refresh_interval)
+            .field("timeout", &self.timeout)
+            .field("startup_wait", &self.startup_wait)
+            .finish_non_exhaustive()
+    }
+}
+
+pub const SPEC: ManagerSpec = ManagerSpec {
+    name: "gocd",
+    extra_keys: &[
+        "url",
+        "user",
+        "passwd",
+        "refresh-interval",
+        "timeout",
+        "startup-wait",
+    ],
+    has_events: true,
+    parse,
+    build,
+};
+
+fn parse(r: &mut Reader, m: &MapView<'_>, k: &str) -> ManagerSettings {
+    let key = |s: &str| format!("{k}.{s}");
+    let url = r.required_string(m, k, "url").unwrap_or_default();
+    if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+        r.problem(
+            m.get("url").map_or(m.line(), |n| n.line),
+            &key("url"),
+            format!("{url:?} is not an http(s) URL"),
+        );
+    }
+    let user = m.get("user").and_then(|n| r.string(n, &key("user")));
+    let passwd = m.get("passwd").and_then(|n| r.string(n, &key("passwd")));
+    if passwd.is_some() && user.is_none() {
+        r.problem(m.line(), &key("user"), "passwd given without user");
+    }
+    let secs = |r: &mut Reader, name: &str, min: f64, max: f64, default: f64| {
+        m.get(name)
+            .and_then(|n| r.seconds(n, &key(name), min, max))
+            .unwrap_or(Duration::from_secs_f64(default))
+    };
+    // mail2alert re-read the groups when older than 30 s.
+    let refresh_interval = secs(r, "refresh-interval", 0.1, 86400.0, 30.0);
+    let timeout = secs(r, "timeout", 0.1, 300.0, 10.0);
+    let startup_wait = secs(r, "startup-wait", 0.0, 60.0, 3.0);
+    ManagerSettings::Gocd(GocdSettings {
+        url,
+        user,
+        passwd,
+        refresh_interval,
+        timeout,
+        startup_wait,
+    })
+}
+
+fn build(cfg: &ManagerConfig) -> Result<Arc<dyn Manager>, String> {
+    let ManagerSettings::Gocd(settings) = &cfg.settings else {
+        return Err("the gocd manager needs url/user/passwd settings".into());
+    };
+    let needs_groups = cfg.rules.iter().any(|r| r.function.needs_groups());
+    Ok(Arc::new(GocdManager {
+        cfg: cfg.clone(),
+        source: Arc::new(GocdSource::new(settings.clone())?),
+        needs_groups,
+    }))
+}
+
+pub struct GocdManager {
+    cfg: ManagerConfig,
+    source: Arc<GocdSource>,
+    needs_groups: bool,
+}
+
+impl GocdManager {
+    pub fn source(&self) -> &Arc<GocdSource> {
+        &self.source
+    }
+}
+
+impl Manager for GocdManager {
+    fn config(&self) -> &ManagerConfig {
+        &self.cfg
+    }
+
+    fn start(&self, shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+        vec![tokio::spawn(self.source.clone().run(shutdown))]
+    }
+
+    fn gocd(&self) -> Option<&Arc<GocdSource>> {
+        Some(&self.source)
+    }
+
+    fn facts<'a>(&'a self, subject: String, trace: &'a mut Vec<String>) -> BoxFuture<'a, Facts> {
+        Box::pin(async move {
+            let mut groups = self.source.groups();
+            if groups.is_none() && self.needs_groups {
+                let limit = self.source.startup_wait_left();
+                if !self.source.wait_first_attempt(limit).await {
+                    trace.push(format!(
+                        "GoCD has not answered within startup-wait ({:?})",
+                        self.source.settings().startup_wait
+                    ));
+                }
+                groups = self.source.groups();
+            }
+            if groups.is_none() && self.needs_groups {
+                trace.push("no GoCD pipeline groups yet: group rules cannot match".into());
+            }
+            let (pipeline, event) = match subject::parse(&subject) {
+                None => {
+                    trace.push("subject is not a GoCD stage notification".into());
+                    (None, None)
+                }
+                Some((p, None)) => {
+                    trace.push(format!("pipeline {p}, no known event in the subject"));
+                    (Some(p), None)
+                }
+                Some((p, Some(ev))) => {
+                    let corrected = self
+                        .source
+                        .states
+                        .lock()
+                        .expect("not poisoned")
+                        .advance(&p, ev);
+                    if corrected == ev {
+                        trace.push(format!("pipeline {p}, event {}", ev.name()));
+                    } else {
+                        trace.push(format!(
+                            "pipeline {p}, event {} (GoCD said {}; corrected by the pipeline's last state)",
+                            corrected.name(),
+                            ev.name()
+                        ));
+                    }
+                    (Some(p), Some(corrected))
+                }
+            };
+            Facts {
+                subject,
+                pipeline,
+                event,
+                groups,
+            }
+        })
+    }
+
+    fn selftest(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async move { Some(selftest(self).await) })
+    }
+}
+
+/// For every pipeline group, pipeline and event: which actions the rules
+/// would take (mail2alert's `Manager.test()`).
+async fn selftest(m: &GocdManager) -> String {
+    use std::fmt::Write;
+    let src = &m.source;
+    src.wait_first_attempt(src.settings().timeout * 2 + Duration::from_secs(1))
+        .await;
+    let mut out = String::new();
+    let Some(groups) = src.groups() else {
+        let err = src
+            .status()
+            .last_error
+            .unwrap_or_else(|| "no answer".into());
+        let _ = writeln!(
+            out,
+            "  GoCD at {}: no pipeline groups ({err})",
+            src.settings().url
+        );
+        return out;
+    };
+    let _ = writeln!(
+        out,
+        "  GoCD at {}: {} pipeline group(s)",
+        src.settings().url,
+        groups.len()
+    );
+    for (g, pipelines) in &groups.groups {
+        let _ = writeln!(out, "  pipeline group {g}:");
+        for p in pipelines {
+            let _ = writeln!(out, "    pipeline {p}:");
+            // actions → events, in rule order.
+            let mut alerts: Vec<(String, Vec<&str>)> = Vec::new();
+            for ev in Event::ALL {
+                let facts = Facts {
+                    subject: format!("Stage [{p}/1/stage/1]"),
+                    pipeline: Some(p.clone()),
+                    event: Some(ev),
+                    groups: Some(groups.clone()),
+                };
+                for rule in &m.cfg.rules {
+                    if crate::route::router::rule_matches(rule, &facts) != Verdict::Match {
+                        continue;
+                    }
+                    let actions: Vec<String> = rule.actions.iter().map(|a| a.to_string()).collect();
+                    let actions = actions.join(", ");
+                    match alerts.iter_mut().find(|(a, _)| *a == actions) {
+                        Some((_, evs)) => {
+                            if !evs.contains(&ev.name()) {
+                                evs.push(ev.name())
+                            }
+                        }
+                        None => alerts.push((actions, vec![ev.name()])),
+                    }
+                }
+            }
+            if alerts.is_empty() {
+                let _ = writeln!(out, "      nobody is alerted");
+            }
+            for (actions, evs) in alerts {
+                let _ = writeln!(out, "      {} -> {actions}", evs.join(" "));
+            }
+        }
+    }
+    out
+}

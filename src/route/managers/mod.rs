@@ -1,0 +1,70 @@
+//! Managers: each receives the messages it wants (`messages-we-want`) and
+//! tells the router what it knows about them ([`Facts`]) so the rules can
+//! decide. `mail` looks only at the message; `gocd` also knows GoCD's
+//! pipeline groups and each pipeline's last state.
+//!
+//! [`MANAGERS`] is the registry: a new manager is one module with a
+//! [`ManagerSpec`] (its extra config keys and how to build it) plus one line
+//! there.
+
+pub mod gocd;
+pub mod mail;
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::route::config::{ManagerConfig, ManagerSettings, MapView, Reader};
+use crate::route::rules::Facts;
+
+/// A running manager.
+pub trait Manager: Send + Sync {
+    fn config(&self) -> &ManagerConfig;
+
+    /// Starts background work (GoCD polling); stopped when `shutdown`
+    /// becomes true.
+    fn start(&self, _shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+        Vec::new()
+    }
+
+    /// The GoCD data source, for managers that have one (status, metrics).
+    fn gocd(&self) -> Option<&Arc<gocd::GocdSource>> {
+        None
+    }
+
+    /// What the manager knows about a message with this decoded subject.
+    /// May advance per-message state (GoCD's last event per pipeline);
+    /// may wait a short, bounded time for data at startup. Appends its
+    /// findings to `trace`.
+    fn facts<'a>(&'a self, subject: String, trace: &'a mut Vec<String>) -> BoxFuture<'a, Facts>;
+
+    /// For `--test`: what the rules would do for every case the manager
+    /// can enumerate (GoCD: every pipeline and event); `None` when there is
+    /// nothing to enumerate.
+    fn selftest(&self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(async { None })
+    }
+}
+
+/// A manager's entry in the registry.
+pub struct ManagerSpec {
+    /// The `name:` in the configuration.
+    pub name: &'static str,
+    /// Keys besides `name`, `messages-we-want` and `rules`.
+    pub extra_keys: &'static [&'static str],
+    /// Whether rule filters may have `events:`.
+    pub has_events: bool,
+    /// Reads the manager's own keys; problems go to the reader.
+    pub parse: fn(&mut Reader, &MapView<'_>, &str) -> ManagerSettings,
+    /// Builds the running manager; the error (e.g. no TLS backend) is the
+    /// reason it cannot run.
+    pub build: fn(&ManagerConfig) -> Result<Arc<dyn Manager>, String>,
+}
+
+pub const MANAGERS: &[&ManagerSpec] = &[&mail::SPEC, &gocd::SPEC];
+
+pub fn lookup(name: &str) -> Option<&'static ManagerSpec> {
+    MANAGERS.iter().copied().find(|m| m.name == name)
+}

@@ -1,0 +1,286 @@
+//! The decision: which manager wants a message, which of its rules match,
+//! and what that means — the deliveries and Slack posts in a [`Routing`].
+//!
+//! `route` does no I/O: managers answer from memory (GoCD data is
+//! refreshed by background tasks, which `start` spawns and `shutdown`
+//! stops). The only wait is a manager's bounded startup wait for GoCD's
+//! first answer.
+//!
+//! Differences from mail2alert, on purpose: recipients the manager did
+//! not want (a message to the GoCD address *and* a person) still get the
+//! original message; a null sender never becomes `From: <>`; each address
+//! gets one copy however many rules name it.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::route::actions::mailto;
+use crate::route::actions::slack::{self, SlackClient};
+use crate::route::actions::Action;
+use crate::route::config::{RouteConfig, RouteConfigError, RuleConfig, Wanted};
+use crate::route::managers::{self, gocd::GocdSource, Manager};
+use crate::route::rules::{Facts, Verdict};
+use crate::route::{Delivery, Envelope, Inbound, Routing, SlackPost};
+
+/// The running decision side. Send + Sync; share it behind an `Arc`.
+pub struct Router {
+    managers: Vec<Arc<dyn Manager>>,
+    slack: Option<SlackClient>,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Router {
+    /// Builds the managers and starts their background work (GoCD
+    /// polling). Returns at once: GoCD is not waited for here. Needs a
+    /// Tokio runtime.
+    pub async fn start(cfg: &RouteConfig) -> Result<Router, RouteConfigError> {
+        let router = Router::build(cfg)?;
+        let mut tasks = Vec::new();
+        for m in &router.managers {
+            tasks.extend(m.start(router.shutdown.subscribe()));
+        }
+        *router.tasks.lock().expect("not poisoned") = tasks;
+        Ok(router)
+    }
+
+    fn build(cfg: &RouteConfig) -> Result<Router, RouteConfigError> {
+        let mut managers = Vec::new();
+        for (i, m) in cfg.managers.iter().enumerate() {
+            let built = managers::lookup(&m.name)
+                .ok_or_else(|| format!("unknown manager {:?}", m.name))
+                .and_then(|spec| (spec.build)(m))
+                .map_err(|reason| {
+                    let mut e =
+                        RouteConfigError::single(&cfg.path, &format!("managers[{i}]"), reason);
+                    e.0[0].line = Some(m.line);
+                    e
+                })?;
+            managers.push(built);
+        }
+        let slack = match &cfg.slack {
+            None => None,
+            Some(s) => Some(
+                SlackClient::new(&s.token, &s.url, std::time::Duration::from_secs(15)).map_err(
+                    |e| RouteConfigError::single(&cfg.path, "slack-token", e.to_string()),
+                )?,
+            ),
+        };
+        Ok(Router {
+            managers,
+            slack,
+            shutdown: watch::channel(false).0,
+            tasks: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The Slack client, when `slack-token` is configured.
+    pub fn slack(&self) -> Option<&SlackClient> {
+        self.slack.as_ref()
+    }
+
+    /// The GoCD sources of all gocd managers (status, metrics).
+    pub fn gocd_sources(&self) -> Vec<Arc<GocdSource>> {
+        self.managers
+            .iter()
+            .filter_map(|m| m.gocd().cloned())
+            .collect()
+    }
+
+    /// The managers, in configuration order (`--test`).
+    pub fn managers(&self) -> &[Arc<dyn Manager>] {
+        &self.managers
+    }
+
+    /// Stops the background tasks; `route` keeps working on the data it has.
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+        for t in self.tasks.lock().expect("not poisoned").drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Decides what happens to one received message.
+    pub async fn route(&self, msg: &Inbound) -> Routing {
+        let env = &msg.envelope;
+        let mut trace = Vec::new();
+        if env.rcpt_to.is_empty() {
+            trace.push("dropped: the envelope has no recipients".into());
+            return Routing {
+                trace,
+                ..Routing::default()
+            };
+        }
+        let found = self
+            .managers
+            .iter()
+            .enumerate()
+            .find(|(_, m)| wants(&m.config().wanted, env));
+        let Some((index, manager)) = found else {
+            trace.push("no manager wants it: passed on unchanged".into());
+            return Routing {
+                deliveries: vec![Delivery {
+                    mail_from: env.mail_from.clone(),
+                    rcpt_to: env.rcpt_to.clone(),
+                    data: msg.data.clone(),
+                }],
+                slack: Vec::new(),
+                trace,
+            };
+        };
+        let cfg = manager.config();
+        trace.push(format!(
+            "manager {} (managers[{index}], line {}) wants it: {}",
+            cfg.name,
+            cfg.line,
+            match &cfg.wanted {
+                Wanted::To(a) => format!("sent to {a}"),
+                Wanted::From(a) => format!("sent from {a}"),
+            }
+        ));
+        let subject = decode_subject(&msg.data);
+        let facts = manager.facts(subject, &mut trace).await;
+
+        let mut mail_to: Vec<&str> = Vec::new();
+        let mut posts: Vec<SlackPost> = Vec::new();
+        for (j, rule) in cfg.rules.iter().enumerate() {
+            let verdict = rule_matches(rule, &facts);
+            let what = format!("rule {j} (line {}) {}", rule.line, rule.describe());
+            match verdict {
+                Verdict::Match => {
+                    let acts: Vec<String> = rule.actions.iter().map(|a| a.to_string()).collect();
+                    trace.push(format!("{what} matched: {}", acts.join(", ")));
+                    for a in &rule.actions {
+                        match a {
+                            Action::Mailto(addr) => mail_to.push(addr),
+                            Action::Slack { channel, style } => {
+                                let dup = posts.iter().any(|p| {
+                                    p.style == *style && p.channel.eq_ignore_ascii_case(channel)
+                                });
+                                if !dup {
+                                    posts.push(slack::make_post(
+                                        channel,
+                                        *style,
+                                        &facts.subject,
+                                        &msg.data,
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                }
+                Verdict::NoMatch => trace.push(format!("{what} did not match")),
+                Verdict::NoGocdData => {
+                    trace.push(format!("{what} not matched: no GoCD pipeline groups yet"))
+                }
+            }
+        }
+
+        let recipients = mailto::union(mail_to);
+        let mut deliveries = Vec::new();
+        if !recipients.is_empty() {
+            let data = mailto::rewrite(
+                &msg.data,
+                env.mail_from.as_deref(),
+                &recipients,
+                env.peer.ip(),
+            );
+            trace.push(format!("rewritten copy to {}", recipients.join(", ")));
+            deliveries.push(Delivery {
+                mail_from: env.mail_from.clone(),
+                rcpt_to: recipients.clone(),
+                data: Arc::new(data),
+            });
+        }
+        // Recipients the manager did not ask for keep the original, unless
+        // a rule already sends them the rewritten copy.
+        if let Wanted::To(wanted) = &cfg.wanted {
+            let others: Vec<String> = mailto::union(
+                env.rcpt_to
+                    .iter()
+                    .filter(|r| !same_address(r, wanted))
+                    .filter(|r| !recipients.iter().any(|x| same_address(x, r)))
+                    .map(String::as_str),
+            );
+            if !others.is_empty() {
+                trace.push(format!(
+                    "original passed on unchanged to the other recipients: {}",
+                    others.join(", ")
+                ));
+                deliveries.push(Delivery {
+                    mail_from: env.mail_from.clone(),
+                    rcpt_to: others,
+                    data: msg.data.clone(),
+                });
+            }
+        }
+        for p in &posts {
+            trace.push(format!("Slack post to {}", p.channel));
+        }
+        if deliveries.is_empty() && posts.is_empty() {
+            trace.push("dropped: no rule matched".into());
+            tracing::info!(
+                manager = %cfg.name,
+                subject = %facts.subject,
+                from = env.mail_from.as_deref().unwrap_or("<>"),
+                "message dropped: no rule matched"
+            );
+        }
+        Routing {
+            deliveries,
+            slack: posts,
+            trace,
+        }
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A rule's verdict: the `events` filter first (a message without a
+/// recognised event never passes one), then the function.
+pub fn rule_matches(rule: &RuleConfig, facts: &Facts) -> Verdict {
+    if let Some(events) = &rule.events {
+        match facts.event {
+            Some(e) if events.contains(&e) => {}
+            _ => return Verdict::NoMatch,
+        }
+    }
+    rule.function.check(facts)
+}
+
+fn wants(w: &Wanted, env: &Envelope) -> bool {
+    match w {
+        Wanted::To(a) => env.rcpt_to.iter().any(|r| same_address(r, a)),
+        Wanted::From(a) => env.mail_from.as_deref().is_some_and(|f| same_address(f, a)),
+    }
+}
+
+/// Addresses compare case-insensitively (as operators expect, although
+/// only the domain is case-insensitive by the RFC); `<…>` is ignored.
+fn same_address(a: &str, b: &str) -> bool {
+    let strip = |s: &str| {
+        s.trim()
+            .trim_start_matches('<')
+            .trim_end_matches('>')
+            .to_string()
+    };
+    strip(a).to_lowercase() == strip(b).to_lowercase()
+}
+
+/// The Subject header, unfolded and RFC 2047-decoded; empty when missing
+/// or unreadable.
+pub fn decode_subject(data: &[u8]) -> String {
+    match mailparse::parse_headers(data) {
+        Ok((headers, _)) => {
+            use mailparse::MailHeaderMap;
+            headers.get_first_value("Subject").unwrap_or_default()
+        }
+        Err(_) => String::new(),
+    }
+}
