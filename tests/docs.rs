@@ -30,6 +30,22 @@ use serde_json::json;
 /// `file::function`, that runs it with the real binary.
 const TESTED_COMMANDS: &[(&str, &str, &str)] = &[
     (
+        "route",
+        "tests/route_server.rs",
+        "unwanted_mail_is_forwarded_byte_identical_with_its_envelope",
+    ),
+    (
+        "route --check",
+        "tests/route_rules.rs",
+        "binary_check_and_explain",
+    ),
+    (
+        "route --explain",
+        "tests/route_rules.rs",
+        "binary_check_and_explain",
+    ),
+    ("route --test", "tests/route_rules.rs", "binary_selftest"),
+    (
         "check-config",
         "tests/docs.rs",
         "the_operators_first_run_works_as_documented",
