@@ -224,7 +224,9 @@ async fn lock_pending<C: GenericClient>(
     let ids: Vec<i64> = marks.iter().map(|d| d.0).collect();
     let rows = tx
         .query(
-            "SELECT id FROM directives WHERE id = ANY($1) AND sent_id IS NULL FOR UPDATE SKIP LOCKED",
+            // `+ 0`: keep the planner off the sent_id index (see directive::claim_at).
+            "SELECT id FROM directives WHERE id = ANY($1) AND sent_id + 0 IS NULL \
+             FOR UPDATE SKIP LOCKED",
             &[&ids],
         )
         .await?;
