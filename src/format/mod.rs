@@ -39,29 +39,7 @@ use crate::ticket::Ticket;
 pub const OBSERVATION_KEY: &str = "time.observation";
 
 /// One problem in the format files.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FormatProblem {
-    /// The file (a format file, or a variables file it names).
-    pub file: String,
-    /// TOML key path such as `format[2].columns[4]` (JSON key path for a
-    /// variables file); empty for whole-file problems.
-    pub key: String,
-    pub line: Option<usize>,
-    pub reason: String,
-}
-
-impl fmt::Display for FormatProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file)?;
-        if let Some(l) = self.line {
-            write!(f, ":{l}")?;
-        }
-        if !self.key.is_empty() {
-            write!(f, ": key `{}`", self.key)?;
-        }
-        write!(f, ": {}", self.reason)
-    }
-}
+pub type FormatProblem = crate::config::LocatedProblem;
 
 /// Every problem found while loading the formats; the set is refused.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -166,29 +166,7 @@ impl RuleConfig {
 }
 
 /// One problem with the configuration file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteConfigProblem {
-    pub file: String,
-    /// 1-based; `None` for whole-file problems (cannot read).
-    pub line: Option<usize>,
-    /// Key path such as `managers[0].rules[1].filter.function`; empty for
-    /// whole-file problems.
-    pub key: String,
-    pub reason: String,
-}
-
-impl fmt::Display for RouteConfigProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file)?;
-        if let Some(l) = self.line {
-            write!(f, ":{l}")?;
-        }
-        if !self.key.is_empty() {
-            write!(f, ": key `{}`", self.key)?;
-        }
-        write!(f, ": {}", self.reason)
-    }
-}
+pub type RouteConfigProblem = crate::config::LocatedProblem;
 
 /// Every problem found; the configuration is refused as a whole.
 #[derive(Debug, Clone, thiserror::Error)]
