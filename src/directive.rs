@@ -356,6 +356,34 @@ pub async fn claim_at<S: crate::db::Session>(
     })
 }
 
+/// Claims the directives of several groups at once (see [`claim_at`]):
+/// returns the ids this transaction now holds and the database's `now()`
+/// (`None` when it holds none). A group is claimed when all of its ids are
+/// among them.
+pub async fn claim_many<S: crate::db::Session>(
+    tx: &S,
+    ids: &[DirectiveId],
+) -> Result<
+    (
+        std::collections::HashSet<DirectiveId>,
+        Option<DateTime<Utc>>,
+    ),
+    tokio_postgres::Error,
+> {
+    use tokio_postgres::GenericClient;
+    let raw: Vec<i64> = ids.iter().map(|d| d.0).collect();
+    // The same statement as claim_at's, so it shares the prepared plan.
+    let st = crate::db::prepare(
+        tx,
+        "SELECT id, now() FROM directives WHERE id = ANY($1) AND sent_id + 0 IS NULL \
+         FOR UPDATE SKIP LOCKED",
+    )
+    .await?;
+    let rows = tx.client().query(&st, &[&raw]).await?;
+    let now = rows.first().map(|r| r.get::<_, DateTime<Utc>>(1));
+    Ok((rows.iter().map(|r| DirectiveId(r.get(0))).collect(), now))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

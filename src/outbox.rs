@@ -159,6 +159,142 @@ pub async fn record<S: Session>(
     Ok(out)
 }
 
+/// [`record`] for the mails of several groups in one statement (one
+/// commit instead of one per mail). Returns the row ids in order.
+pub async fn record_many<S: Session>(
+    session: &S,
+    instance: &str,
+    intents: &[Intent<'_>],
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    if intents.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Arrays of arrays must be rectangular in PostgreSQL, so the per-row
+    // arrays travel as array literals and are cast on the server.
+    let tickets: Vec<&str> = intents.iter().map(|i| i.ticket.as_str()).collect();
+    let message_ids: Vec<&str> = intents.iter().map(|i| i.message_id).collect();
+    let marks: Vec<String> = intents.iter().map(|i| id_array_literal(i.marks)).collect();
+    let groups: Vec<String> = intents.iter().map(|i| id_array_literal(i.group)).collect();
+    let marks_sent: Vec<bool> = intents.iter().map(|i| !i.marks.is_empty()).collect();
+    let from: Vec<&str> = intents.iter().map(|i| i.envelope_from).collect();
+    let to: Vec<String> = intents
+        .iter()
+        .map(|i| text_array_literal(i.envelope_to))
+        .collect();
+    let messages: Vec<&[u8]> = intents.iter().map(|i| i.message).collect();
+    let sent_at: Vec<DateTime<Utc>> = intents.iter().map(|i| i.sent_at).collect();
+    let st = db::prepare(
+        session,
+        "INSERT INTO mailgend.outbox (ticket, message_id, directive_ids, group_directive_ids, \
+             marks_sent, envelope_from, envelope_to, message, sent_at, state, attempts, instance) \
+         SELECT t, m, d::int8[], g::int8[], ms, ef, et::text[], msg, sa, 'sending', 1, $10 \
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[], $6::text[], \
+                       $7::text[], $8::bytea[], $9::timestamptz[]) \
+                AS u(t, m, d, g, ms, ef, et, msg, sa) \
+         RETURNING id, message_id",
+    )
+    .await?;
+    let rows = session
+        .client()
+        .query(
+            &st,
+            &[
+                &tickets,
+                &message_ids,
+                &marks,
+                &groups,
+                &marks_sent,
+                &from,
+                &to,
+                &messages,
+                &sent_at,
+                &instance,
+            ],
+        )
+        .await?;
+    // RETURNING's order is not promised. Message-Ids are unique per mail
+    // (tickets are not: a constituency copy shares its mail's).
+    let by_id: std::collections::HashMap<String, i64> = rows
+        .iter()
+        .map(|r| (r.get::<_, String>(1), r.get::<_, i64>(0)))
+        .collect();
+    Ok(message_ids
+        .iter()
+        .map(|m| *by_id.get(*m).expect("every inserted row is returned"))
+        .collect())
+}
+
+/// `{1,2,3}`: a bigint array literal.
+fn id_array_literal(ids: &[DirectiveId]) -> String {
+    let mut s = String::from("{");
+    for (n, d) in ids.iter().enumerate() {
+        if n > 0 {
+            s.push(',');
+        }
+        s.push_str(&d.0.to_string());
+    }
+    s.push('}');
+    s
+}
+
+/// A text array literal with every element quoted, so commas, braces,
+/// quotes, backslashes and spaces in an address stay data.
+fn text_array_literal(items: &[String]) -> String {
+    let mut s = String::from("{");
+    for (n, item) in items.iter().enumerate() {
+        if n > 0 {
+            s.push(',');
+        }
+        s.push('"');
+        for c in item.chars() {
+            if c == '"' || c == '\\' {
+                s.push('\\');
+            }
+            s.push(c);
+        }
+        s.push('"');
+    }
+    s.push('}');
+    s
+}
+
+/// [`accepted`] for several rows in one statement.
+pub async fn accepted_many<S: Session>(tx: &S, ids: &[i64]) -> Result<(), tokio_postgres::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let st = db::prepare(
+        tx,
+        "WITH moved AS (DELETE FROM mailgend.outbox WHERE id = ANY($1) \
+                          RETURNING id, ticket, message_id, directive_ids, group_directive_ids, \
+                                    envelope_to, sent_at, attempts, instance) \
+         INSERT INTO mailgend.sent_mail (id, ticket, message_id, directive_ids, \
+                     group_directive_ids, envelope_to, sent_at, attempts, instance) \
+         SELECT id, ticket, message_id, directive_ids, group_directive_ids, envelope_to, \
+                sent_at, attempts, instance FROM moved",
+    )
+    .await?;
+    tx.client().execute(&st, &[&ids]).await?;
+    Ok(())
+}
+
+/// The directive ids of every open row's group that shares a directive
+/// with `ids`: a group of a batch that meets one of them has open mails
+/// and must be resumed, not rendered anew. Call while holding the locks.
+pub async fn open_group_members<S: Session>(
+    tx: &S,
+    ids: &[DirectiveId],
+) -> Result<std::collections::HashSet<DirectiveId>, tokio_postgres::Error> {
+    let st = db::prepare(
+        tx,
+        "SELECT DISTINCT unnest(group_directive_ids) FROM mailgend.outbox \
+         WHERE group_directive_ids && $1 AND state IN ('sending', 'retry', 'held')",
+    )
+    .await?;
+    let rows = tx.client().query(&st, &[&self::ids(ids)]).await?;
+    Ok(rows.iter().map(|r| DirectiveId(r.get(0))).collect())
+}
+
 /// Records a row as accepted (in the group's transaction, together with
 /// marking the directives sent): it moves to `mailgend.sent_mail`, without
 /// the message, which is no longer needed. The outbox thus only ever holds

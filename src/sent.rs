@@ -35,3 +35,52 @@ pub async fn mark_sent<S: Session>(
         .await?;
     Ok(row.get(0))
 }
+
+/// One accepted mail's marks, for [`mark_sent_many`].
+pub struct Mark<'a> {
+    pub ticket: &'a Ticket,
+    pub sent_at: DateTime<Utc>,
+    pub directive_ids: &'a [DirectiveId],
+}
+
+/// [`mark_sent`] for the accepted mails of a batch of groups in one
+/// statement: PostgreSQL's cost for many one-row statements is mostly
+/// executor start-up, not the rows. Mails that mark nothing are skipped.
+pub async fn mark_sent_many<S: Session>(
+    tx: &S,
+    marks: &[Mark<'_>],
+) -> Result<(), tokio_postgres::Error> {
+    let marks: Vec<&Mark> = marks
+        .iter()
+        .filter(|m| !m.directive_ids.is_empty())
+        .collect();
+    if marks.is_empty() {
+        return Ok(());
+    }
+    let tickets: Vec<&str> = marks.iter().map(|m| m.ticket.as_str()).collect();
+    let sent_at: Vec<DateTime<Utc>> = marks.iter().map(|m| m.sent_at).collect();
+    let (mut by_ticket, mut directive) = (Vec::new(), Vec::new());
+    for m in &marks {
+        for d in m.directive_ids {
+            by_ticket.push(m.ticket.as_str());
+            directive.push(d.0);
+        }
+    }
+    let st = db::prepare(
+        tx,
+        // Tickets are unique in `sent`, so they join each directive to its
+        // new row.
+        "WITH sent_rows AS (INSERT INTO sent (intelmq_ticket, sent_at) \
+                                SELECT * FROM unnest($1::text[], $2::timestamptz[]) \
+                                RETURNING id, intelmq_ticket), \
+              marks AS (SELECT * FROM unnest($3::text[], $4::int8[]) AS m(ticket, directive_id)) \
+         UPDATE directives SET sent_id = sent_rows.id \
+           FROM marks JOIN sent_rows ON sent_rows.intelmq_ticket = marks.ticket \
+          WHERE directives.id = marks.directive_id",
+    )
+    .await?;
+    tx.client()
+        .execute(&st, &[&tickets, &sent_at, &by_ticket, &directive])
+        .await?;
+    Ok(())
+}

@@ -134,7 +134,8 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
     let listener = tokio::spawn(wakeup::listen(config.database.clone(), wake_tx));
 
     let workers = config.service.workers;
-    let (job_tx, job_rx) = mpsc::channel::<Group>(workers);
+    // Room for a burst's small groups to be gathered into batches.
+    let (job_tx, job_rx) = mpsc::channel::<Group>(workers * pipeline::batch::BATCH_GROUPS / 4);
     let job_rx = Arc::new(Mutex::new(job_rx));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut pool = tokio::task::JoinSet::new();
@@ -497,12 +498,38 @@ async fn worker(
     done: mpsc::UnboundedSender<Done>,
 ) {
     let mut conns: Option<(Connections, EventColumns)> = None;
+    // A large group met while gathering a batch: next in line.
+    let mut carried: Option<Group> = None;
     loop {
-        let group = {
-            let mut rx = jobs.lock().await;
-            rx.recv().await
+        let groups = match carried.take() {
+            Some(g) => vec![g],
+            None => {
+                let mut rx = jobs.lock().await;
+                let Some(first) = rx.recv().await else { return };
+                let mut groups = vec![first];
+                // Whatever else is already waiting joins the batch; never
+                // wait for more (latency).
+                if pipeline::batch::fits(&groups[0]) {
+                    let mut size = groups[0].directive_ids.len();
+                    while groups.len() < pipeline::batch::BATCH_GROUPS
+                        && size < pipeline::batch::BATCH_DIRECTIVES
+                    {
+                        match rx.try_recv() {
+                            Ok(g) if pipeline::batch::fits(&g) => {
+                                size += g.directive_ids.len();
+                                groups.push(g);
+                            }
+                            Ok(g) => {
+                                carried = Some(g);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                groups
+            }
         };
-        let Some(group) = group else { return };
         let p = snapshot(&current);
         let _busy = p.metrics.worker_busy();
         if conns.as_ref().is_none_or(|(c, _)| c.is_closed()) {
@@ -510,27 +537,33 @@ async fn worker(
                 Ok(c) => Some(c),
                 Err(e) => {
                     p.metrics.db_error();
-                    let key = group.key.clone();
-                    let _ = done.send(Done {
-                        key,
-                        result: Err(e),
-                        group,
-                    });
+                    let why = e.to_string();
+                    for group in groups {
+                        let key = group.key.clone();
+                        let _ = done.send(Done {
+                            key,
+                            result: Err(GroupError::NoConnection(why.clone())),
+                            group,
+                        });
+                    }
                     continue;
                 }
             };
         }
         let (c, columns) = conns.as_mut().expect("connections just opened");
         let started = std::time::Instant::now();
-        let result = pipeline::process_group(&p, c, columns, &group, RunOptions::default()).await;
+        let results =
+            pipeline::batch::process_batch(&p, c, columns, &groups, RunOptions::default()).await;
         p.metrics.observe_send(started.elapsed());
-        if let Err(GroupError::Db(_)) = &result {
-            p.metrics.db_error();
-        }
-        debug!(worker = n, "group done");
-        let key = group.key.clone();
-        if done.send(Done { key, result, group }).is_err() {
-            return;
+        debug!(worker = n, groups = groups.len(), "batch done");
+        for (group, result) in groups.into_iter().zip(results) {
+            if let Err(GroupError::Db(_)) = &result {
+                p.metrics.db_error();
+            }
+            let key = group.key.clone();
+            if done.send(Done { key, result, group }).is_err() {
+                return;
+            }
         }
     }
 }

@@ -31,6 +31,8 @@ use crate::smtp::{Outbound, SmtpError};
 use crate::template::TemplateStore;
 use crate::ticket::{self, Ticket, TicketError};
 
+pub mod batch;
+
 /// Everything a run needs that does not change during it: one loaded
 /// configuration with its formats, templates and signing key. A reload
 /// builds a new one; work in flight keeps the one it started with.
@@ -204,8 +206,16 @@ pub enum GroupError {
     Db(#[from] tokio_postgres::Error),
     #[error(transparent)]
     Connect(db::DbError),
+    /// The worker could not open its database connections.
+    #[error("{0}")]
+    NoConnection(String),
     #[error("signing task failed: {0}")]
     Join(String),
+    /// SMTP accepted mails of a batch, but recording them failed: they are
+    /// in doubt, and the next attempt resends or holds them
+    /// (`mailgend.in_doubt`).
+    #[error("recording the sent mails failed, they are in doubt: {0}")]
+    Recording(String),
     /// Some mails of the group went out and were recorded, a later one
     /// failed.
     #[error("{sent} of the group's mails were sent and recorded, then: {source}")]
@@ -222,7 +232,8 @@ impl GroupError {
     pub fn is_temporary(&self) -> bool {
         match self {
             GroupError::Smtp { source, .. } => source.is_temporary(),
-            GroupError::Db(_) | GroupError::Connect(_) => true,
+            GroupError::Db(_) | GroupError::Connect(_) | GroupError::Recording(_) => true,
+            GroupError::NoConnection(_) => true,
             GroupError::Events(EventError::Db(_)) => true,
             GroupError::Ticket(TicketError::Db(_)) => true,
             GroupError::Partial { source, .. } => source.is_temporary(),
@@ -292,7 +303,8 @@ pub async fn run_once(pipeline: Arc<Pipeline>, opts: RunOptions) -> Result<Summa
     let client = db::connect(&pipeline.config.database).await?;
     let columns = Arc::new(EventColumns::read(&client).await?);
     let workers = pipeline.config.service.workers.max(1);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Group>(workers * 4);
+    // Room for every worker to gather a batch.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Group>(workers * batch::BATCH_GROUPS);
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let summary = Arc::new(Mutex::new(Summary::default()));
 
@@ -304,22 +316,39 @@ pub async fn run_once(pipeline: Arc<Pipeline>, opts: RunOptions) -> Result<Summa
         let summary = summary.clone();
         let columns = columns.clone();
         tasks.spawn(async move {
+            // A large group met while gathering a batch: next in line.
+            let mut carried: Option<Group> = None;
             loop {
-                let next = rx.lock().await.recv().await;
-                let Some(group) = next else { break };
-                let result = process_group(&pipeline, &mut conns, &columns, &group, opts).await;
-                let mut s = summary.lock().expect("summary lock");
-                match result {
-                    Ok(GroupOutcome::Sent { mails }) => s.sent += mails,
-                    Ok(GroupOutcome::Postponed { .. }) => s.postponed += 1,
-                    Ok(GroupOutcome::Busy) | Ok(GroupOutcome::Held) => s.busy += 1,
-                    Err(e) => {
-                        s.errors += 1;
-                        if let GroupError::Partial { sent, .. } = &e {
-                            s.sent += sent;
+                let first = match carried.take() {
+                    Some(g) => g,
+                    None => match rx.lock().await.recv().await {
+                        Some(g) => g,
+                        None => break,
+                    },
+                };
+                let mut groups = vec![first];
+                if batch::fits(&groups[0]) {
+                    let mut size = groups[0].directive_ids.len();
+                    let mut rx = rx.lock().await;
+                    while groups.len() < batch::BATCH_GROUPS && size < batch::BATCH_DIRECTIVES {
+                        match rx.try_recv() {
+                            Ok(g) if batch::fits(&g) => {
+                                size += g.directive_ids.len();
+                                groups.push(g);
+                            }
+                            Ok(g) => {
+                                carried = Some(g);
+                                break;
+                            }
+                            Err(_) => break,
                         }
-                        log_group_error(&group, &e);
                     }
+                }
+                let results =
+                    batch::process_batch(&pipeline, &mut conns, &columns, &groups, opts).await;
+                let mut s = summary.lock().expect("summary lock");
+                for (group, result) in groups.iter().zip(results) {
+                    tally(&mut s, group, result);
                 }
             }
         });
@@ -362,6 +391,22 @@ pub async fn run_once(pipeline: Arc<Pipeline>, opts: RunOptions) -> Result<Summa
         );
     }
     Ok(s)
+}
+
+/// Adds a group's outcome to the run's counts; logs a failure.
+fn tally(s: &mut Summary, group: &Group, result: Result<GroupOutcome, GroupError>) {
+    match result {
+        Ok(GroupOutcome::Sent { mails }) => s.sent += mails,
+        Ok(GroupOutcome::Postponed { .. }) => s.postponed += 1,
+        Ok(GroupOutcome::Busy) | Ok(GroupOutcome::Held) => s.busy += 1,
+        Err(e) => {
+            s.errors += 1;
+            if let GroupError::Partial { sent, .. } = &e {
+                s.sent += sent;
+            }
+            log_group_error(group, &e);
+        }
+    }
 }
 
 /// One mail ready for SMTP with the directives it marks sent.
@@ -594,30 +639,8 @@ async fn deliver(
     };
     for (i, s) in sends.iter().enumerate() {
         if let Err(source) = p.outbound.send(s.from, s.to, s.bytes).await {
-            p.metrics.smtp_error();
-            if source.delivery_unknown() {
-                p.metrics.mail_failed(FailReason::InDoubt);
-            }
             let rest: Vec<i64> = sends[i..].iter().map(|s| s.outbox_id).collect();
-            let state = match &source {
-                SmtpError::Permanent(_) | SmtpError::Address { .. } | SmtpError::Config(_) => {
-                    Some(outbox::State::Failed)
-                }
-                SmtpError::Temporary(_) | SmtpError::Unreachable(_) => Some(outbox::State::Retry),
-                SmtpError::Connection(_) => None,
-            };
-            if let Some(state) = state {
-                // Best effort: if this fails the rows stay `sending` and the
-                // next attempt treats them as in doubt, which is safe.
-                if let Err(e) = outbox::refused(side, &rest, state, &source.to_string()).await {
-                    warn!("could not record the SMTP refusal in the outbox: {e}");
-                }
-            } else if rest.len() > 1 {
-                // Only the first mail's fate is unknown; the others were
-                // never handed over.
-                let _ =
-                    outbox::refused(side, &rest[1..], outbox::State::Retry, "not attempted").await;
-            }
+            record_refusal(p, side, &rest, &source).await;
             let err = GroupError::Smtp {
                 relay: p.outbound.relay().to_string(),
                 source,
@@ -635,25 +658,59 @@ async fn deliver(
             };
         }
         accepted += 1;
-        p.metrics.mail_sent();
-        if let Ok(latency) = (Utc::now() - group.inserted_at).to_std() {
-            p.metrics.observe_insert_to_smtp(latency);
-        }
+        note_accepted(p, group, s, opts);
         if !s.marks.is_empty() {
             sent::mark_sent(&txc, s.ticket, s.sent_at, s.marks).await?;
         }
         outbox::accepted(&txc, s.outbox_id).await?;
-        info!(
-            ticket = %s.ticket,
-            recipient = %s.to.join(", "),
-            directive_ids = %group.directive_ids_display(),
-            event_ids = %if opts.list_event_ids { group.event_ids_display() } else { "-".into() },
-            mail_message_id = %s.message_id,
-            "mail sent"
-        );
     }
     tx.commit().await?;
     Ok(GroupOutcome::Sent { mails: accepted })
+}
+
+/// Counts an SMTP failure and records in the outbox what became of `rest`
+/// (the failed mail, then the group's later ones): `retry` after a 4xx,
+/// `failed` after a 5xx, the first left `sending` (in doubt) when the
+/// connection broke without a reply.
+async fn record_refusal(p: &Pipeline, side: &Client, rest: &[i64], source: &SmtpError) {
+    p.metrics.smtp_error();
+    if source.delivery_unknown() {
+        p.metrics.mail_failed(FailReason::InDoubt);
+    }
+    let state = match source {
+        SmtpError::Permanent(_) | SmtpError::Address { .. } | SmtpError::Config(_) => {
+            Some(outbox::State::Failed)
+        }
+        SmtpError::Temporary(_) | SmtpError::Unreachable(_) => Some(outbox::State::Retry),
+        SmtpError::Connection(_) => None,
+    };
+    if let Some(state) = state {
+        // Best effort: if this fails the rows stay `sending` and the next
+        // attempt treats them as in doubt, which is safe.
+        if let Err(e) = outbox::refused(side, rest, state, &source.to_string()).await {
+            warn!("could not record the SMTP refusal in the outbox: {e}");
+        }
+    } else if rest.len() > 1 {
+        // Only the first mail's fate is unknown; the others were never
+        // handed over.
+        let _ = outbox::refused(side, &rest[1..], outbox::State::Retry, "not attempted").await;
+    }
+}
+
+/// Metrics and the INFO line operators grep for, once SMTP accepted `s`.
+fn note_accepted(p: &Pipeline, group: &Group, s: &Send<'_>, opts: RunOptions) {
+    p.metrics.mail_sent();
+    if let Ok(latency) = (Utc::now() - group.inserted_at).to_std() {
+        p.metrics.observe_insert_to_smtp(latency);
+    }
+    info!(
+        ticket = %s.ticket,
+        recipient = %s.to.join(", "),
+        directive_ids = %group.directive_ids_display(),
+        event_ids = %if opts.list_event_ids { group.event_ids_display() } else { "-".into() },
+        mail_message_id = %s.message_id,
+        "mail sent"
+    );
 }
 
 /// Finishes mails an earlier attempt left open: resend the stored bytes
