@@ -5,6 +5,7 @@
 //! real table (event data and format files never reach SQL as text).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
@@ -24,23 +25,43 @@ pub enum FieldValue {
 }
 
 /// One row of `events`, restricted to the columns that were loaded.
+///
+/// The column names are shared by every event of a load: a group of tens
+/// of thousands of events then holds each name once, not once per event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     pub id: EventId,
-    pub fields: BTreeMap<String, FieldValue>,
+    /// Sorted, no duplicates; parallel to `values`.
+    columns: Arc<[String]>,
+    values: Vec<FieldValue>,
 }
 
 impl Event {
+    /// An event with these column values (for tests and tools; loads build
+    /// theirs with shared column names).
+    pub fn new(id: EventId, fields: impl IntoIterator<Item = (String, FieldValue)>) -> Event {
+        let map: BTreeMap<String, FieldValue> = fields.into_iter().collect();
+        let (columns, values): (Vec<String>, Vec<FieldValue>) = map.into_iter().unzip();
+        Event {
+            id,
+            columns: columns.into(),
+            values,
+        }
+    }
+
     /// The value of an event column (`source.ip`); `Null` when the column
     /// was not loaded or is NULL.
     pub fn get(&self, column: &str) -> &FieldValue {
-        self.fields.get(column).unwrap_or(&FieldValue::Null)
+        match self.columns.binary_search_by(|c| c.as_str().cmp(column)) {
+            Ok(i) => &self.values[i],
+            Err(_) => &FieldValue::Null,
+        }
     }
 
     /// The value of `key` inside the `extra` JSON object, if present.
     pub fn extra(&self, key: &str) -> Option<&serde_json::Value> {
-        match self.fields.get("extra") {
-            Some(FieldValue::Json(serde_json::Value::Object(map))) => map.get(key),
+        match self.get("extra") {
+            FieldValue::Json(serde_json::Value::Object(map)) => map.get(key),
             _ => None,
         }
     }
@@ -107,7 +128,8 @@ impl EventColumns {
     }
 
     /// Loads the events with the given ids (ascending by id), with only
-    /// `columns` (plus `id`).
+    /// `columns` (plus `id`). `extra.KEY` loads only that key of `extra`
+    /// (unless `extra` itself is among the columns).
     pub async fn load<S: crate::db::Session>(
         &self,
         session: &S,
@@ -116,8 +138,33 @@ impl EventColumns {
     ) -> Result<Vec<Event>, EventError> {
         let mut select = String::from("SELECT id");
         let mut wanted = Vec::new();
+        // `extra.KEY` asks for one key of `extra`. Unless the whole object
+        // is wanted too, only those keys are loaded: a Shadowserver
+        // event's `extra` holds dozens of keys, and parsed they were most
+        // of a large group's memory.
+        let whole_extra = columns.iter().any(|c| c == "extra");
+        let mut extra_keys: Vec<String> = Vec::new();
         for col in columns {
-            if col == "id" || wanted.iter().any(|(c, _)| c == col) {
+            if let Some(key) = col.strip_prefix("extra.") {
+                if self.kinds.get("extra") != Some(&ColumnKind::Json) {
+                    return Err(EventError::UnknownColumn(col.clone()));
+                }
+                if !whole_extra && !extra_keys.iter().any(|k| k == key) {
+                    extra_keys.push(key.to_string());
+                }
+            }
+        }
+        if !extra_keys.is_empty() {
+            // Keys travel as a parameter, never as SQL text.
+            select.push_str(
+                ", CASE WHEN jsonb_typeof(\"extra\"::jsonb) = 'object' THEN \
+                   (SELECT jsonb_object_agg(k, \"extra\"::jsonb -> k) \
+                      FROM unnest($2::text[]) AS k WHERE \"extra\"::jsonb ? k) END",
+            );
+            wanted.push(("extra".to_string(), ColumnKind::Json));
+        }
+        for col in columns {
+            if col == "id" || col.starts_with("extra.") || wanted.iter().any(|(c, _)| c == col) {
                 continue;
             }
             let kind = *self
@@ -143,11 +190,25 @@ impl EventColumns {
         select.push_str(" FROM events WHERE id = ANY($1) ORDER BY id");
         let ids: Vec<i64> = ids.iter().map(|e| e.0).collect();
         let st = crate::db::prepare(session, &select).await?;
-        let rows = tokio_postgres::GenericClient::query(session.client(), &st, &[&ids]).await?;
+        let rows = if extra_keys.is_empty() {
+            tokio_postgres::GenericClient::query(session.client(), &st, &[&ids]).await?
+        } else {
+            tokio_postgres::GenericClient::query(session.client(), &st, &[&ids, &extra_keys])
+                .await?
+        };
+        // Values are stored in column-name order; `slot[i]` is where the
+        // i-th selected column goes.
+        let mut sorted: Vec<String> = wanted.iter().map(|(c, _)| c.clone()).collect();
+        sorted.sort();
+        let slot: Vec<usize> = wanted
+            .iter()
+            .map(|(c, _)| sorted.binary_search(c).expect("a selected column"))
+            .collect();
+        let names: Arc<[String]> = sorted.into();
         let mut events = Vec::with_capacity(rows.len());
         for row in rows {
-            let mut fields = BTreeMap::new();
-            for (i, (col, kind)) in wanted.iter().enumerate() {
+            let mut values = vec![FieldValue::Null; wanted.len()];
+            for (i, (_, kind)) in wanted.iter().enumerate() {
                 let idx = i + 1;
                 let v = match kind {
                     ColumnKind::Int => row.get::<_, Option<i64>>(idx).map(FieldValue::Int),
@@ -166,11 +227,12 @@ impl EventColumns {
                         row.get::<_, Option<String>>(idx).map(FieldValue::Text)
                     }
                 };
-                fields.insert(col.clone(), v.unwrap_or(FieldValue::Null));
+                values[slot[i]] = v.unwrap_or(FieldValue::Null);
             }
             events.push(Event {
                 id: EventId(row.get(0)),
-                fields,
+                columns: names.clone(),
+                values,
             });
         }
         Ok(events)

@@ -31,14 +31,6 @@ impl Column {
         }
     }
 
-    /// The `events` column this column reads.
-    pub fn event_column(&self) -> &str {
-        match self {
-            Column::Event { field, .. } => field,
-            Column::Extra { .. } => "extra",
-        }
-    }
-
     /// A name for the column that is unique within a sane table:
     /// `source.ip` or `extra.system_desc`.
     pub fn source_name(&self) -> String {
@@ -113,9 +105,10 @@ impl TableFormat {
     pub fn event_columns(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
         for c in &self.columns {
-            let name = c.event_column();
-            if !out.iter().any(|o| o == name) {
-                out.push(name.to_string());
+            // `extra.KEY`: the loader then fetches only the keys used.
+            let name = c.source_name();
+            if !out.contains(&name) {
+                out.push(name);
             }
         }
         out
@@ -401,21 +394,24 @@ mod tests {
     #[test]
     fn cells_like_python() {
         let t = Utc.with_ymd_and_hms(2024, 5, 1, 6, 0, 0).unwrap();
-        let mut e = Event {
-            id: EventId(1),
-            fields: Default::default(),
-        };
-        e.fields.insert(
-            "time.source".into(),
-            FieldValue::Timestamp(t + chrono::Duration::microseconds(5)),
-        );
-        e.fields.insert(
-            "time.observation".into(),
-            FieldValue::Timestamp(t + chrono::Duration::microseconds(5)),
-        );
-        e.fields.insert(
-            "extra".into(),
-            FieldValue::Json(json!({"v": 6.20, "b": true, "n": null, "o": {"a": [1, "it's"]}})),
+        let e = Event::new(
+            EventId(1),
+            [
+                (
+                    "time.source".to_string(),
+                    FieldValue::Timestamp(t + chrono::Duration::microseconds(5)),
+                ),
+                (
+                    "time.observation".to_string(),
+                    FieldValue::Timestamp(t + chrono::Duration::microseconds(5)),
+                ),
+                (
+                    "extra".to_string(),
+                    FieldValue::Json(
+                        json!({"v": 6.20, "b": true, "n": null, "o": {"a": [1, "it's"]}}),
+                    ),
+                ),
+            ],
         );
         let col = |f: &str| Column::from_field(f, "t").cell(&e);
         assert_eq!(col("time.source"), "2024-05-01 06:00:00");

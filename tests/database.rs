@@ -415,3 +415,90 @@ async fn committed_draws_roll_over_once_and_then_take_the_fast_path() {
         .await
         .is_err());
 }
+
+/// `extra.KEY` columns load only those keys of `extra`; what a format sees
+/// through `Event::extra` must be exactly what loading all of `extra`
+/// gives, for objects, nulls, nested values, missing keys, a non-object
+/// `extra` and no `extra`, with `extra` as json and as jsonb.
+#[tokio::test]
+async fn extra_keys_load_like_the_whole_object() {
+    use mailgend::directive::EventId;
+    use mailgend::event::EventColumns;
+    for extra in [ExtraType::Jsonb, ExtraType::Json] {
+        let env = TestEnv::with(EnvOptions {
+            extra,
+            ..EnvOptions::default()
+        })
+        .await;
+        let client = env.client().await;
+        let mut ids = Vec::new();
+        for e in [
+            r#"{"a": 1, "b": "x", "c": null, "n": {"z": [1, 2.5, "q"]}, "d'q": "quote"}"#,
+            r#""a""#,
+            r#"[1, 2]"#,
+            r#"{}"#,
+        ] {
+            let id: i64 = client
+                .query_one(
+                    "INSERT INTO events (\"source.asn\", extra) VALUES (64496, $1::text::json) \
+                     RETURNING id",
+                    &[&e],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            ids.push(EventId(id));
+        }
+        let id: i64 = client
+            .query_one(
+                "INSERT INTO events (\"source.asn\") VALUES (64497) RETURNING id",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        ids.push(EventId(id));
+        let columns = EventColumns::read(&client).await.unwrap();
+        let keys = ["a", "b", "c", "n", "zz", "d'q"];
+        let some: Vec<String> = std::iter::once("source.asn".to_string())
+            .chain(keys.iter().map(|k| format!("extra.{k}")))
+            .collect();
+        let whole = columns
+            .load(
+                &client,
+                &ids,
+                &["source.asn".to_string(), "extra".to_string()],
+            )
+            .await
+            .unwrap();
+        let filtered = columns.load(&client, &ids, &some).await.unwrap();
+        assert_eq!(whole.len(), 5);
+        assert_eq!(filtered.len(), 5);
+        for (w, f) in whole.iter().zip(&filtered) {
+            assert_eq!(w.id, f.id);
+            assert_eq!(w.get("source.asn"), f.get("source.asn"));
+            for k in keys {
+                assert_eq!(w.extra(k), f.extra(k), "{extra:?} event {:?} key {k}", w.id);
+            }
+        }
+        assert_eq!(filtered[0].extra("c"), Some(&serde_json::Value::Null));
+        assert_eq!(filtered[0].extra("d'q"), Some(&json!("quote")));
+        assert_eq!(filtered[1].extra("a"), None, "a JSON string has no keys");
+        // Asking for the whole object and a key: the whole object.
+        let both = columns
+            .load(
+                &client,
+                &ids[..1],
+                &["extra".to_string(), "extra.a".to_string()],
+            )
+            .await
+            .unwrap();
+        assert_eq!(both[0].get("extra"), whole[0].get("extra"));
+        // A key of a column that is not JSON is refused, not guessed.
+        let err = columns
+            .load(&client, &ids, &["nosuch.a".to_string()])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("nosuch.a"), "{err}");
+    }
+}

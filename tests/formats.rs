@@ -148,13 +148,10 @@ fn simple_group(nf: &str, edf: &str, template: &str, agg: &[(&str, &str)]) -> Gr
 }
 
 fn event(id: i64, fields: &[(&str, FieldValue)]) -> Event {
-    Event {
-        id: EventId(id),
-        fields: fields
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect(),
-    }
+    Event::new(
+        EventId(id),
+        fields.iter().map(|(k, v)| (k.to_string(), v.clone())),
+    )
 }
 
 fn ticket(n: i64) -> Ticket {
@@ -483,7 +480,15 @@ fn csv_bytes_for_every_value_kind() {
             "time.observation",
             "feed.accuracy",
             "flag",
-            "extra"
+            "extra.v",
+            "extra.n",
+            "extra.b",
+            "extra.i",
+            "extra.big",
+            "extra.f",
+            "extra.s",
+            "extra.o",
+            "extra.missing"
         ]
     );
 }
@@ -768,7 +773,12 @@ fn dispatch_by_directive_fields_in_file_order() {
     assert_eq!(p.data_location(), Some(DataLocation::Inline));
     assert_eq!(
         p.event_columns(),
-        vec!["source.asn", "source.ip", "time.source", "extra"]
+        vec![
+            "source.asn",
+            "source.ip",
+            "time.source",
+            "extra.redis_version"
+        ]
     );
     assert_eq!(p.tickets_needed(5), 1);
 

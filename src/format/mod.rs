@@ -322,6 +322,10 @@ impl FormatSet {
         self.rules
             .iter()
             .flat_map(|r| action_event_columns(&r.action))
+            .map(|c| match c.split_once('.') {
+                Some(("extra", _)) => "extra".to_string(),
+                _ => c,
+            })
             .collect()
     }
 

@@ -100,10 +100,8 @@ impl XarfSpec {
     pub fn event_columns(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
         for f in &self.fields {
-            let col = match f.field.split_once('.') {
-                Some(("extra", _)) => "extra".to_string(),
-                _ => f.field.clone(),
-            };
+            // `extra.KEY` stays whole: the loader fetches only the keys used.
+            let col = f.field.clone();
             if !out.contains(&col) {
                 out.push(col);
             }

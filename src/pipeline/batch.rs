@@ -236,6 +236,9 @@ async fn run(
         }
     }
 
+    for w in &mut works {
+        w.events = Vec::new();
+    }
     // MIME and signatures for the whole batch on the blocking pool.
     let marks: Vec<Vec<Vec<DirectiveId>>> = rendered
         .iter()

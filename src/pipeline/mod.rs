@@ -550,8 +550,12 @@ pub async fn process_group(
         return Ok(GroupOutcome::Sent { mails: mails.len() });
     }
 
+    // A large group's rendering and events are tens of megabytes: hold
+    // each only as long as it is needed.
+    drop(preview);
     let tickets = ticket::draw_committed(side, Some(side_cache), needed).await?;
     let notifications = render(&tickets)?;
+    drop(events);
     let meta: Vec<(Ticket, Vec<DirectiveId>)> = notifications
         .iter()
         .map(|n| (n.ticket.clone(), marked_directives(group, n)))
