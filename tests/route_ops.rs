@@ -648,6 +648,19 @@ async fn metrics_listen_is_validated_and_a_taken_port_is_a_start_error() {
         "{text}"
     );
 
+    std::fs::write(&config, base("127.0.0.1:9470")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mailgend"))
+        .args(["route", "--check", "-c"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("metrics on http://127.0.0.1:9470/metrics"),
+        "{text}"
+    );
+
     let taken = StdListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
     std::fs::write(&config, base(&addr.to_string())).unwrap();
