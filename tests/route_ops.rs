@@ -602,10 +602,21 @@ mailgend:
     assert!(get(&v, "mailgend_route_connections_open") >= 1.0);
     drop((raw, bad));
 
-    // A reload keeps the counters (same manager, same labels).
+    // A reload keeps the counters (same manager, same labels), and may
+    // move the endpoint: the old port closes, the new one serves.
+    let mport2 = free_port();
+    std::fs::write(
+        dir.path().join("configuration.yml"),
+        text.replace(&format!(":{mport}\n"), &format!(":{mport2}\n")),
+    )
+    .unwrap();
     route.signal("HUP");
     route.wait_log("configuration reloaded", 1);
-    let v = scrape(mport).await;
+    assert!(
+        TcpStream::connect(("127.0.0.1", mport)).await.is_err(),
+        "the old metrics port still accepts"
+    );
+    let v = scrape(mport2).await;
     assert_eq!(get(&v, "mailgend_route_messages_received_total"), 9.0);
     assert_eq!(
         get(

@@ -205,34 +205,43 @@ impl Listening {
 
 /// The `/metrics` endpoint in use.
 struct MetricsEndpoint {
-    /// `metrics-listen` as configured.
-    configured: String,
+    /// What `metrics-listen` resolved to (a reload compares with it).
+    requested: SocketAddr,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl MetricsEndpoint {
-    /// Resolves and binds `metrics-listen`; a taken port is an error.
-    async fn bind(configured: &str) -> Result<TcpListener, RouteServiceError> {
-        let err = |reason: String| RouteServiceError::Metrics {
+    fn error(configured: &str, reason: String) -> RouteServiceError {
+        RouteServiceError::Metrics {
             addr: configured.to_string(),
             reason,
-        };
-        let addr = tokio::net::lookup_host(configured)
-            .await
-            .map_err(|e| err(format!("cannot resolve: {e}")))?
-            .next()
-            .ok_or_else(|| err("resolves to no address".into()))?;
-        TcpListener::bind(addr)
-            .await
-            .map_err(|e| err(format!("cannot listen on {addr}: {e}")))
+        }
     }
 
-    fn start(configured: &str, listener: TcpListener, page: Arc<Scrape>) -> MetricsEndpoint {
+    async fn resolve(configured: &str) -> Result<SocketAddr, RouteServiceError> {
+        tokio::net::lookup_host(configured)
+            .await
+            .map_err(|e| Self::error(configured, format!("cannot resolve: {e}")))?
+            .next()
+            .ok_or_else(|| Self::error(configured, "resolves to no address".into()))
+    }
+
+    /// Resolves and binds `metrics-listen`; a taken port is an error.
+    async fn bind(configured: &str) -> Result<(SocketAddr, TcpListener), RouteServiceError> {
+        let addr = Self::resolve(configured).await?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| Self::error(configured, format!("cannot listen on {addr}: {e}")))?;
+        Ok((addr, listener))
+    }
+
+    fn start(
+        (requested, listener): (SocketAddr, TcpListener),
+        page: Arc<Scrape>,
+    ) -> MetricsEndpoint {
         let (stop, mut stop_rx) = watch::channel(false);
-        let addr = listener
-            .local_addr()
-            .map_or_else(|_| configured.to_string(), |a| a.to_string());
+        let addr = listener.local_addr().unwrap_or(requested);
         info!("metrics on http://{addr}/metrics");
         let task = tokio::spawn(async move {
             let shutdown = async move {
@@ -243,7 +252,7 @@ impl MetricsEndpoint {
             }
         });
         MetricsEndpoint {
-            configured: configured.to_string(),
+            requested,
             stop,
             task,
         }
@@ -318,7 +327,7 @@ pub async fn run(path: &Path) -> Result<(), RouteServiceError> {
     let queue = Arc::new(Queue::new(spool, waiting));
     let server = Server::bind(&cfg.local_smtp).await?;
     let metrics_listener = match &cfg.server.metrics_listen {
-        Some(a) => Some((a.clone(), MetricsEndpoint::bind(a).await?)),
+        Some(a) => Some(MetricsEndpoint::bind(a).await?),
         None => None,
     };
     let metrics = Arc::new(RouteMetrics::new());
@@ -331,7 +340,7 @@ pub async fn run(path: &Path) -> Result<(), RouteServiceError> {
         router: std::sync::Mutex::new(current.router.clone()),
     });
     let mut metrics_endpoint =
-        metrics_listener.map(|(a, l)| MetricsEndpoint::start(&a, l, scrape.clone()));
+        metrics_listener.map(|bound| MetricsEndpoint::start(bound, scrape.clone()));
 
     let (session_tx, session_rx) = watch::channel(current.session.clone());
     let (forward_tx, forward_rx) = watch::channel(current.forward.clone());
@@ -368,8 +377,8 @@ pub async fn run(path: &Path) -> Result<(), RouteServiceError> {
                     break;
                 }
                 systemd::reloading();
-                let configured_metrics = metrics_endpoint.as_ref().map(|m| m.configured.as_str());
-                match reload(path, &current, listening.requested, configured_metrics, &queue, &metrics).await {
+                let metrics_at = metrics_endpoint.as_ref().map(|m| m.requested);
+                match reload(path, &current, listening.requested, metrics_at, &queue, &metrics).await {
                     Ok(next) => {
                         let old = std::mem::replace(&mut current, next.generation);
                         session_tx.send_replace(current.session.clone());
@@ -388,7 +397,7 @@ pub async fn run(path: &Path) -> Result<(), RouteServiceError> {
                                 old.stop().await;
                             }
                             metrics_endpoint = change
-                                .map(|(a, l)| MetricsEndpoint::start(&a, l, scrape.clone()));
+                                .map(|bound| MetricsEndpoint::start(bound, scrape.clone()));
                         }
                         // Its GoCD polling stops; sessions that still hold
                         // it finish with what it knows.
@@ -440,7 +449,7 @@ struct Reloaded {
     /// `Some` when `metrics-listen` changed: the new endpoint, or `None`
     /// for off.
     #[allow(clippy::option_option)]
-    metrics: Option<Option<(String, TcpListener)>>,
+    metrics: Option<Option<(SocketAddr, TcpListener)>>,
 }
 
 /// Loads the file, binds what moved and starts a new generation; the
@@ -450,7 +459,7 @@ async fn reload(
     path: &Path,
     current: &Generation,
     listening: SocketAddr,
-    metrics_listen: Option<&str>,
+    metrics_at: Option<SocketAddr>,
     queue: &Arc<Queue>,
     metrics: &Arc<RouteMetrics>,
 ) -> Result<Reloaded, RouteServiceError> {
@@ -469,12 +478,15 @@ async fn reload(
     } else {
         Some(Server::bind(&cfg.local_smtp).await?)
     };
-    let metrics_change = if cfg.server.metrics_listen.as_deref() == metrics_listen {
-        None
-    } else {
-        match &cfg.server.metrics_listen {
-            Some(a) => Some(Some((a.clone(), MetricsEndpoint::bind(a).await?))),
-            None => Some(None),
+    let metrics_change = match &cfg.server.metrics_listen {
+        None if metrics_at.is_none() => None,
+        None => Some(None),
+        Some(a) => {
+            if Some(MetricsEndpoint::resolve(a).await?) == metrics_at {
+                None
+            } else {
+                Some(Some(MetricsEndpoint::bind(a).await?))
+            }
         }
     };
     let generation = generation(cfg, queue, metrics, Some(&current.router)).await?;
