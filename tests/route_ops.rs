@@ -23,11 +23,16 @@ use tokio::net::{TcpListener, TcpStream};
 const WAIT: Duration = Duration::from_secs(15);
 
 fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct free ports (held together while picked, so no two are the
+/// same).
+fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<StdListener> = (0..N)
+        .map(|_| StdListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
 }
 
 // ---------------------------------------------------------------------------
@@ -344,7 +349,7 @@ async fn metrics_count_what_the_router_did() {
     slack.set("/api/chat.postMessage", 200, r#"{"ok":true}"#);
     let dir = tempfile::tempdir().unwrap();
     let sink = SmtpSink::start();
-    let (port, mport) = (free_port(), free_port());
+    let [port, mport, mport2] = free_ports();
     let text = format!(
         "local-smtp: 127.0.0.1:{port}
 remote-smtp: 127.0.0.1:{sink}
@@ -604,7 +609,6 @@ mailgend:
 
     // A reload keeps the counters (same manager, same labels), and may
     // move the endpoint: the old port closes, the new one serves.
-    let mport2 = free_port();
     std::fs::write(
         dir.path().join("configuration.yml"),
         text.replace(&format!(":{mport}\n"), &format!(":{mport2}\n")),
@@ -876,7 +880,7 @@ async fn sighup_moves_local_smtp_and_applies_max_connections() {
     let sink = SmtpSink::start();
     let spool = dir.path().join("spool");
     let config = dir.path().join("configuration.yml");
-    let (old, new) = (free_port(), free_port());
+    let [old, new] = free_ports();
     std::fs::write(
         &config,
         plain_config(old, sink.port(), &spool, 100, "team@example.net"),
