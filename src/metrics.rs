@@ -20,6 +20,9 @@
 //! whereas hyper + hyper-util + http-body would add several crates and an
 //! API to keep up with for that surface. Keep-alive is deliberately not
 //! offered: Prometheus scrapes every 15–60 s and reconnecting costs nothing.
+//!
+//! [`serve`] serves any [`Exposition`], so the alert router's metrics
+//! (`route::metrics`) use the same endpoint code with their own registry.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -27,6 +30,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::future::BoxFuture;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -426,22 +430,38 @@ impl Default for ServeLimits {
     }
 }
 
+/// What the `/metrics` endpoint serves: anything that can render its
+/// current values as an exposition page. The notifier's [`Metrics`] and the
+/// alert router's `route::metrics::RouteMetrics` share one HTTP server.
+/// Rendering may do a little I/O first (the router counts its spool
+/// directory at scrape time), hence a future.
+pub trait Exposition: Send + Sync + 'static {
+    /// The page, in the format named by [`CONTENT_TYPE`].
+    fn render(&self) -> BoxFuture<'_, String>;
+}
+
+impl Exposition for Metrics {
+    fn render(&self) -> BoxFuture<'_, String> {
+        Box::pin(std::future::ready(Metrics::render(self)))
+    }
+}
+
 /// Serves `GET /metrics` on `listener` until `shutdown` completes, then
 /// returns. Binding is the caller's job, so a taken port is a clear startup
 /// error there. Errors accepting one connection are logged and do not end
 /// the server (a flood of clients must not stop the mailer's metrics).
-pub async fn serve(
+pub async fn serve<M: Exposition + ?Sized>(
     listener: TcpListener,
-    metrics: Arc<Metrics>,
+    metrics: Arc<M>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     serve_with(listener, metrics, shutdown, ServeLimits::default()).await
 }
 
 /// [`serve`] with explicit limits (the tests use short timeouts).
-pub async fn serve_with(
+pub async fn serve_with<M: Exposition + ?Sized>(
     listener: TcpListener,
-    metrics: Arc<Metrics>,
+    metrics: Arc<M>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     limits: ServeLimits,
 ) -> std::io::Result<()> {
@@ -474,7 +494,7 @@ pub async fn serve_with(
                 let limits = limits.clone();
                 conns.spawn(async move {
                     let _permit = permit;
-                    if let Err(e) = handle(stream, &metrics, &limits).await {
+                    if let Err(e) = handle(stream, &*metrics, &limits).await {
                         tracing::debug!("metrics endpoint: {peer}: {e}");
                     }
                 });
@@ -503,9 +523,9 @@ enum ConnError {
 }
 
 /// One connection: read one request head, answer, close.
-async fn handle(
+async fn handle<M: Exposition + ?Sized>(
     mut stream: TcpStream,
-    metrics: &Metrics,
+    metrics: &M,
     limits: &ServeLimits,
 ) -> Result<(), ConnError> {
     let head =
@@ -559,7 +579,7 @@ async fn handle(
     let path = target.split('?').next().unwrap_or(target);
     match path {
         "/metrics" => {
-            let body = metrics.render();
+            let body = metrics.render().await;
             respond(
                 &mut stream,
                 200,

@@ -49,6 +49,14 @@ pub fn summary(cfg: &RouteConfig) -> String {
         if s.tls.is_some() { "on" } else { "off" },
         if s.auth.is_some() { "required" } else { "off" },
     );
+    let _ = writeln!(
+        out,
+        "metrics {}",
+        match &s.metrics_listen {
+            Some(a) => format!("on http://{a}/metrics"),
+            None => "off".into(),
+        }
+    );
     let _ = writeln!(out, "{} manager(s), first match wins:", cfg.managers.len());
     for (i, m) in cfg.managers.iter().enumerate() {
         let wanted = match &m.wanted {

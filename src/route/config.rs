@@ -66,6 +66,9 @@ pub struct ServerSettings {
     pub auth: Option<Credentials>,
     /// Concurrent outbound SMTP connections to `remote-smtp`.
     pub outbound_connections: u32,
+    /// `metrics-listen`: `host:port` of the Prometheus `/metrics`
+    /// endpoint; off when unset.
+    pub metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +95,7 @@ impl Default for ServerSettings {
             tls: None,
             auth: None,
             outbound_connections: 8,
+            metrics_listen: None,
         }
     }
 }
@@ -266,6 +270,7 @@ const SERVER_KEYS: &[&str] = &[
     "auth-user",
     "auth-password",
     "outbound-connections",
+    "metrics-listen",
 ];
 
 fn read_root(r: &mut Reader, root: &Node, path: &Path) -> Option<RouteConfig> {
@@ -344,6 +349,24 @@ fn read_root(r: &mut Reader, root: &Node, path: &Path) -> Option<RouteConfig> {
 }
 
 /// `host:port`, `host` (port 25) or `[v6]:port`.
+/// `metrics-listen`: like `local-smtp`, but the port must be given (there
+/// is no default port for a metrics endpoint).
+fn metrics_address(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    let explicit_port = match t.strip_prefix('[') {
+        Some(rest) => rest
+            .split_once(']')
+            .is_some_and(|(_, p)| p.starts_with(':')),
+        None => t.rsplit_once(':').is_some_and(|(h, _)| !h.contains(':')),
+    };
+    if !explicit_port {
+        return Err(format!(
+            "{s:?} is not host:port (the port is required, e.g. 127.0.0.1:9470)"
+        ));
+    }
+    host_port(t).map(|(h, p)| format!("{h}:{p}"))
+}
+
 fn host_port(s: &str) -> Result<(String, u16), String> {
     let s = s.trim();
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
@@ -486,6 +509,14 @@ fn read_server(r: &mut Reader, n: &Node) -> ServerSettings {
     }
     if let Some(v) = int(r, "outbound-connections", 1, 1000) {
         s.outbound_connections = v as u32;
+    }
+    if let Some(v) = m.get("metrics-listen") {
+        if let Some(text) = r.string(v, &key("metrics-listen")) {
+            match metrics_address(&text) {
+                Ok(a) => s.metrics_listen = Some(a),
+                Err(e) => r.problem(v.line, &key("metrics-listen"), e),
+            }
+        }
     }
     let file = |r: &mut Reader, k: &str| {
         let v = m.get(k)?;
@@ -1108,6 +1139,17 @@ mod tests {
         );
         assert_eq!(expand_env("x$ y$", &env).unwrap(), "x$ y$");
         assert_eq!(expand_env("$GOPASS", &env).unwrap_err(), "GOPASS");
+    }
+
+    #[test]
+    fn metrics_addresses() {
+        assert_eq!(metrics_address("127.0.0.1:9470").unwrap(), "127.0.0.1:9470");
+        assert_eq!(metrics_address("[::1]:9470").unwrap(), "[::1]:9470");
+        assert_eq!(metrics_address("localhost:9").unwrap(), "localhost:9");
+        assert!(metrics_address("127.0.0.1").is_err());
+        assert!(metrics_address("::1").is_err());
+        assert!(metrics_address("[::1]").is_err());
+        assert!(metrics_address("x:0").is_err());
     }
 
     #[test]

@@ -25,6 +25,7 @@ use futures::future::{join_all, BoxFuture};
 use tokio::sync::{Notify, Semaphore};
 use tracing::{error, info, warn};
 
+use super::metrics::{FailureKind, RouteMetrics};
 use super::server::{Accept, Reply};
 use super::spool::{Entry, Job, Recipient, Spool, State};
 use super::{Inbound, Routing, SlackPost, SlackStyle};
@@ -75,6 +76,7 @@ pub struct Forwarder {
     permits: Semaphore,
     /// Our name, for bounces.
     pub hostname: String,
+    metrics: Arc<RouteMetrics>,
 }
 
 impl Forwarder {
@@ -83,12 +85,14 @@ impl Forwarder {
         slack: Option<Arc<dyn PostSlack>>,
         connections: u32,
         hostname: String,
+        metrics: Arc<RouteMetrics>,
     ) -> Forwarder {
         Forwarder {
             outbound,
             slack,
             permits: Semaphore::new(connections.max(1) as usize),
             hostname,
+            metrics,
         }
     }
 
@@ -178,7 +182,12 @@ impl Forwarder {
         let mut attempt = Attempt::default();
         for (job, outcome) in entry.jobs.iter_mut().zip(outcomes) {
             match (job, outcome) {
-                (Job::Mail { recipients, .. }, Outcome::Mail(to, result)) => {
+                (
+                    Job::Mail {
+                        recipients, bounce, ..
+                    },
+                    Outcome::Mail(to, result),
+                ) => {
                     for (i, address) in to.iter().enumerate() {
                         let r = match &result {
                             Ok(each) => each[i].clone(),
@@ -189,6 +198,20 @@ impl Forwarder {
                             .find(|x| &x.address == address && x.state == State::Pending)
                             .expect("attempted recipients come from the job");
                         attempt.record(&r, address);
+                        match &r {
+                            Ok(()) => {
+                                self.metrics.relay_delivered();
+                                if *bounce {
+                                    self.metrics.bounce_sent();
+                                }
+                            }
+                            Err(Failure::Temporary(_)) => {
+                                self.metrics.relay_failed(FailureKind::Temporary)
+                            }
+                            Err(Failure::Permanent(_)) => {
+                                self.metrics.relay_failed(FailureKind::Permanent)
+                            }
+                        }
                         apply(&mut rec.state, &mut rec.error, r);
                     }
                     if let Err((_, true)) = &result {
@@ -205,6 +228,7 @@ impl Forwarder {
                     Outcome::Slack(r),
                 ) => {
                     attempt.record(&r, &format!("Slack {channel}"));
+                    self.metrics.slack_post(r.is_ok());
                     apply(state, error, r);
                 }
                 _ => {}

@@ -79,6 +79,7 @@ pub mod check;
 pub mod config;
 pub mod forward;
 pub mod managers;
+pub mod metrics;
 pub mod retry;
 pub mod router;
 pub mod rules;

@@ -20,13 +20,17 @@ use crate::route::actions::mailto;
 use crate::route::actions::slack::{self, SlackClient};
 use crate::route::actions::Action;
 use crate::route::config::{RouteConfig, RouteConfigError, RuleConfig, Wanted};
-use crate::route::managers::{self, gocd::GocdSource, Manager};
+use crate::route::managers::{self, gocd::GocdSource, BuildContext, Manager};
+use crate::route::metrics::{manager_labels, RouteMetrics};
 use crate::route::rules::{Facts, Verdict};
 use crate::route::{Delivery, Envelope, Inbound, Routing, SlackPost};
 
 /// The running decision side. Send + Sync; share it behind an `Arc`.
 pub struct Router {
     managers: Vec<Arc<dyn Manager>>,
+    /// Per manager (same order): messages it took; `None` without metrics.
+    routed: Vec<Option<prometheus_client::metrics::counter::Counter>>,
+    metrics: Option<Arc<RouteMetrics>>,
     slack: Option<SlackClient>,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -37,7 +41,18 @@ impl Router {
     /// polling). Returns at once: GoCD is not waited for here. Needs a
     /// Tokio runtime.
     pub async fn start(cfg: &RouteConfig) -> Result<Router, RouteConfigError> {
-        let router = Router::build(cfg)?;
+        Router::start_with(cfg, None, None).await
+    }
+
+    /// [`Router::start`] for the service: counting in `metrics`, and, on a
+    /// reload, carrying over what `previous` (the router it replaces)
+    /// learnt where the configuration allows (GoCD pipeline states).
+    pub async fn start_with(
+        cfg: &RouteConfig,
+        metrics: Option<Arc<RouteMetrics>>,
+        previous: Option<&Router>,
+    ) -> Result<Router, RouteConfigError> {
+        let router = Router::build(cfg, metrics, previous)?;
         let mut tasks = Vec::new();
         for m in &router.managers {
             tasks.extend(m.start(router.shutdown.subscribe()));
@@ -46,12 +61,26 @@ impl Router {
         Ok(router)
     }
 
-    fn build(cfg: &RouteConfig) -> Result<Router, RouteConfigError> {
+    fn build(
+        cfg: &RouteConfig,
+        metrics: Option<Arc<RouteMetrics>>,
+        previous: Option<&Router>,
+    ) -> Result<Router, RouteConfigError> {
+        let ctx = BuildContext {
+            metrics: metrics.as_deref(),
+            previous: previous.map_or(&[], |p| p.managers.as_slice()),
+        };
         let mut managers = Vec::new();
+        let mut routed = Vec::new();
         for (i, m) in cfg.managers.iter().enumerate() {
+            routed.push(
+                metrics
+                    .as_ref()
+                    .map(|x| x.routed_counter(&manager_labels(m))),
+            );
             let built = managers::lookup(&m.name)
                 .ok_or_else(|| format!("unknown manager {:?}", m.name))
-                .and_then(|spec| (spec.build)(m))
+                .and_then(|spec| (spec.build)(m, &ctx))
                 .map_err(|reason| {
                     let mut e =
                         RouteConfigError::single(&cfg.path, &format!("managers[{i}]"), reason);
@@ -70,6 +99,8 @@ impl Router {
         };
         Ok(Router {
             managers,
+            routed,
+            metrics,
             slack,
             shutdown: watch::channel(false).0,
             tasks: Mutex::new(Vec::new()),
@@ -107,6 +138,7 @@ impl Router {
         let env = &msg.envelope;
         let mut trace = Vec::new();
         if env.rcpt_to.is_empty() {
+            self.count(RouteMetrics::dropped);
             trace.push("dropped: the envelope has no recipients".into());
             return Routing {
                 trace,
@@ -119,6 +151,7 @@ impl Router {
             .enumerate()
             .find(|(_, m)| wants(&m.config().wanted, env));
         let Some((index, manager)) = found else {
+            self.count(RouteMetrics::forwarded_unchanged);
             trace.push("no manager wants it: passed on unchanged".into());
             return Routing {
                 deliveries: vec![Delivery {
@@ -130,6 +163,9 @@ impl Router {
                 trace,
             };
         };
+        if let Some(Some(c)) = self.routed.get(index) {
+            c.inc();
+        }
         let cfg = manager.config();
         trace.push(format!(
             "manager {} (managers[{index}], line {}) wants it: {}",
@@ -220,6 +256,7 @@ impl Router {
             trace.push(format!("Slack post to {}", p.channel));
         }
         if deliveries.is_empty() && posts.is_empty() {
+            self.count(RouteMetrics::dropped);
             trace.push("dropped: no rule matched".into());
             tracing::info!(
                 manager = %cfg.name,
@@ -232,6 +269,14 @@ impl Router {
             deliveries,
             slack: posts,
             trace,
+        }
+    }
+}
+
+impl Router {
+    fn count(&self, f: fn(&RouteMetrics)) {
+        if let Some(m) = &self.metrics {
+            f(m);
         }
     }
 }

@@ -23,12 +23,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::config::{ServerSettings, TlsFiles};
+use super::metrics::RouteMetrics;
 use super::Inbound;
 
 pub use command::{parse as parse_command, Command, CommandError};
@@ -79,6 +81,8 @@ pub struct SessionConfig {
     pub tls: Option<tokio_native_tls::TlsAcceptor>,
     /// Our name in the greeting and EHLO reply.
     pub hostname: String,
+    /// Counts each message's final reply.
+    pub metrics: Arc<RouteMetrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,39 +123,88 @@ pub fn tls_acceptor(files: &TlsFiles) -> Result<tokio_native_tls::TlsAcceptor, S
     Ok(tokio_native_tls::TlsAcceptor::from(acceptor))
 }
 
+/// Inbound connections open now, over every listener (a reload that
+/// moves `local-smtp` leaves the old listener's sessions running while
+/// the new one accepts; both count against `max-connections`).
+#[derive(Debug, Default)]
+pub struct OpenConnections(AtomicUsize);
+
+impl OpenConnections {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Takes a slot unless `max` are open.
+    fn try_open(self: &Arc<Self>, max: usize) -> Option<ConnectionSlot> {
+        let mut n = self.0.load(Ordering::SeqCst);
+        loop {
+            if n >= max {
+                return None;
+            }
+            match self
+                .0
+                .compare_exchange(n, n + 1, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return Some(ConnectionSlot(self.clone())),
+                Err(now) => n = now,
+            }
+        }
+    }
+}
+
+/// One open connection; freed when dropped.
+struct ConnectionSlot(Arc<OpenConnections>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Resolves `local-smtp` (`host:port`) to the address to bind.
+pub async fn resolve(local_smtp: &str) -> Result<SocketAddr, ServerError> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(local_smtp)
+        .await
+        .map_err(|source| ServerError::Resolve {
+            addr: local_smtp.to_string(),
+            source,
+        })?
+        .collect();
+    addrs
+        .first()
+        .copied()
+        .ok_or_else(|| ServerError::NoAddress {
+            addr: local_smtp.to_string(),
+        })
+}
+
 /// A bound listener, not yet serving.
 pub struct Server {
     listener: TcpListener,
     addr: SocketAddr,
-    max_connections: usize,
+    requested: SocketAddr,
 }
 
 impl Server {
     /// Resolves `local-smtp` (`host:port`) and binds it. A name that does
     /// not resolve or a port that is taken is an error here, before the
-    /// service says it is ready.
-    pub async fn bind(local_smtp: &str, max_connections: usize) -> Result<Server, ServerError> {
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(local_smtp)
-            .await
-            .map_err(|source| ServerError::Resolve {
-                addr: local_smtp.to_string(),
-                source,
-            })?
-            .collect();
-        let Some(&addr) = addrs.first() else {
-            return Err(ServerError::NoAddress {
-                addr: local_smtp.to_string(),
-            });
-        };
+    /// service says it is ready (or, on a reload, before the old listener
+    /// is given up).
+    pub async fn bind(local_smtp: &str) -> Result<Server, ServerError> {
+        let addr = resolve(local_smtp).await?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
-        let addr = listener.local_addr().unwrap_or(addr);
         Ok(Server {
+            addr: listener.local_addr().unwrap_or(addr),
             listener,
-            addr,
-            max_connections: max_connections.max(1),
+            requested: addr,
         })
+    }
+
+    /// The address `local-smtp` resolved to (a reload compares it).
+    pub fn requested_addr(&self) -> SocketAddr {
+        self.requested
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -161,13 +214,14 @@ impl Server {
     /// Accepts connections until `stop` turns true, then closes the
     /// listener and returns the sessions still running (they see `stop`
     /// too and end after their current transaction). Each new session
-    /// takes the [`SessionConfig`] current at its start.
+    /// takes the [`SessionConfig`] current at its start, and is admitted
+    /// only while fewer than its `max-connections` are `open`.
     pub async fn serve(
         self,
         config: watch::Receiver<Arc<SessionConfig>>,
+        open: Arc<OpenConnections>,
         mut stop: watch::Receiver<bool>,
     ) -> JoinSet<()> {
-        let permits = Arc::new(Semaphore::new(self.max_connections));
         let mut sessions = JoinSet::new();
         info!(addr = %self.addr, "listening for SMTP");
         loop {
@@ -188,15 +242,15 @@ impl Server {
             };
             let _ = socket.set_nodelay(true);
             let cfg = config.borrow().clone();
-            match permits.clone().try_acquire_owned() {
-                Ok(permit) => {
+            match open.try_open(cfg.settings.max_connections.max(1)) {
+                Some(permit) => {
                     let stop = stop.clone();
                     sessions.spawn(async move {
                         session::run(socket, peer, cfg, stop).await;
                         drop(permit);
                     });
                 }
-                Err(_) => {
+                None => {
                     debug!(%peer, "connection limit reached; 421");
                     sessions.spawn(session::refuse(
                         socket,
@@ -208,6 +262,7 @@ impl Server {
                 }
             }
         }
+        drop(self.listener);
         info!(addr = %self.addr, "no longer accepting connections");
         sessions
     }

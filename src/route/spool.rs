@@ -245,6 +245,13 @@ impl Spool {
         Ok(ids)
     }
 
+    /// When the entry `id` arrived: ids start with the arrival time in
+    /// nanoseconds since the epoch (see [`Spool::store`]).
+    pub fn arrival(id: &str) -> Option<DateTime<Utc>> {
+        let nanos: i64 = id.split('-').next()?.parse().ok()?;
+        Some(DateTime::from_timestamp_nanos(nanos))
+    }
+
     /// Stores a new entry durably; returns its id.
     pub fn store(&self, entry: &Entry) -> Result<String, SpoolError> {
         let now = Utc::now();
@@ -345,6 +352,9 @@ mod tests {
         let e = entry();
         let a = spool.store(&e).unwrap();
         let b = spool.store(&e).unwrap();
+        let age = Utc::now() - Spool::arrival(&a).unwrap();
+        assert!(age.num_seconds().abs() < 60, "{age}");
+        assert_eq!(Spool::arrival("garbage"), None);
         assert_eq!(spool.list().unwrap(), vec![a.clone(), b.clone()]);
         assert_eq!(spool.load(&a).unwrap(), e);
         assert!(!e.is_finished());

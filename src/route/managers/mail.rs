@@ -21,7 +21,7 @@ fn parse(_r: &mut Reader, _m: &MapView<'_>, _k: &str) -> ManagerSettings {
     ManagerSettings::Mail
 }
 
-fn build(cfg: &ManagerConfig) -> Result<Arc<dyn Manager>, String> {
+fn build(cfg: &ManagerConfig, _: &super::BuildContext<'_>) -> Result<Arc<dyn Manager>, String> {
     Ok(Arc::new(MailManager { cfg: cfg.clone() }))
 }
 

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::route::config::{ManagerConfig, ManagerSettings, MapView, Reader};
+use crate::route::metrics::RouteMetrics;
 use crate::route::rules::Facts;
 
 /// A running manager.
@@ -60,7 +61,20 @@ pub struct ManagerSpec {
     pub parse: fn(&mut Reader, &MapView<'_>, &str) -> ManagerSettings,
     /// Builds the running manager; the error (e.g. no TLS backend) is the
     /// reason it cannot run.
-    pub build: fn(&ManagerConfig) -> Result<Arc<dyn Manager>, String>,
+    pub build: BuildFn,
+}
+
+/// Builds a running manager from its configuration.
+pub type BuildFn = fn(&ManagerConfig, &BuildContext<'_>) -> Result<Arc<dyn Manager>, String>;
+
+/// What a manager is built with besides its configuration.
+#[derive(Default)]
+pub struct BuildContext<'a> {
+    /// Where its counters go (`None`: `--check`, `--explain`, tests).
+    pub metrics: Option<&'a RouteMetrics>,
+    /// The managers of the configuration a reload replaces, so a manager
+    /// can carry over what they learnt (GoCD's pipeline states).
+    pub previous: &'a [Arc<dyn Manager>],
 }
 
 pub const MANAGERS: &[&ManagerSpec] = &[&mail::SPEC, &gocd::SPEC];

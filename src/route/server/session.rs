@@ -490,12 +490,14 @@ impl Session {
                 return Ok(Next::Close);
             }
             DataRead::TooBig => {
+                self.cfg.metrics.message_replied(552);
                 self.reply(&format!(
                     "552 5.3.4 Message size exceeds fixed maximum message size ({max})"
                 ));
                 return Ok(Next::Continue);
             }
             DataRead::LineTooLong => {
+                self.cfg.metrics.message_replied(554);
                 self.reply(&format!(
                     "554 5.6.0 Message has a line longer than {MAX_DATA_LINE} octets"
                 ));
@@ -503,6 +505,7 @@ impl Session {
             }
             DataRead::BareLf => {
                 // Where this data ends is ambiguous: hang up (see above).
+                self.cfg.metrics.message_replied(554);
                 self.reply(
                     "554 5.5.2 Bare LF in message data; lines must end with CRLF. Closing connection",
                 );
@@ -518,6 +521,7 @@ impl Session {
             data: Arc::new(data),
         };
         let reply = self.cfg.accept.accept(inbound).await;
+        self.cfg.metrics.message_replied(reply.code);
         self.messages += 1;
         self.reply(&reply.line());
         Ok(Next::Continue)

@@ -16,22 +16,51 @@ use tokio::sync::watch;
 
 use super::state::{BuildState, StateTable};
 use super::{GocdSettings, PipelineGroups};
+use crate::route::metrics::FetchCounters;
 
 /// Largest answer read from GoCD (a big installation's pipeline groups
 /// are a few MB).
 const MAX_RESPONSE: usize = 64 * 1024 * 1024;
 
-/// The GoCD data one manager routes with, shared with its refresh task.
-pub struct GocdSource {
-    settings: GocdSettings,
-    http: reqwest::Client,
+/// What a source has learnt, from GoCD and from the mail it has seen:
+/// the last good copy of the pipeline groups and each pipeline's last
+/// state. Kept apart from [`GocdSource`] so that a reload that leaves a
+/// manager's GoCD (url, user, passwd) unchanged hands it to the new source
+/// instead of starting from nothing: shared, so a session still finishing
+/// with the old router advances the same states the new one reads.
+pub struct Knowledge {
     groups: RwLock<Option<Arc<PipelineGroups>>>,
-    pub(super) states: Mutex<StateTable>,
+    states: Mutex<StateTable>,
     cctray_seeded: std::sync::atomic::AtomicBool,
     /// Becomes true once the first fetch attempt has finished (either way).
     first_attempt: watch::Sender<bool>,
     status: Mutex<Status>,
+    /// When the first source with this knowledge was created: startup-wait
+    /// counts from here, so a reload does not make mail wait again.
     created: Instant,
+    created_at: SystemTime,
+}
+
+impl Default for Knowledge {
+    fn default() -> Self {
+        Knowledge {
+            groups: RwLock::new(None),
+            states: Mutex::new(StateTable::default()),
+            cctray_seeded: false.into(),
+            first_attempt: watch::channel(false).0,
+            status: Mutex::new(Status::default()),
+            created: Instant::now(),
+            created_at: SystemTime::now(),
+        }
+    }
+}
+
+/// The GoCD data one manager routes with, shared with its refresh task.
+pub struct GocdSource {
+    settings: GocdSettings,
+    http: reqwest::Client,
+    knowledge: Arc<Knowledge>,
+    counters: FetchCounters,
     pub fetches_ok: AtomicU64,
     pub fetches_failed: AtomicU64,
 }
@@ -56,6 +85,16 @@ pub enum FetchError {
 impl GocdSource {
     /// Fails only when no HTTP client can be built (TLS backend).
     pub fn new(settings: GocdSettings) -> Result<GocdSource, String> {
+        GocdSource::with(settings, Arc::default(), FetchCounters::default())
+    }
+
+    /// A source that starts from `knowledge` (a fresh one, or the one of
+    /// the source it replaces) and counts its fetches in `counters`.
+    pub fn with(
+        settings: GocdSettings,
+        knowledge: Arc<Knowledge>,
+        counters: FetchCounters,
+    ) -> Result<GocdSource, String> {
         let http = reqwest::Client::builder()
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout)
@@ -65,15 +104,49 @@ impl GocdSource {
         Ok(GocdSource {
             settings,
             http,
-            groups: RwLock::new(None),
-            states: Mutex::new(StateTable::default()),
-            cctray_seeded: false.into(),
-            first_attempt: watch::channel(false).0,
-            status: Mutex::new(Status::default()),
-            created: Instant::now(),
+            knowledge,
+            counters,
             fetches_ok: AtomicU64::new(0),
             fetches_failed: AtomicU64::new(0),
         })
+    }
+
+    /// Whether `settings` name the same GoCD with the same credentials, so
+    /// what this source learnt holds for them too. Polling settings
+    /// (`refresh-interval`, `timeout`, `startup-wait`) do not matter.
+    pub fn same_gocd(&self, settings: &GocdSettings) -> bool {
+        let url = |s: &GocdSettings| s.url.trim_end_matches('/').to_string();
+        url(&self.settings) == url(settings)
+            && self.settings.user == settings.user
+            && self.settings.passwd == settings.passwd
+    }
+
+    pub fn knowledge(&self) -> &Arc<Knowledge> {
+        &self.knowledge
+    }
+
+    /// Corrects `event` by the pipeline's last state and records it.
+    pub fn advance(&self, pipeline: &str, event: super::Event) -> super::Event {
+        self.knowledge
+            .states
+            .lock()
+            .expect("not poisoned")
+            .advance(pipeline, event)
+    }
+
+    /// How many pipelines have a known last state.
+    pub fn pipelines_known(&self) -> usize {
+        self.knowledge.states.lock().expect("not poisoned").len()
+    }
+
+    /// Time since the pipeline groups were last read successfully; when
+    /// never, since this knowledge was first asked for.
+    pub fn since_last_success(&self) -> Duration {
+        let since = self
+            .status()
+            .last_success
+            .unwrap_or(self.knowledge.created_at);
+        SystemTime::now().duration_since(since).unwrap_or_default()
     }
 
     pub fn settings(&self) -> &GocdSettings {
@@ -82,11 +155,11 @@ impl GocdSource {
 
     /// The last good copy of the pipeline groups.
     pub fn groups(&self) -> Option<Arc<PipelineGroups>> {
-        self.groups.read().expect("not poisoned").clone()
+        self.knowledge.groups.read().expect("not poisoned").clone()
     }
 
     pub fn status(&self) -> Status {
-        self.status.lock().expect("not poisoned").clone()
+        self.knowledge.status.lock().expect("not poisoned").clone()
     }
 
     /// How much of `startup-wait` is left: the wait is bounded from the
@@ -95,13 +168,13 @@ impl GocdSource {
     pub fn startup_wait_left(&self) -> Duration {
         self.settings
             .startup_wait
-            .saturating_sub(self.created.elapsed())
+            .saturating_sub(self.knowledge.created.elapsed())
     }
 
     /// Waits until the first fetch attempt is over, at most `limit`.
     /// Returns whether it is over.
     pub async fn wait_first_attempt(&self, limit: Duration) -> bool {
-        let mut rx = self.first_attempt.subscribe();
+        let mut rx = self.knowledge.first_attempt.subscribe();
         let done = tokio::time::timeout(limit, rx.wait_for(|done| *done)).await;
         done.is_ok()
     }
@@ -109,7 +182,8 @@ impl GocdSource {
     /// One refresh: pipeline groups always, cctray.xml until it has been
     /// read once (afterwards messages keep the states current).
     pub async fn refresh(&self) {
-        let seed = !self.cctray_seeded.load(Ordering::Relaxed);
+        let k = &self.knowledge;
+        let seed = !k.cctray_seeded.load(Ordering::Relaxed);
         let (groups, cctray) = tokio::join!(self.fetch_groups(), async {
             if seed {
                 Some(self.fetch_cctray().await)
@@ -120,9 +194,10 @@ impl GocdSource {
         match groups {
             Ok(g) => {
                 tracing::debug!(groups = g.len(), "GoCD pipeline groups fetched");
-                *self.groups.write().expect("not poisoned") = Some(Arc::new(g));
+                *k.groups.write().expect("not poisoned") = Some(Arc::new(g));
                 self.fetches_ok.fetch_add(1, Ordering::Relaxed);
-                let mut st = self.status.lock().expect("not poisoned");
+                self.counters.ok.inc();
+                let mut st = k.status.lock().expect("not poisoned");
                 if let Some(e) = st.last_error.take() {
                     if st.last_success.is_some() {
                         tracing::info!(url = %self.settings.url, "GoCD answers again (last error: {e})");
@@ -132,12 +207,13 @@ impl GocdSource {
             }
             Err(e) => {
                 self.fetches_failed.fetch_add(1, Ordering::Relaxed);
+                self.counters.failed.inc();
                 let kept = if self.groups().is_some() {
                     "keeping the last good copy"
                 } else {
                     "no copy yet: group rules cannot match"
                 };
-                let mut st = self.status.lock().expect("not poisoned");
+                let mut st = k.status.lock().expect("not poisoned");
                 // WARN when GoCD starts failing or the reason changes; the
                 // same failure every refresh-interval only at DEBUG (the
                 // counters keep the tally).
@@ -151,11 +227,11 @@ impl GocdSource {
         }
         match cctray {
             Some(Ok(states)) => {
-                let mut t = self.states.lock().expect("not poisoned");
+                let mut t = k.states.lock().expect("not poisoned");
                 for (p, s) in &states {
                     t.seed(p, *s);
                 }
-                self.cctray_seeded.store(true, Ordering::Relaxed);
+                k.cctray_seeded.store(true, Ordering::Relaxed);
                 tracing::debug!(
                     pipelines = states.len(),
                     "pipeline states seeded from cctray.xml"
@@ -166,7 +242,7 @@ impl GocdSource {
             }
             None => {}
         }
-        self.first_attempt.send_replace(true);
+        k.first_attempt.send_replace(true);
     }
 
     /// Refreshes every `refresh_interval` until `shutdown` turns true.

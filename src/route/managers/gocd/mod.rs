@@ -6,6 +6,11 @@
 //! Mail never waits on GoCD beyond `startup-wait` after start, and then
 //! only for a rule that needs group data; `pipelines.any` rules work while
 //! GoCD is down.
+//!
+//! A reload builds new managers; one whose GoCD (url, user, passwd) is the
+//! same as a replaced manager's takes over that source's
+//! [`fetch::Knowledge`] (pipeline states, last good groups) rather than
+//! re-seeding from cctray.xml, which may be older than the mail seen since.
 
 pub mod fetch;
 pub mod state;
@@ -19,7 +24,7 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{Manager, ManagerSpec};
+use super::{BuildContext, Manager, ManagerSpec};
 use crate::route::config::{ManagerConfig, ManagerSettings, MapView, Reader};
 use crate::route::rules::{Facts, Verdict};
 
@@ -172,16 +177,51 @@ fn parse(r: &mut Reader, m: &MapView<'_>, k: &str) -> ManagerSettings {
     })
 }
 
-fn build(cfg: &ManagerConfig) -> Result<Arc<dyn Manager>, String> {
+fn build(cfg: &ManagerConfig, ctx: &BuildContext<'_>) -> Result<Arc<dyn Manager>, String> {
     let ManagerSettings::Gocd(settings) = &cfg.settings else {
         return Err("the gocd manager needs url/user/passwd settings".into());
     };
     let needs_groups = cfg.rules.iter().any(|r| r.function.needs_groups());
+    let counters = ctx
+        .metrics
+        .map(|m| m.fetch_counters(&crate::route::metrics::manager_labels(cfg)))
+        .unwrap_or_default();
+    let knowledge = match inherit(cfg, settings, ctx.previous) {
+        Some(old) => {
+            tracing::info!(
+                url = %settings.url,
+                pipelines = old.pipelines_known(),
+                groups = old.groups().map_or(0, |g| g.len()),
+                "GoCD unchanged: keeping the pipeline states and pipeline groups learnt before the reload"
+            );
+            old.knowledge().clone()
+        }
+        None => Default::default(),
+    };
     Ok(Arc::new(GocdManager {
         cfg: cfg.clone(),
-        source: Arc::new(GocdSource::new(settings.clone())?),
+        source: Arc::new(GocdSource::with(settings.clone(), knowledge, counters)?),
         needs_groups,
     }))
+}
+
+/// The source of the replaced configuration whose knowledge holds for
+/// `settings`: same GoCD and credentials; among several, the one of the
+/// manager that wanted the same mail.
+fn inherit(
+    cfg: &ManagerConfig,
+    settings: &GocdSettings,
+    previous: &[Arc<dyn Manager>],
+) -> Option<Arc<GocdSource>> {
+    let same: Vec<(&Arc<dyn Manager>, &Arc<GocdSource>)> = previous
+        .iter()
+        .filter_map(|m| m.gocd().map(|s| (m, s)))
+        .filter(|(_, s)| s.same_gocd(settings))
+        .collect();
+    same.iter()
+        .find(|(m, _)| m.config().wanted == cfg.wanted)
+        .or(same.first())
+        .map(|(_, s)| (*s).clone())
 }
 
 pub struct GocdManager {
@@ -235,12 +275,7 @@ impl Manager for GocdManager {
                     (Some(p), None)
                 }
                 Some((p, Some(ev))) => {
-                    let corrected = self
-                        .source
-                        .states
-                        .lock()
-                        .expect("not poisoned")
-                        .advance(&p, ev);
+                    let corrected = self.source.advance(&p, ev);
                     if corrected == ev {
                         trace.push(format!("pipeline {p}, event {}", ev.name()));
                     } else {
