@@ -84,6 +84,70 @@ enum ColumnKind {
     Inet,
     /// Everything else (text, varchar, numeric, …) as PostgreSQL prints it.
     Text,
+    /// `extra` with only some of its keys (see [`EventColumns::load`]).
+    ExtraKeys,
+}
+
+/// The text of a json or jsonb value, unparsed.
+struct RawJson<'a>(&'a [u8]);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for RawJson<'a> {
+    fn from_sql(
+        ty: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        if *ty == tokio_postgres::types::Type::JSONB {
+            // jsonb's binary form: a version byte, then the text.
+            match raw.split_first() {
+                Some((1, text)) => Ok(RawJson(text)),
+                _ => Err("unsupported jsonb format version".into()),
+            }
+        } else {
+            Ok(RawJson(raw))
+        }
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        *ty == tokio_postgres::types::Type::JSON || *ty == tokio_postgres::types::Type::JSONB
+    }
+}
+
+/// Parses a JSON object keeping only `keys` (the rest is skipped without
+/// being built); anything but an object gives `Null`, which has no keys
+/// either.
+fn json_subset(text: &[u8], keys: &[String]) -> Result<serde_json::Value, serde_json::Error> {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+    if text.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Ok(serde_json::Value::Null);
+    }
+    struct Subset<'k>(&'k [String]);
+    impl<'de> Visitor<'de> for Subset<'_> {
+        type Value = serde_json::Value;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = serde_json::Map::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if self.0.contains(&key) {
+                    out.insert(key, map.next_value()?);
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(serde_json::Value::Object(out))
+        }
+    }
+    impl<'de> DeserializeSeed<'de> for Subset<'_> {
+        type Value = serde_json::Value;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let v = Subset(keys).deserialize(&mut de)?;
+    de.end()?;
+    Ok(v)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +156,8 @@ pub enum EventError {
     UnknownColumn(String),
     #[error("loading events failed: {0}")]
     Db(#[from] tokio_postgres::Error),
+    #[error("an event's extra is not valid JSON: {0}")]
+    Extra(serde_json::Error),
 }
 
 /// The columns of `events` and their types, read once per run (or reload)
@@ -139,9 +205,11 @@ impl EventColumns {
         let mut select = String::from("SELECT id");
         let mut wanted = Vec::new();
         // `extra.KEY` asks for one key of `extra`. Unless the whole object
-        // is wanted too, only those keys are loaded: a Shadowserver
-        // event's `extra` holds dozens of keys, and parsed they were most
-        // of a large group's memory.
+        // is wanted too, only those keys are kept: a Shadowserver event's
+        // `extra` holds dozens of keys, and parsed whole they were most of
+        // a large group's memory. The JSON text is still read whole (it is
+        // what the old path parsed, so values come out the same); the
+        // other keys are skipped while parsing.
         let whole_extra = columns.iter().any(|c| c == "extra");
         let mut extra_keys: Vec<String> = Vec::new();
         for col in columns {
@@ -155,13 +223,8 @@ impl EventColumns {
             }
         }
         if !extra_keys.is_empty() {
-            // Keys travel as a parameter, never as SQL text.
-            select.push_str(
-                ", CASE WHEN jsonb_typeof(\"extra\"::jsonb) = 'object' THEN \
-                   (SELECT jsonb_object_agg(k, \"extra\"::jsonb -> k) \
-                      FROM unnest($2::text[]) AS k WHERE \"extra\"::jsonb ? k) END",
-            );
-            wanted.push(("extra".to_string(), ColumnKind::Json));
+            select.push_str(", \"extra\"::jsonb");
+            wanted.push(("extra".to_string(), ColumnKind::ExtraKeys));
         }
         for col in columns {
             if col == "id" || col.starts_with("extra.") || wanted.iter().any(|(c, _)| c == col) {
@@ -178,7 +241,7 @@ impl EventColumns {
                 ColumnKind::Float => format!(", {ident}::float8"),
                 ColumnKind::Bool => format!(", {ident}"),
                 ColumnKind::Timestamp => format!(", {ident}::timestamptz"),
-                ColumnKind::Json => format!(", {ident}::jsonb"),
+                ColumnKind::Json | ColumnKind::ExtraKeys => format!(", {ident}::jsonb"),
                 ColumnKind::Inet => {
                     format!(", CASE WHEN {ident} IS NULL THEN NULL ELSE format('%s', {ident}) END")
                 }
@@ -190,12 +253,7 @@ impl EventColumns {
         select.push_str(" FROM events WHERE id = ANY($1) ORDER BY id");
         let ids: Vec<i64> = ids.iter().map(|e| e.0).collect();
         let st = crate::db::prepare(session, &select).await?;
-        let rows = if extra_keys.is_empty() {
-            tokio_postgres::GenericClient::query(session.client(), &st, &[&ids]).await?
-        } else {
-            tokio_postgres::GenericClient::query(session.client(), &st, &[&ids, &extra_keys])
-                .await?
-        };
+        let rows = tokio_postgres::GenericClient::query(session.client(), &st, &[&ids]).await?;
         // Values are stored in column-name order; `slot[i]` is where the
         // i-th selected column goes.
         let mut sorted: Vec<String> = wanted.iter().map(|(c, _)| c.clone()).collect();
@@ -223,6 +281,12 @@ impl EventColumns {
                     ColumnKind::Json => row
                         .get::<_, Option<serde_json::Value>>(idx)
                         .map(FieldValue::Json),
+                    ColumnKind::ExtraKeys => match row.try_get::<_, Option<RawJson>>(idx)? {
+                        Some(raw) => Some(FieldValue::Json(
+                            json_subset(raw.0, &extra_keys).map_err(EventError::Extra)?,
+                        )),
+                        None => None,
+                    },
                     ColumnKind::Text | ColumnKind::Inet => {
                         row.get::<_, Option<String>>(idx).map(FieldValue::Text)
                     }
