@@ -11,7 +11,8 @@
 //! ```
 //!
 //! `pipeline` drives one group through that path and one run over all
-//! groups; `migrate` owns the database objects; `sandbox` brings up the
+//! groups (`pipeline::batch`: small groups together, one statement per
+//! step); `migrate` owns the database objects; `sandbox` brings up the
 //! throw-away PostgreSQL and SMTP receiver used by `demo`, the tests and
 //! the benchmarks.
 
