@@ -8,7 +8,8 @@
 //! directive and event ids; the other groups go on. A bounded number of
 //! workers (`mailgend.workers`), each with its own database connection,
 //! process groups concurrently; signing runs on the blocking pool so it
-//! never stalls the async workers.
+//! never stalls the async workers. Small groups that are waiting together
+//! take these steps as one batch ([`batch`]) with the same guarantees.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
