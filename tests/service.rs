@@ -534,3 +534,46 @@ async fn metrics_and_status_show_what_the_service_did() {
     let (code, _) = svc.stop();
     assert_eq!(code, Some(0));
 }
+
+/// `send --all` killed with SIGKILL while it sends batches of small
+/// groups: the next runs send everything, each mail once, except mails
+/// the log reports as resent in doubt.
+#[tokio::test]
+async fn kill_9_during_send_all_loses_nothing_and_duplicates_only_what_it_reports() {
+    let mut env = TestEnv::new().await;
+    service_env(&mut env, 3);
+    feed(&env, 1200, 12).await;
+    let config = env.config_file();
+    let mut logs = String::new();
+    let send_all = |name: &str| {
+        let log = env.dir.path().join(format!("{name}.log"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mailgend"))
+            .arg("-c")
+            .arg(&config)
+            .args(["send", "--all"])
+            .env("HOME", env.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn mailgend send --all");
+        (child, log)
+    };
+    for (i, ms) in [120u64, 300, 80, 450].iter().enumerate() {
+        let (mut child, log) = send_all(&format!("k{i}"));
+        tokio::time::sleep(Duration::from_millis(*ms)).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        logs.push_str(&std::fs::read_to_string(log).unwrap());
+    }
+    let sent_before = env.sent_tickets().await.len();
+    let (mut child, log) = send_all("final");
+    let status = child.wait().unwrap();
+    logs.push_str(&std::fs::read_to_string(log).unwrap());
+    assert!(status.success(), "{logs}");
+    assert!(
+        sent_before > 0,
+        "the kills came too late to interrupt anything"
+    );
+    let (mails, dups) = verify_exactly_once(&env, &logs).await;
+    eprintln!("{mails} mails, {dups} reported duplicates after 4 kills of send --all");
+}
