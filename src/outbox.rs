@@ -117,51 +117,11 @@ fn ids(d: &[DirectiveId]) -> Vec<i64> {
     d.iter().map(|d| d.0).collect()
 }
 
-/// Records the intents of one group's mails; returns their row ids in
-/// order. Call on an autocommitting connection (not the group's
-/// transaction): the record must be durable before SMTP sees the mail.
+/// Records the intents of mails (of one group or of a batch) in one
+/// statement; returns their row ids in order. Call on an autocommitting
+/// connection (not the group's transaction): the record must be durable
+/// before SMTP sees the mail.
 pub async fn record<S: Session>(
-    session: &S,
-    instance: &str,
-    intents: &[Intent<'_>],
-) -> Result<Vec<i64>, tokio_postgres::Error> {
-    let client = session.client();
-    let stmt = db::prepare(
-            session,
-            "INSERT INTO mailgend.outbox (ticket, message_id, directive_ids, group_directive_ids, \
-                 marks_sent, envelope_from, envelope_to, message, sent_at, state, attempts, instance) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'sending', 1, $10) RETURNING id",
-        )
-        .await?;
-    let mut out = Vec::with_capacity(intents.len());
-    for i in intents {
-        let marks = ids(i.marks);
-        let group = ids(i.group);
-        let row = client
-            .query_one(
-                &stmt,
-                &[
-                    &i.ticket.as_str(),
-                    &i.message_id,
-                    &marks,
-                    &group,
-                    &!i.marks.is_empty(),
-                    &i.envelope_from,
-                    &i.envelope_to,
-                    &i.message,
-                    &i.sent_at,
-                    &instance,
-                ],
-            )
-            .await?;
-        out.push(row.get(0));
-    }
-    Ok(out)
-}
-
-/// [`record`] for the mails of several groups in one statement (one
-/// commit instead of one per mail). Returns the row ids in order.
-pub async fn record_many<S: Session>(
     session: &S,
     instance: &str,
     intents: &[Intent<'_>],
@@ -258,8 +218,11 @@ fn text_array_literal(items: &[String]) -> String {
     s
 }
 
-/// [`accepted`] for several rows in one statement.
-pub async fn accepted_many<S: Session>(tx: &S, ids: &[i64]) -> Result<(), tokio_postgres::Error> {
+/// Records rows as accepted (in the sending transaction, together with
+/// marking the directives sent): they move to `mailgend.sent_mail`, without
+/// the message, which is no longer needed. The outbox thus only ever holds
+/// open mails, and looking them up stays cheap however many were sent.
+pub async fn accepted<S: Session>(tx: &S, ids: &[i64]) -> Result<(), tokio_postgres::Error> {
     if ids.is_empty() {
         return Ok(());
     }
@@ -293,26 +256,6 @@ pub async fn open_group_members<S: Session>(
     .await?;
     let rows = tx.client().query(&st, &[&self::ids(ids)]).await?;
     Ok(rows.iter().map(|r| DirectiveId(r.get(0))).collect())
-}
-
-/// Records a row as accepted (in the group's transaction, together with
-/// marking the directives sent): it moves to `mailgend.sent_mail`, without
-/// the message, which is no longer needed. The outbox thus only ever holds
-/// open mails, and looking them up stays cheap however many were sent.
-pub async fn accepted<S: Session>(tx: &S, id: i64) -> Result<(), tokio_postgres::Error> {
-    let st = db::prepare(
-        tx,
-        "WITH moved AS (DELETE FROM mailgend.outbox WHERE id = $1 \
-                          RETURNING id, ticket, message_id, directive_ids, group_directive_ids, \
-                                    envelope_to, sent_at, attempts, instance) \
-         INSERT INTO mailgend.sent_mail (id, ticket, message_id, directive_ids, \
-                     group_directive_ids, envelope_to, sent_at, attempts, instance) \
-         SELECT id, ticket, message_id, directive_ids, group_directive_ids, envelope_to, \
-                sent_at, attempts, instance FROM moved",
-    )
-    .await?;
-    tx.client().execute(&st, &[&id]).await?;
-    Ok(())
 }
 
 /// Records a definite refusal: `retry` keeps the message for a resend with

@@ -506,27 +506,8 @@ async fn worker(
             None => {
                 let mut rx = jobs.lock().await;
                 let Some(first) = rx.recv().await else { return };
-                let mut groups = vec![first];
-                // Whatever else is already waiting joins the batch; never
-                // wait for more (latency).
-                if pipeline::batch::fits(&groups[0]) {
-                    let mut size = groups[0].directive_ids.len();
-                    while groups.len() < pipeline::batch::BATCH_GROUPS
-                        && size < pipeline::batch::BATCH_DIRECTIVES
-                    {
-                        match rx.try_recv() {
-                            Ok(g) if pipeline::batch::fits(&g) => {
-                                size += g.directive_ids.len();
-                                groups.push(g);
-                            }
-                            Ok(g) => {
-                                carried = Some(g);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                }
+                let (groups, next) = pipeline::batch::gather(first, &mut rx);
+                carried = next;
                 groups
             }
         };

@@ -205,7 +205,7 @@ pub async fn in_doubt_act(
                     lock_pending(&tx, id, &row.marks).await?;
                     sent::mark_sent(&tx, &row.ticket, row.sent_at, &row.marks).await?;
                 }
-                outbox::accepted(&tx, id).await?;
+                outbox::accepted(&tx, &[id]).await?;
                 let _ = writeln!(out, "{id}: recorded as sent with ticket {}", row.ticket);
             }
         }

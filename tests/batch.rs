@@ -289,9 +289,7 @@ async fn outbox_rows_recorded_together_keep_odd_addresses_and_order() {
             sent_at: now,
         },
     ];
-    let ids = outbox::record_many(&client, "test:1", &intents)
-        .await
-        .unwrap();
+    let ids = outbox::record(&client, "test:1", &intents).await.unwrap();
     assert_eq!(ids.len(), 2);
     let open = outbox::list_open(&client).await.unwrap();
     let by_id: HashMap<i64, &outbox::OpenMail> = open.iter().map(|o| (o.id, o)).collect();

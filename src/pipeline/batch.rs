@@ -58,6 +58,31 @@ pub fn fits(group: &Group) -> bool {
     group.directive_ids.len() <= SMALL_GROUP
 }
 
+/// `first` and the small groups already waiting in `rx`, as one batch
+/// (never waits for more: latency). A large group met on the way comes
+/// back separately, to go next.
+pub fn gather(
+    first: Group,
+    rx: &mut tokio::sync::mpsc::Receiver<Group>,
+) -> (Vec<Group>, Option<Group>) {
+    if !fits(&first) {
+        return (vec![first], None);
+    }
+    let mut size = first.directive_ids.len();
+    let mut groups = vec![first];
+    while groups.len() < BATCH_GROUPS && size < BATCH_DIRECTIVES {
+        match rx.try_recv() {
+            Ok(g) if fits(&g) => {
+                size += g.directive_ids.len();
+                groups.push(g);
+            }
+            Ok(g) => return (groups, Some(g)),
+            Err(_) => break,
+        }
+    }
+    (groups, None)
+}
+
 /// What became of a group of the batch so far.
 enum Fate {
     /// Still in the batch.
@@ -284,7 +309,7 @@ async fn run(
                 })
         })
         .collect();
-    let mut ids = outbox::record_many(
+    let mut ids = outbox::record(
         &db::Cached {
             client: &*side,
             cache: side_cache,
@@ -314,7 +339,7 @@ async fn run(
     let accepted: Vec<i64> = accepted_ids.iter().copied().collect();
     let recording = async {
         sent::mark_sent_many(&txc, &marks).await?;
-        outbox::accepted_many(&txc, &accepted).await
+        outbox::accepted(&txc, &accepted).await
     }
     .await;
     let recording = match recording {

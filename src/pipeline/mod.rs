@@ -320,31 +320,16 @@ pub async fn run_once(pipeline: Arc<Pipeline>, opts: RunOptions) -> Result<Summa
             // A large group met while gathering a batch: next in line.
             let mut carried: Option<Group> = None;
             loop {
-                let first = match carried.take() {
-                    Some(g) => g,
-                    None => match rx.lock().await.recv().await {
-                        Some(g) => g,
-                        None => break,
-                    },
-                };
-                let mut groups = vec![first];
-                if batch::fits(&groups[0]) {
-                    let mut size = groups[0].directive_ids.len();
-                    let mut rx = rx.lock().await;
-                    while groups.len() < batch::BATCH_GROUPS && size < batch::BATCH_DIRECTIVES {
-                        match rx.try_recv() {
-                            Ok(g) if batch::fits(&g) => {
-                                size += g.directive_ids.len();
-                                groups.push(g);
-                            }
-                            Ok(g) => {
-                                carried = Some(g);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
+                let groups = match carried.take() {
+                    Some(g) => vec![g],
+                    None => {
+                        let mut rx = rx.lock().await;
+                        let Some(first) = rx.recv().await else { break };
+                        let (groups, next) = batch::gather(first, &mut rx);
+                        carried = next;
+                        groups
                     }
-                }
+                };
                 let results =
                     batch::process_batch(&pipeline, &mut conns, &columns, &groups, opts).await;
                 let mut s = summary.lock().expect("summary lock");
@@ -667,7 +652,7 @@ async fn deliver(
         if !s.marks.is_empty() {
             sent::mark_sent(&txc, s.ticket, s.sent_at, s.marks).await?;
         }
-        outbox::accepted(&txc, s.outbox_id).await?;
+        outbox::accepted(&txc, &[s.outbox_id]).await?;
     }
     tx.commit().await?;
     Ok(GroupOutcome::Sent { mails: accepted })
