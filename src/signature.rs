@@ -17,12 +17,13 @@
 //! unpredictable: that blunts chosen-prefix attacks for a host that signs
 //! text partly chosen by outsiders (event data).
 //!
-//! RSA keys sign through our own OpenSSL signer (`RsaCrtKey`): sequoia's
-//! OpenSSL backend rebuilds the private key from `n`, `e` and `d` alone for
-//! every signature, which leaves OpenSSL the plain `m^d mod n`
-//! exponentiation. Built once with the prime factors and CRT exponents, the
-//! same RSA-3072 signature costs about a quarter of that (the speed of
-//! `openssl speed rsa3072`), and the key object is not rebuilt per mail. The packet around it (subpackets, salt notation,
+//! RSA keys sign through our own OpenSSL signer (`RsaCrtKey`), built once
+//! with the prime factors and CRT exponents, so an RSA-3072 signature costs
+//! what `openssl speed rsa3072` says and the key object is not rebuilt per
+//! mail; sequoia's own backends either rebuild the key from `n`, `e` and
+//! `d` for every signature (OpenSSL) or are far slower and not constant-time
+//! (the pure-Rust one this build uses, chosen because it needs no libclang
+//! to build). The packet around it (subpackets, salt notation,
 //! hashing) is still made by sequoia's `SignatureBuilder`, so the signature
 //! bytes have exactly the layout they had before. Other algorithms (EdDSA,
 //! ECDSA, ...) keep using sequoia's `KeyPair`; [`Signer::backend`] tells which.

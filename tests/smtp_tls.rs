@@ -54,7 +54,9 @@ fn server(mode: &str, dir: &Path) -> Server {
     let out = tempfile::tempdir().unwrap();
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smtp/tls_auth_server.py");
-    let mut child = Command::new("python3")
+    // Debian's Python: python3-aiosmtpd is a Debian package, and another
+    // python3 first on PATH (pyenv) would not see it.
+    let mut child = Command::new("/usr/bin/python3")
         .arg(script)
         .arg(mode)
         .arg(dir.join("cert.pem"))
@@ -65,7 +67,7 @@ fn server(mode: &str, dir: &Path) -> Server {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
-        .expect("python3 with aiosmtpd (pip install aiosmtpd)");
+        .expect("/usr/bin/python3 with aiosmtpd (apt install python3-aiosmtpd)");
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().unwrap())
         .read_line(&mut line)

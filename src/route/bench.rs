@@ -233,14 +233,17 @@ pub async fn run(messages: usize) -> Result<()> {
     let dir = tempfile::tempdir().map_err(io("creating a temporary directory"))?;
     let sink_port = free_port()?;
     let mut sink = Child(
-        Command::new("python3")
+        // Debian's Python, which sees Debian's python3-aiosmtpd.
+        Command::new("/usr/bin/python3")
             .arg("-c")
             .arg(SINK)
             .arg(sink_port.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
-            .map_err(io("starting python3 (aiosmtpd)"))?,
+            .map_err(io(
+                "starting /usr/bin/python3 (apt install python3-aiosmtpd)",
+            ))?,
     );
     if wait_port(sink_port).await.is_err() {
         fail!("the aiosmtpd receiver did not start (is Python's aiosmtpd installed?)");
