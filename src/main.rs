@@ -497,6 +497,11 @@ fn check_config(cli: &Cli) -> ExitCode {
     for p in &config.unknown_keys {
         println!("WARNING {p}");
     }
+    // Not problems for mailgend: what would keep a rollback to
+    // intelmqcbmail from working with these files (docs/config.md).
+    for p in &config.rollback_problems {
+        println!("WARNING {p}");
+    }
     match mailgend::format::FormatSet::load(&config.script_directory, &config) {
         Ok(formats) => {
             if !formats.python_scripts().is_empty() {
