@@ -1106,6 +1106,9 @@ mod tests {
                 "logging_level"
             ]
         );
-        assert!(c.rollback_problems.iter().all(|p| p.reason.starts_with("rollback: ")));
+        assert!(c
+            .rollback_problems
+            .iter()
+            .all(|p| p.reason.starts_with("rollback: ")));
     }
 }

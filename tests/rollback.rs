@@ -85,9 +85,7 @@ impl Site {
             .expect("login role");
         env.client()
             .await
-            .batch_execute(&format!(
-                "GRANT eventdb_send_notifications TO \"{role}\""
-            ))
+            .batch_execute(&format!("GRANT eventdb_send_notifications TO \"{role}\""))
             .await
             .expect("grant");
 
@@ -379,7 +377,8 @@ async fn intelmqcbmail_1_4_runs_on_a_file_with_every_mailgend_key() {
     );
     // ... and intelmqcbmail 1.4 completes its run with it.
     let (code, out) = site.run_intelmqcbmail("every-key", &config).await;
-    site.assert_completed("every mailgend key", code, &out).await;
+    site.assert_completed("every mailgend key", code, &out)
+        .await;
 }
 
 /// The negative control: the old spelling in `openpgp` stops intelmqcbmail
