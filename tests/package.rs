@@ -67,6 +67,9 @@ fn require_prerequisites() {
     {
         missing.push("debootstrap (apt-get install debootstrap)".into());
     }
+    if Command::new("python3").arg("--version").output().is_err() {
+        missing.push("python3 (the SMTP client sending to the router)".into());
+    }
     if Command::new("lintian").arg("--version").output().is_err() {
         missing.push("lintian (apt-get install lintian)".into());
     }
