@@ -883,7 +883,10 @@ fn rollback_problems(merged: &Merged) -> Vec<ConfigProblem> {
         if !cur.is_some_and(|m| m.contains_key(rest)) {
             note(
                 key,
-                format!("{OLD} fails with a KeyError without it (mailgend has a default)"),
+                format!(
+                    "{OLD} fails with a KeyError without it; give it explicitly \
+                     (mailgend has a default; for the password, null will do)"
+                ),
             );
         }
     }
