@@ -253,11 +253,10 @@ async fn install(
     });
     let dir = tempfile::tempdir()?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let openpgp = if signed {
-        json!({"always_sign": true,
-               "key_file": root.join("tests/fixtures/keys/test-signing.sec.asc")})
+    let key_file = if signed {
+        json!(root.join("tests/fixtures/keys/test-signing.sec.asc"))
     } else {
-        json!({"always_sign": false})
+        serde_json::Value::Null
     };
     let config = json!({
         "database": {"event": {"name": db.name, "username": db.superuser,
@@ -266,9 +265,10 @@ async fn install(
         "script_directory": root.join("config/formats"),
         "sender": "CERT Bench <cert@example.org>",
         "smtp": {"host": "127.0.0.1", "port": sink.port()},
-        "openpgp": openpgp,
+        "openpgp": {"always_sign": signed},
         "logging_level": "WARNING",
-        "mailgend": {"workers": workers, "sweep_interval": sweep, "shutdown_deadline": 30}
+        "mailgend": {"workers": workers, "sweep_interval": sweep, "shutdown_deadline": 30,
+                     "signing_key_file": key_file}
     });
     let path = dir.path().join("bench.conf");
     std::fs::write(&path, serde_json::to_string_pretty(&config)?)?;

@@ -124,7 +124,8 @@ pub struct OpenPgpConfig {
     /// Fingerprint, key id or user id, as given to gpg's `--local-user`.
     pub signing_key: Option<String>,
     /// A file with the armoured or binary secret key (alternative to
-    /// `gnupg_home`).
+    /// `gnupg_home`): `mailgend.signing_key_file`, or the old spelling
+    /// `openpgp.key_file`.
     pub key_file: Option<PathBuf>,
 }
 
@@ -162,9 +163,12 @@ pub struct Config {
     pub service: ServiceConfig,
     /// The files that were read, in merge order.
     pub files: Vec<PathBuf>,
-    /// Keys present but not known (each is also logged at WARN by the
-    /// caller, with its file).
+    /// Keys to WARN about, with their file: keys not known, old spellings
+    /// of relocated keys (each is logged at WARN by the caller).
     pub unknown_keys: Vec<ConfigProblem>,
+    /// What would make intelmqcbmail 1.4 refuse or misread this
+    /// configuration (a rollback to it); `check-config` prints them.
+    pub rollback_problems: Vec<ConfigProblem>,
 }
 
 /// Which files to read.
@@ -355,6 +359,15 @@ impl<'a> Reader<'a> {
             cur = cur.as_object()?.get(p)?;
         }
         Some(cur)
+    }
+
+    /// A WARN about `key` that does not refuse the configuration.
+    fn warn(&mut self, key: &str, reason: impl Into<String>) {
+        self.unknown.push(ConfigProblem {
+            file: self.merged.origin_of(key),
+            key: key.to_string(),
+            reason: reason.into(),
+        });
     }
 
     fn section(&mut self, key: &str, known: &[&str]) -> bool {
@@ -615,18 +628,48 @@ impl Config {
             "openpgp",
             &["gnupg_home", "always_sign", "signing_key", "key_file"],
         );
+        // The key file lives in mailgend's own section: intelmqcbmail 1.4
+        // exits CRITICAL when `openpgp` holds any key but its three
+        // (intelmqmail/cb.py:441-446 in 1.4.0), which would break a
+        // rollback. The old spelling keeps working, with a WARN.
+        let (key_file_key, key_file) = match (
+            r.string("mailgend.signing_key_file"),
+            r.string("openpgp.key_file"),
+        ) {
+            (Some(new), old) => {
+                if old.is_some() {
+                    r.warn(
+                        "openpgp.key_file",
+                        "ignored, mailgend.signing_key_file is set; remove it: \
+                         intelmqcbmail 1.4 exits CRITICAL on any openpgp key but \
+                         always_sign, gnupg_home and signing_key",
+                    );
+                }
+                ("mailgend.signing_key_file", Some(new))
+            }
+            (None, Some(old)) => {
+                r.warn(
+                    "openpgp.key_file",
+                    "old spelling, read as mailgend.signing_key_file; move it there: \
+                     intelmqcbmail 1.4 exits CRITICAL on any openpgp key but \
+                     always_sign, gnupg_home and signing_key",
+                );
+                ("openpgp.key_file", Some(old))
+            }
+            (None, None) => ("mailgend.signing_key_file", None),
+        };
         let openpgp = OpenPgpConfig {
             always_sign: r.bool("openpgp.always_sign", false),
             gnupg_home: r.string("openpgp.gnupg_home").map(PathBuf::from),
             signing_key: r.string("openpgp.signing_key").filter(|s| !s.is_empty()),
-            key_file: r.string("openpgp.key_file").map(PathBuf::from),
+            key_file: key_file.map(PathBuf::from),
         };
         if openpgp.always_sign {
             match (&openpgp.key_file, &openpgp.gnupg_home) {
                 (Some(k), _) => {
                     if !k.is_file() {
                         r.problem(
-                            "openpgp.key_file",
+                            key_file_key,
                             format!("{} is not a readable file", k.display()),
                         );
                     }
@@ -647,7 +690,8 @@ impl Config {
                 }
                 (None, None) => r.problem(
                     "openpgp.always_sign",
-                    "signing is on but neither openpgp.key_file nor openpgp.gnupg_home is set",
+                    "signing is on but neither mailgend.signing_key_file nor \
+                     openpgp.gnupg_home is set",
                 ),
             }
         }
@@ -706,6 +750,7 @@ impl Config {
                 "shutdown_deadline",
                 "sweep_interval",
                 "metrics_listen",
+                "signing_key_file",
             ],
         );
         let in_doubt = match r.string("mailgend.in_doubt").as_deref() {
@@ -765,8 +810,96 @@ impl Config {
             service,
             files: merged.files.clone(),
             unknown_keys: r.unknown,
+            rollback_problems: rollback_problems(merged),
         })
     }
+}
+
+/// What intelmqcbmail 1.4 would refuse or misread in the merged files
+/// (it merges them the same way), so that `check-config` can say whether
+/// a rollback to it still works. Not problems for mailgend.
+fn rollback_problems(merged: &Merged) -> Vec<ConfigProblem> {
+    const OLD: &str = "intelmqcbmail 1.4";
+    let mut out = Vec::new();
+    let mut note = |key: &str, reason: String| {
+        out.push(ConfigProblem {
+            file: merged.origin_of(key),
+            key: key.to_string(),
+            reason: format!("rollback: {reason}"),
+        })
+    };
+    // intelmqmail/cb.py:441-446: the key set must be exactly these three.
+    const PGP: [&str; 3] = ["always_sign", "gnupg_home", "signing_key"];
+    match merged.root.get("openpgp") {
+        Some(Value::Object(pgp)) => {
+            let missing: Vec<&str> = PGP
+                .iter()
+                .copied()
+                .filter(|k| !pgp.contains_key(*k))
+                .collect();
+            let extra: Vec<&str> = pgp
+                .keys()
+                .map(String::as_str)
+                .filter(|k| !PGP.contains(k))
+                .collect();
+            if !missing.is_empty() || !extra.is_empty() {
+                let mut what = Vec::new();
+                if !missing.is_empty() {
+                    what.push(format!("lacks {}", missing.join(", ")));
+                }
+                if !extra.is_empty() {
+                    what.push(format!("has {}", extra.join(", ")));
+                }
+                note(
+                    "openpgp",
+                    format!(
+                        "{OLD} exits CRITICAL unless this section has exactly always_sign, \
+                         gnupg_home and signing_key; it {}",
+                        what.join(" and ")
+                    ),
+                );
+            }
+        }
+        _ => note(
+            "openpgp",
+            format!("{OLD} exits CRITICAL without this section"),
+        ),
+    }
+    // intelmqmail/db.py:22-27 and cb.py:234-235 index these directly.
+    for key in [
+        "database.event.name",
+        "database.event.username",
+        "database.event.password",
+        "database.event.host",
+        "database.event.port",
+        "smtp.host",
+        "smtp.port",
+    ] {
+        let (section, rest) = key.rsplit_once('.').unwrap();
+        let mut cur = Some(&merged.root);
+        for part in section.split('.') {
+            cur = cur.and_then(|m| m.get(part)).and_then(Value::as_object);
+        }
+        if !cur.is_some_and(|m| m.contains_key(rest)) {
+            note(
+                key,
+                format!(
+                    "{OLD} fails with a KeyError without it; give it explicitly \
+                     (mailgend has a default; for the password, null will do)"
+                ),
+            );
+        }
+    }
+    // intelmqmail/cb.py:424: Python's logging knows upper-case names only.
+    if let Some(Value::String(level)) = merged.root.get("logging_level") {
+        if !["DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL"].contains(&level.as_str()) {
+            note(
+                "logging_level",
+                format!("{OLD} refuses {level:?} (Python's level names are upper case)"),
+            );
+        }
+    }
+    out
 }
 
 /// Splits `"CERT <cert@example.org>"` or `cert@example.org` into the address
@@ -877,5 +1010,108 @@ mod tests {
         let err = Config::load(&ConfigSource::file("/nonexistent/x.conf")).unwrap_err();
         assert!(err.to_string().contains("does not exist"), "{err}");
         let _ = src;
+    }
+
+    /// `openpgp.key_file` (the old spelling) still signs, with a WARN that
+    /// names the new place; `mailgend.signing_key_file` wins over it.
+    #[test]
+    fn key_file_moved_to_the_mailgend_section() {
+        let d = tempfile::tempdir().unwrap();
+        let key = d.path().join("key.asc");
+        std::fs::write(&key, "not checked here").unwrap();
+        let other = d.path().join("other.asc");
+        std::fs::write(&other, "not checked here").unwrap();
+        let with = |openpgp: Value, mailgend: Value| {
+            let mut j: Value = serde_json::from_str(&minimal(d.path())).unwrap();
+            j["openpgp"] = openpgp;
+            j["mailgend"] = mailgend;
+            Config::from_json_str(&j.to_string(), "t.conf")
+        };
+
+        let c = with(
+            serde_json::json!({"always_sign": true, "key_file": key}),
+            serde_json::json!({}),
+        )
+        .unwrap();
+        assert_eq!(c.openpgp.key_file.as_deref(), Some(key.as_path()));
+        assert_eq!(c.unknown_keys.len(), 1, "{:?}", c.unknown_keys);
+        assert_eq!(c.unknown_keys[0].key, "openpgp.key_file");
+        assert!(c.unknown_keys[0]
+            .reason
+            .contains("move it there: intelmqcbmail 1.4 exits CRITICAL"));
+        assert!(c.unknown_keys[0]
+            .reason
+            .contains("mailgend.signing_key_file"));
+        assert!(c.rollback_problems.iter().any(|p| p.key == "openpgp"
+            && p.reason.contains("has key_file")
+            && p.reason.contains("lacks gnupg_home, signing_key")));
+
+        let c = with(
+            serde_json::json!({"always_sign": true, "gnupg_home": "/nonexistent",
+                               "signing_key": "ABCD"}),
+            serde_json::json!({"signing_key_file": key}),
+        )
+        .unwrap();
+        assert_eq!(c.openpgp.key_file.as_deref(), Some(key.as_path()));
+        assert!(c.unknown_keys.is_empty(), "{:?}", c.unknown_keys);
+        assert!(c.rollback_problems.is_empty(), "{:?}", c.rollback_problems);
+
+        let c = with(
+            serde_json::json!({"always_sign": true, "key_file": other}),
+            serde_json::json!({"signing_key_file": key}),
+        )
+        .unwrap();
+        assert_eq!(c.openpgp.key_file.as_deref(), Some(key.as_path()));
+        assert!(c.unknown_keys[0].reason.starts_with("ignored"));
+
+        // A missing file is reported under the key it came from.
+        for (openpgp, mailgend, key) in [
+            (
+                serde_json::json!({"always_sign": true, "key_file": "/nonexistent/k"}),
+                serde_json::json!({}),
+                "openpgp.key_file",
+            ),
+            (
+                serde_json::json!({"always_sign": true}),
+                serde_json::json!({"signing_key_file": "/nonexistent/k"}),
+                "mailgend.signing_key_file",
+            ),
+        ] {
+            let err = with(openpgp, mailgend).unwrap_err();
+            assert_eq!(err.0.len(), 1, "{err}");
+            assert_eq!(err.0[0].key, key, "{err}");
+        }
+    }
+
+    /// What intelmqcbmail 1.4 would trip over is named, and only that.
+    #[test]
+    fn rollback_problems_name_what_the_old_tool_refuses() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Config::from_json_str(&minimal(d.path()), "t.conf").unwrap();
+        assert!(c.rollback_problems.is_empty(), "{:?}", c.rollback_problems);
+
+        let mut j: Value = serde_json::from_str(&minimal(d.path())).unwrap();
+        j["openpgp"] = serde_json::json!({"always_sign": false});
+        j["database"]["event"]
+            .as_object_mut()
+            .unwrap()
+            .remove("password");
+        j["smtp"].as_object_mut().unwrap().remove("port");
+        j["logging_level"] = serde_json::json!("info");
+        let c = Config::from_json_str(&j.to_string(), "t.conf").unwrap();
+        let keys: Vec<&str> = c.rollback_problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "openpgp",
+                "database.event.password",
+                "smtp.port",
+                "logging_level"
+            ]
+        );
+        assert!(c
+            .rollback_problems
+            .iter()
+            .all(|p| p.reason.starts_with("rollback: ")));
     }
 }

@@ -91,6 +91,7 @@ enum Command {
     },
     /// Measure the pipeline on a throw-away installation and print figures
     /// (see docs/performance.md).
+    #[cfg(feature = "dev-tools")]
     Bench {
         /// Event counts, comma-separated.
         #[arg(long, value_delimiter = ',', default_values_t = [1000usize, 10000])]
@@ -153,6 +154,7 @@ enum Command {
     },
     /// Bring up a throw-away PostgreSQL and SMTP receiver, feed realistic
     /// events, send signed mails, show them, tear everything down.
+    #[cfg(feature = "dev-tools")]
     Demo {
         /// Number of IntelMQ events to insert.
         #[arg(long, default_value_t = 300)]
@@ -160,6 +162,14 @@ enum Command {
         /// Where to keep the received mails (a Maildir).
         #[arg(long)]
         maildir: Option<PathBuf>,
+    },
+    /// `demo` and `bench` in a build without them (the Debian package's):
+    /// say where they are instead of "unrecognized subcommand".
+    #[cfg(not(feature = "dev-tools"))]
+    #[command(hide = true, name = "demo", alias = "bench")]
+    NotInThisBuild {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -363,6 +373,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig => Ok(check_config(&cli)),
+        #[cfg(not(feature = "dev-tools"))]
+        Command::NotInThisBuild { .. } => {
+            eprintln!(
+                "mailgend: `demo` and `bench` are not in this build (the Debian package \
+                 leaves them out); they run from a source build: `cargo run --release -- demo` \
+                 (see /usr/share/doc/mailgend/install.md)"
+            );
+            Ok(ExitCode::from(2))
+        }
+        #[cfg(feature = "dev-tools")]
         Command::Bench {
             events,
             runs,
@@ -472,6 +492,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             route::service::run(&path).await?;
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "dev-tools")]
         Command::Demo { events, maildir } => {
             // The demo prints its own story; per-mail log lines only with -v.
             init_logging("WARNING", cli.verbose);
@@ -495,6 +516,11 @@ fn check_config(cli: &Cli) -> ExitCode {
         }
     };
     for p in &config.unknown_keys {
+        println!("WARNING {p}");
+    }
+    // Not problems for mailgend: what would keep a rollback to
+    // intelmqcbmail from working with these files (docs/config.md).
+    for p in &config.rollback_problems {
         println!("WARNING {p}");
     }
     match mailgend::format::FormatSet::load(&config.script_directory, &config) {

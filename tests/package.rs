@@ -1,12 +1,16 @@
 //! The Debian package, installed the way an operator installs it: built
-//! with cargo-deb from the test build of the binary and checked by
-//! lintian, installed with `dpkg -i` + `apt-get -f install` into a clean
-//! Debian 12 root made by `debootstrap --variant=minbase`, then checked
-//! from inside that root (version, system user, permissions of the
-//! secrets, `check-config` as the service user, `systemd-analyze verify`
-//! of the installed unit by the root's own systemd, installed after the
-//! package), upgraded, purged and installed over an existing
-//! configuration.
+//! with cargo-deb (dev profile, the package's feature settings) and
+//! checked by lintian, installed with `dpkg -i` + `apt-get -f install`
+//! into a clean Debian 12 root made by `debootstrap --variant=minbase`,
+//! then checked from inside that root (version, system user, permissions
+//! of the secrets, no `demo`/`bench`, `check-config` as the service user,
+//! the alert router started from the installed sample configuration the
+//! way its unit starts it, with a secret from its environment file, and
+//! routing a mail from a real SMTP client to a real receiver,
+//! `systemd-analyze verify` of the installed units by the root's own
+//! systemd, installed after the package), upgraded, purged (after edits,
+//! right after an installation) and installed over and purged around an
+//! existing configuration.
 //!
 //! The bootstrapped root is cached as a tar under `target/pkgtest/` so
 //! that repeated runs skip the download; every run unpacks a fresh copy.
@@ -62,6 +66,9 @@ fn require_prerequisites() {
         .is_err()
     {
         missing.push("debootstrap (apt-get install debootstrap)".into());
+    }
+    if Command::new("python3").arg("--version").output().is_err() {
+        missing.push("python3 (the SMTP client sending to the router)".into());
     }
     if Command::new("lintian").arg("--version").output().is_err() {
         missing.push("lintian (apt-get install lintian)".into());
@@ -311,25 +318,26 @@ impl Timings {
     }
 }
 
-/// `cargo deb` on the test build of the binary (no release build: that
-/// costs minutes on CI's two cores).
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(repo());
+    c
+}
+
+/// `cargo deb` with the dev profile (no release build: that costs minutes
+/// on CI's two cores), letting cargo-deb build the binary with the
+/// package's feature settings (`[package.metadata.deb]`: no `demo`, no
+/// `bench`), so that the binary tested is the one the package ships. Only
+/// the mailgend crate is compiled again; the dependencies are shared with
+/// the test build.
 fn build_deb(out_dir: &Path) -> PathBuf {
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_mailgend"));
-    assert!(bin.is_file(), "{} was not built", bin.display());
     let deb = out_dir.join("mailgend.deb");
-    ok(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(repo())
-            .args([
-                "deb",
-                "--no-build",
-                "--profile",
-                "dev",
-                "--fast",
-                "--output",
-            ])
-            .arg(&deb),
-    );
+    ok(cargo()
+        .args(["deb", "--profile", "dev", "--fast", "--output"])
+        .arg(&deb));
+    // That build replaced target/debug/mailgend; put the test build (with
+    // the default features) back for the other tests and for developers.
+    ok(cargo().args(["build", "--quiet", "--bin", "mailgend"]));
     deb
 }
 
@@ -345,6 +353,216 @@ fn repo_units() -> Vec<String> {
     units.sort();
     assert!(units.contains(&"mailgend.service".to_string()));
     units
+}
+
+/// The `[Service]` settings of a unit file, in order (`Key`, `value`);
+/// enough of systemd.syntax(7) for our units: comments, sections,
+/// `Key=value` lines (no continuation lines in our units: asserted).
+fn unit_service_settings(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut in_service = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        assert!(!line.ends_with('\\'), "continuation line: {line}");
+        if line.starts_with('[') {
+            in_service = line == "[Service]";
+            continue;
+        }
+        if in_service {
+            let (k, v) = line.split_once('=').expect("Key=value");
+            out.push((k.trim().to_string(), v.trim().to_string()));
+        }
+    }
+    out
+}
+
+/// The assignments of an `EnvironmentFile=` as systemd.exec(5) reads
+/// them: `#`/`;` comment lines and empty lines skipped, `KEY=VALUE` with
+/// white space around the key and at the value's ends dropped, one level
+/// of matching quotes removed. (No continuation lines: asserted.)
+fn environment_file(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        assert!(!line.ends_with('\\'), "continuation line: {line}");
+        let (k, v) = line.split_once('=').expect("KEY=VALUE");
+        let v = v.trim();
+        let v = ['"', '\'']
+            .iter()
+            .find_map(|q| v.strip_prefix(*q).and_then(|x| x.strip_suffix(*q)))
+            .unwrap_or(v);
+        out.push((k.trim().to_string(), v.to_string()));
+    }
+    out
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real SMTP client (Python's smtplib, on the host: the root shares its
+/// network) logs in to 127.0.0.1:`port` and sends one mail; prints `sent`
+/// or the exception.
+fn smtp_send(port: u16, user: &str, password: &str, to: &str, subject: &str) -> String {
+    let script = r#"
+import smtplib, sys
+from email.message import EmailMessage
+port, user, password, to, subject = sys.argv[1:]
+m = EmailMessage()
+m["From"] = "backup@db1.example.org"
+m["To"] = to
+m["Subject"] = subject
+m.set_content("The nightly backup of db1 failed.\n")
+try:
+    with smtplib.SMTP("127.0.0.1", int(port), timeout=30) as s:
+        s.login(user, password)
+        s.send_message(m)
+    print("sent")
+except Exception as e:
+    print(type(e).__name__, e)
+"#;
+    let out = run(Command::new("python3").args([
+        "-c",
+        script,
+        &port.to_string(),
+        user,
+        password,
+        to,
+        subject,
+    ]));
+    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// The installed `mailgend-route.service` run as systemd would run it
+/// (there is no systemd in the root): its `ExecStartPre=` as root, then
+/// its `ExecStart=` as its `User=`/`Group=`, with exactly the environment
+/// of its `Environment=` and `EnvironmentFile=` lines. Killed on drop.
+struct UnitProcess {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl UnitProcess {
+    fn start(root: &Root, unit: &str) -> UnitProcess {
+        let text =
+            std::fs::read_to_string(root.file(&format!("/usr/lib/systemd/system/{unit}"))).unwrap();
+        let settings = unit_service_settings(&text);
+        let one = |key: &str| -> String {
+            let v: Vec<&String> = settings
+                .iter()
+                .filter(|(k, _)| k == key)
+                .map(|(_, v)| v)
+                .collect();
+            assert_eq!(v.len(), 1, "{unit}: {key}= {v:?}");
+            v[0].clone()
+        };
+        let mut env: Vec<(String, String)> = Vec::new();
+        for (k, v) in &settings {
+            match k.as_str() {
+                "Environment" => {
+                    let (name, value) = v.split_once('=').unwrap();
+                    env.push((name.to_string(), value.to_string()));
+                }
+                "EnvironmentFile" => {
+                    let (optional, path) = match v.strip_prefix('-') {
+                        Some(p) => (true, p),
+                        None => (false, v.as_str()),
+                    };
+                    match std::fs::read_to_string(root.file(path)) {
+                        Ok(t) => env.extend(environment_file(&t)),
+                        Err(e) => assert!(optional, "{unit}: {path}: {e}"),
+                    }
+                }
+                "ExecStartPre" => {
+                    // `+`: run with full privileges (as root, here).
+                    let cmd = v.trim_start_matches(['+', '-', '@', '!']);
+                    let args: Vec<&str> = cmd.split_whitespace().collect();
+                    ok(&mut root.chroot(&args));
+                }
+                _ => {}
+            }
+        }
+        let (user, group) = (one("User"), one("Group"));
+        let exec = one("ExecStart");
+        let log = root.file("/tmp/mailgend-route.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let mut args = vec!["runuser", "-u", &user, "-g", &group, "--", "env", "-i"];
+        let assignments: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        args.extend(assignments.iter().map(String::as_str));
+        args.extend(exec.split_whitespace());
+        let child = root
+            .chroot(&args)
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("start the unit's ExecStart");
+        UnitProcess { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `port` accepts connections (panics with the log if the
+    /// process ends or 30 s pass).
+    fn wait_listening(&mut self, port: u16) {
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("the router ended ({status}):\n{}", self.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "not listening after 30 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for UnitProcess {
+    fn drop(&mut self) {
+        // runuser forwards SIGTERM to the router, which then drains.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(40) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Replaces the one line of `path` (inside the root) that equals `from`.
+fn edit_line(root: &Root, path: &str, from: &str, to: &str) {
+    let file = root.file(path);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(
+        text.lines().filter(|l| *l == from).count(),
+        1,
+        "{path}: no single line {from:?}:\n{text}"
+    );
+    let new: Vec<&str> = text
+        .lines()
+        .map(|l| if l == from { to } else { l })
+        .collect();
+    std::fs::write(&file, new.join("\n") + "\n").unwrap();
 }
 
 fn gid_of(root: &Root, group: &str) -> u32 {
@@ -393,7 +611,7 @@ fn the_package_installs_and_checks_out_in_a_clean_debian_12() {
     t.add("bootstrap or unpack the Debian 12 minbase root", start);
     let (deb, built, linted) = building.join().expect("cargo deb, lintian");
     t.0.push((
-        "cargo deb --no-build --profile dev (in parallel)".into(),
+        "cargo deb --profile dev, the package's features (in parallel)".into(),
         built,
     ));
     t.0.push(("lintian (in parallel)".into(), linted));
@@ -409,6 +627,8 @@ fn the_package_installs_and_checks_out_in_a_clean_debian_12() {
         "./usr/share/mailgend/templates/shadowserver_csv_Open-Redis",
         "./etc/intelmq/mailgen/formats/10shadowserver.toml",
         "./usr/share/doc/mailgend/install.md",
+        "./etc/mailgend/route.yml",
+        "./usr/share/mailgend/mailgend-route.default",
     ] {
         assert!(
             contents.contains(path),
@@ -493,6 +713,24 @@ fn the_package_installs_and_checks_out_in_a_clean_debian_12() {
         conffiles.contains("/etc/intelmq/mailgen/formats/10shadowserver.toml"),
         "{conffiles}"
     );
+    assert!(conffiles.contains("/etc/mailgend/route.yml"), "{conffiles}");
+    // The router's secrets: created from the commented template, for
+    // systemd (root) only.
+    let env_file = std::fs::metadata(root.file("/etc/default/mailgend-route")).unwrap();
+    assert_eq!(env_file.mode() & 0o7777, 0o600);
+    assert_eq!((env_file.uid(), env_file.gid()), (0, 0));
+    // The package's binary has no `demo` or `bench` (they start their own
+    // PostgreSQL and read the source tree); asked for, it says where they are.
+    let help = ok(&mut root.chroot(&["mailgend", "--help"]));
+    assert!(help.contains("check-config"), "{help}");
+    assert!(!help.contains("demo") && !help.contains("bench"), "{help}");
+    for sub in ["demo", "bench"] {
+        let out = run(&mut root.chroot(&["mailgend", sub]));
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert!(text.contains("not in this build"), "{text}");
+        assert!(text.contains("cargo run --release -- demo"), "{text}");
+    }
     // Installed, not enabled and not started: there is no systemd here and
     // the operator configures first.
     let wants = root.file("/etc/systemd/system/multi-user.target.wants/mailgend.service");
@@ -547,17 +785,140 @@ fn the_package_installs_and_checks_out_in_a_clean_debian_12() {
     .unwrap();
     ok(&mut root.chroot(&["chown", "root:mailgend", key]));
     ok(&mut root.chroot(&["chmod", "0640", key]));
+    // The key file goes into the mailgend section; `openpgp` keeps its
+    // three keys, so intelmqcbmail 1.4 could still use the file.
     let conf_path = root.file("/etc/intelmq/intelmq-mailgen.conf");
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&conf_path).unwrap()).unwrap();
-    json["openpgp"] = serde_json::json!({"always_sign": true, "key_file": key});
+    json["mailgend"]["signing_key_file"] = serde_json::json!(key);
+    // The fingerprint of the exported key (tests/fixtures/keys/README.md),
+    // which mailgend also uses to pick the key from the file.
+    json["openpgp"]["signing_key"] = serde_json::json!("B9417861749CD740F3E9B2E0C771416A383195BB");
     std::fs::write(&conf_path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
     let checked = ok(&mut as_service(&root));
     assert!(
         checked.contains("configuration OK (/etc/intelmq/intelmq-mailgen.conf)"),
         "{checked}"
     );
+    assert!(!checked.contains("WARNING"), "{checked}");
     t.add("mailgend --version, user, permissions, check-config", start);
+
+    // --- the alert router, from the installed sample configuration ---
+    let start = Instant::now();
+    // The sample as installed passes `route --check`, as the service user
+    // with the unit's MAIL2ALERT_CONFIGURATION, and so do its commented
+    // blocks once uncommented with their variables set.
+    let route_check = |root: &Root, env: &[&str]| {
+        let mut args = vec![
+            "runuser",
+            "-u",
+            "mailgend",
+            "--",
+            "env",
+            "MAIL2ALERT_CONFIGURATION=/etc/mailgend/route.yml",
+        ];
+        args.extend(env);
+        args.extend(["mailgend", "route", "--check"]);
+        run(&mut root.chroot(&args))
+    };
+    let checked = route_check(&root, &[]);
+    let text = String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.status.success(), "{text}");
+    assert!(text.contains("/etc/mailgend/route.yml: OK"), "{text}");
+    let sample_path = root.file("/etc/mailgend/route.yml");
+    let sample = std::fs::read_to_string(&sample_path).unwrap();
+    let mut in_gocd = false;
+    let uncommented: String = sample
+        .lines()
+        .map(|l| {
+            in_gocd = (in_gocd && !l.is_empty()) || l == "  # - name: gocd";
+            match l {
+                _ if in_gocd => l.replacen("  # ", "  ", 1),
+                "# slack-token: $SLACK_TOKEN" => "slack-token: $SLACK_TOKEN".into(),
+                _ => l.to_string(),
+            }
+        })
+        .map(|l| l + "\n")
+        .collect();
+    std::fs::write(&sample_path, &uncommented).unwrap();
+    let checked = route_check(&root, &["GOUSER=u", "GOPASS=p", "SLACK_TOKEN=xoxb-1"]);
+    let text = String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.status.success(), "{text}");
+    assert!(text.contains("gocd"), "{text}");
+    assert!(text.contains("Slack via"), "{text}");
+    std::fs::write(&sample_path, &sample).unwrap();
+
+    // The operator's edits: own ports, clients must log in with a password
+    // kept in /etc/default/mailgend-route.
+    let (listen, sink) = (free_port(), mailgend::sandbox::SmtpSink::start());
+    let conf = "/etc/mailgend/route.yml";
+    edit_line(
+        &root,
+        conf,
+        "local-smtp: 127.0.0.1:1025",
+        &format!("local-smtp: 127.0.0.1:{listen}"),
+    );
+    edit_line(
+        &root,
+        conf,
+        "remote-smtp: 127.0.0.1:25",
+        &format!("remote-smtp: 127.0.0.1:{}", sink.port()),
+    );
+    edit_line(&root, conf, "# mailgend:", "mailgend:");
+    edit_line(&root, conf, "#   auth-user: alerts", "  auth-user: alerts");
+    edit_line(
+        &root,
+        conf,
+        "#   auth-password: $ROUTE_AUTH_PASSWORD",
+        "  auth-password: $ROUTE_AUTH_PASSWORD",
+    );
+    let secret = "s3cret from the environment file";
+    edit_line(
+        &root,
+        "/etc/default/mailgend-route",
+        "#ROUTE_AUTH_PASSWORD=the password SMTP clients log in with",
+        &format!("ROUTE_AUTH_PASSWORD='{secret}'"),
+    );
+    // docs/install.md's check with the unit's variables.
+    let checked = ok(&mut root.chroot(&[
+        "sh",
+        "-c",
+        "set -a; . /etc/default/mailgend-route; set +a; \
+         runuser -u mailgend -- mailgend route --check -c /etc/mailgend/route.yml",
+    ]));
+    assert!(checked.contains("AUTH required"), "{checked}");
+    let mut router = UnitProcess::start(&root, "mailgend-route.service");
+    router.wait_listening(listen);
+    // A wrong password is refused: the password is the environment file's.
+    let said = smtp_send(
+        listen,
+        "alerts",
+        "wrong",
+        "alerts@example.org",
+        "backup failed",
+    );
+    assert!(said.contains("SMTPAuthenticationError"), "{said}");
+    let said = smtp_send(
+        listen,
+        "alerts",
+        secret,
+        "alerts@example.org",
+        "db1: backup failed",
+    );
+    assert_eq!(said.trim(), "sent", "{said}\n{}", router.log());
+    let mails = sink.wait_for(1, Duration::from_secs(30));
+    assert_eq!(mails.len(), 1, "{}", router.log());
+    assert_eq!(mails[0].rcpt_to, ["ops@example.org"], "{}", router.log());
+    assert!(String::from_utf8_lossy(&mails[0].data).contains("db1: backup failed"));
+    drop(router);
+    assert!(
+        root.file("/var/spool/mailgend-route").is_dir(),
+        "ExecStartPre made the spool"
+    );
+    t.add(
+        "mailgend-route from the sample configuration: check, start, route a mail",
+        start,
+    );
 
     // The installed unit, verified by the root's own systemd (Debian 12's
     // 252, what the operator has); systemd comes after the package, so the
@@ -618,21 +979,64 @@ fn the_package_installs_and_checks_out_in_a_clean_debian_12() {
     );
     ok(&mut as_service(&root));
 
-    // Purge: the program and the conffiles go; what intelmq-mailgen may
-    // share (configuration, templates) and the user stay.
-    ok(&mut root.chroot(&["dpkg", "--purge", "mailgend"]));
+    // Purge (Debian Policy 10.7.3): the program and the conffiles go, and
+    // so does what postinst created while it is unchanged (the templates,
+    // variables.json); what the operator changed since (the configuration
+    // with the key file, the router's secret) and what was there before
+    // the package (the intelmq-mailgen template) stay, as does the user.
+    let env_path = root.file("/etc/default/mailgend-route");
+    let env_edited = std::fs::read_to_string(&env_path).unwrap();
+    let created_template = root.file("/etc/intelmq/mailgen/templates/shadowserver_csv_Open-Redis");
+    let variables = root.file("/etc/intelmq/mailgen/formats/variables.json");
+    let said = ok(&mut root.chroot(&["dpkg", "--purge", "mailgend"]));
     assert!(!root.file("/usr/bin/mailgend").exists());
     assert!(!root
         .file("/etc/intelmq/mailgen/formats/10shadowserver.toml")
         .exists());
+    assert!(!root.file("/etc/mailgend").exists(), "conffile dir left");
+    assert!(!created_template.exists(), "unchanged template kept");
+    assert!(!variables.exists(), "unchanged variables.json kept");
     assert_eq!(std::fs::read_to_string(&conf_path).unwrap(), edited);
+    assert_eq!(std::fs::read_to_string(&env_path).unwrap(), env_edited);
+    assert!(
+        said.contains("keeping /etc/intelmq/intelmq-mailgen.conf: changed"),
+        "{said}"
+    );
     assert!(custom_template.is_file());
+    assert!(!root.file("/var/lib/mailgend-package").exists());
     ok(&mut root.chroot(&["getent", "passwd", "mailgend"]));
 
+    // Purge right after an unchanged installation: nothing of it is left.
+    // (First the operator's own files go: the key file, and what the
+    // purge kept.)
+    for f in [&conf_path, &env_path, &custom_template, &root.file(key)] {
+        std::fs::remove_file(f).unwrap();
+    }
+    ok(&mut root.chroot(&["dpkg", "-i", "/tmp/mailgend.deb"]));
+    assert!(conf_path.is_file() && env_path.is_file() && created_template.is_file());
+    ok(&mut root.chroot(&["dpkg", "--purge", "mailgend"]));
+    for gone in [
+        "/etc/intelmq",
+        "/etc/mailgend",
+        "/etc/default/mailgend-route",
+        "/var/lib/mailgend",
+        "/var/lib/mailgend-package",
+        "/usr/share/mailgend",
+    ] {
+        let left = run(Command::new("find").arg(root.file(gone)));
+        assert!(
+            std::fs::symlink_metadata(root.file(gone)).is_err(),
+            "{gone} left after purging an unchanged installation:\n{}",
+            String::from_utf8_lossy(&left.stdout)
+        );
+    }
+
     // Installing over an intelmq-mailgen installation's configuration
-    // (its own owner and mode): the file is left exactly as it is, and
-    // the package says that the service user cannot read it.
+    // (its own owner and mode): the file is left exactly as it is, the
+    // package says that the service user cannot read it, and a purge
+    // keeps it.
     let theirs = "{\"sender\": \"intelmq-mailgen's own file\"}\n";
+    std::fs::create_dir_all(conf_path.parent().unwrap()).unwrap();
     std::fs::write(&conf_path, theirs).unwrap();
     ok(&mut root.chroot(&["chown", "root:root", "/etc/intelmq/intelmq-mailgen.conf"]));
     ok(&mut root.chroot(&["chmod", "0600", "/etc/intelmq/intelmq-mailgen.conf"]));
@@ -644,8 +1048,11 @@ fn the_package_installs_and_checks_out_in_a_clean_debian_12() {
         said.contains("the user mailgend cannot read /etc/intelmq/intelmq-mailgen.conf"),
         "{said}"
     );
+    ok(&mut root.chroot(&["dpkg", "--purge", "mailgend"]));
+    assert_eq!(std::fs::read_to_string(&conf_path).unwrap(), theirs);
+    assert!(!created_template.exists());
     t.add(
-        "upgrade, purge, install over an existing configuration",
+        "upgrade, purges (edited, unchanged), install over and purge around an existing configuration",
         start,
     );
 

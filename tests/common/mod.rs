@@ -126,10 +126,9 @@ impl TestEnv {
 
     /// Turns signing on with the committed test key (as a key file).
     pub fn enable_signing(&mut self) {
-        self.config_json["openpgp"] = json!({
-            "always_sign": true,
-            "key_file": repo_path("tests/fixtures/keys/test-signing.sec.asc"),
-        });
+        self.config_json["openpgp"] = json!({"always_sign": true});
+        self.config_json["mailgend"]["signing_key_file"] =
+            json!(repo_path("tests/fixtures/keys/test-signing.sec.asc"));
     }
 
     pub fn config(&self) -> Arc<Config> {
