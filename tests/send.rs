@@ -296,8 +296,10 @@ async fn xarf_sends_one_mail_and_ticket_per_event() {
     let env = TestEnv::new().await;
     let d = json!({
         "medium": "email", "recipient_address": "abuse@as64496.example.net",
-        "template_name": "bot-infection_0.2.0_unstable", "notification_format": "bot-infection",
-        "event_data_format": "xarf", "notification_interval": 0,
+        // As the IntelMQ rules bot writes X-ARF directives (intelmq-mailgen
+        // example_scripts/20xarf.py:7-10).
+        "template_name": "xarf-description-template", "notification_format": "xarf",
+        "event_data_format": "bot-infection_0.2.0_unstable", "notification_interval": 0,
         "aggregate_identifier": {"source.asn": 64496}
     });
     let mut ids = Vec::new();

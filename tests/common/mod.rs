@@ -27,6 +27,12 @@ pub struct TestEnv {
 pub struct EnvOptions {
     pub extra: ExtraType,
     pub migrate: bool,
+    /// Keep the shipped formats' minimum directive age (15 minutes for
+    /// Shadowserver groups, as intelmq-mailgen's example 10 waits). Off by
+    /// default: most tests insert an event and expect its mail at once, so
+    /// their copy of `10shadowserver.toml` waits only for the observation
+    /// age (which the test data's `time.observation` has long passed).
+    pub shipped_directive_age: bool,
 }
 
 impl Default for EnvOptions {
@@ -34,6 +40,7 @@ impl Default for EnvOptions {
         EnvOptions {
             extra: ExtraType::Jsonb,
             migrate: true,
+            shipped_directive_age: false,
         }
     }
 }
@@ -78,6 +85,17 @@ impl TestEnv {
         let formats = dir.path().join("formats");
         copy_dir(&repo_path("config/templates"), &templates);
         copy_dir(&repo_path("config/formats"), &formats);
+        if !opts.shipped_directive_age {
+            let path = formats.join("10shadowserver.toml");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let wait = "postpone.min_directive_age = \"15m\"";
+            assert!(text.contains(wait), "10shadowserver.toml: {wait} not found");
+            std::fs::write(
+                &path,
+                text.replace(wait, "postpone.min_directive_age = \"0s\""),
+            )
+            .unwrap();
+        }
         let config_json = json!({
             "database": {"event": {
                 "name": db.name, "username": db.superuser, "password": null,
