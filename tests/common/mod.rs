@@ -193,6 +193,43 @@ impl TestEnv {
             .get(0)
     }
 
+    /// Like [`insert_event`](Self::insert_event), but in one transaction
+    /// with setting the new directives' `inserted_at` to `secs_ago` seconds
+    /// before the database's now: a running service (woken at commit) sees
+    /// them only with that age, as if IntelMQ had inserted them then.
+    pub async fn insert_event_aged(&self, fields: Value, directives: Value, secs_ago: f64) -> i64 {
+        let mut fields = fields.as_object().cloned().unwrap_or_default();
+        let mut extra = fields
+            .remove("extra")
+            .and_then(|e| e.as_object().cloned())
+            .unwrap_or_default();
+        extra.insert("certbund".into(), json!({"source_directives": directives}));
+        fields.insert("extra".into(), Value::Object(extra));
+        let cols: Vec<String> = fields
+            .keys()
+            .map(|k| format!("\"{}\"", k.replace('"', "\"\"")))
+            .collect();
+        let sql = format!(
+            "INSERT INTO events ({cols}) SELECT {cols} FROM jsonb_populate_record(NULL::events, $1::text::jsonb) RETURNING id",
+            cols = cols.join(", ")
+        );
+        let mut client = self.client().await;
+        let tx = client.transaction().await.unwrap();
+        let id: i64 = tx
+            .query_one(sql.as_str(), &[&Value::Object(fields).to_string()])
+            .await
+            .expect("insert event")
+            .get(0);
+        tx.execute(
+            "UPDATE directives SET inserted_at = now() - make_interval(secs => $2::float8) WHERE events_id = $1",
+            &[&id, &secs_ago],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        id
+    }
+
     /// Makes every pending directive look `secs` older (the shipped formats
     /// wait for a minimum age before sending).
     pub async fn age_directives(&self, secs: i64) {
