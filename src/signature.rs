@@ -9,9 +9,11 @@
 //! protected key is refused at start with a clear error instead of hanging
 //! on a pinentry later.
 //!
-//! Signatures always use SHA-256, the digest intelmq-mailgen users get with
-//! the recommended `personal-digest-preferences SHA256`; `micalg` reports
-//! the digest really used. Each signature is a v4 (for v4 keys) binary
+//! The digest is the one GnuPG 2.2 would choose for the key under the
+//! `gpg.conf` of the GnuPG home (SHA-512 for an RSA key when the file sets
+//! nothing), and `gpg.conf`'s `comment`/`emit-version` lines appear in the
+//! armour as gpg writes them: see [`gpgconf`]. `micalg` reports the digest
+//! really used. Each signature is a v4 (for v4 keys) binary
 //! signature carrying issuer, issuer fingerprint and creation time like
 //! gpg's, plus sequoia's random salt notation, which makes signatures
 //! unpredictable: that blunts chosen-prefix attacks for a host that signs
@@ -68,9 +70,9 @@ use openpgp::serialize::Serialize as _;
 use openpgp::types::{HashAlgorithm, PublicKeyAlgorithm, RevocationStatus, SignatureType};
 use openpgp::Packet;
 
-/// The digest every signature uses, and its RFC 3156 `micalg` name.
-const HASH: HashAlgorithm = HashAlgorithm::SHA256;
-const MICALG: &str = "pgp-sha256";
+pub mod gpgconf;
+
+pub use gpgconf::{Digest, GpgConf, GpgConfError};
 
 /// An ASCII-armoured detached signature and the digest it used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +161,8 @@ pub enum SignError {
     },
     #[error("signing failed: {0}")]
     Sign(String),
+    #[error("{0}")]
+    GpgConf(#[from] GpgConfError),
 }
 
 /// Where a key came from, for error messages.
@@ -214,14 +218,14 @@ impl SigningKey {
         }
     }
 
-    /// One binary signature packet over `data`.
-    fn sign(&self, data: &[u8]) -> openpgp::Result<Signature> {
+    /// One binary signature packet over `data` with `hash`.
+    fn sign(&self, data: &[u8], hash: HashAlgorithm) -> openpgp::Result<Signature> {
         match self {
-            SigningKey::Rsa(key) => sign_binary(&mut RsaCrtSigner(key), data),
+            SigningKey::Rsa(key) => sign_binary(&mut RsaCrtSigner(key), data, hash),
             // `crypto::Signer::sign` wants `&mut`; a clone of the key pair
             // is a copy of a few hundred bytes, far cheaper than the
             // signature, and keeps `Signer` lock-free across workers.
-            SigningKey::Generic(keypair) => sign_binary(&mut KeyPair::clone(keypair), data),
+            SigningKey::Generic(keypair) => sign_binary(&mut KeyPair::clone(keypair), data, hash),
         }
     }
 }
@@ -403,6 +407,10 @@ pub struct Signer {
     key_fingerprint: String,
     /// Fingerprint of its certificate (the primary key).
     cert_fingerprint: String,
+    /// The digest gpg would use for this key (see [`gpgconf`]).
+    digest: Digest,
+    /// Armour header lines (`Version:`, `Comment:`), as gpg would write.
+    armor_headers: Vec<(String, String)>,
 }
 
 impl fmt::Debug for Signer {
@@ -412,6 +420,7 @@ impl fmt::Debug for Signer {
             .field("key", &self.key_fingerprint)
             .field("cert", &self.cert_fingerprint)
             .field("backend", &self.key.backend())
+            .field("digest", &self.digest)
             .finish()
     }
 }
@@ -428,6 +437,9 @@ impl Signer {
     /// arrives protected). gpg's message is kept in the error.
     pub fn from_gnupg_home(home: &Path, key_spec: &str) -> Result<Signer, SignError> {
         let origin = origin_gnupg(home);
+        // Read first: gpg refuses to run at all with some bad gpg.conf
+        // lines, and our message names file and line.
+        let conf = GpgConf::read(home)?;
         let spec = Some(key_spec.trim()).filter(|s| !s.is_empty());
         let output = Command::new("gpg")
             .arg("--homedir")
@@ -482,7 +494,35 @@ impl Signer {
                 spec: key_spec.to_string(),
             });
         }
-        Signer::from_tsk_bytes(&stdout, spec, &origin)
+        Signer::from_tsk_bytes(&stdout, spec, &origin)?.with_gpg_conf(&conf)
+    }
+
+    /// Applies the `gpg.conf` that gpg would read in `home` (digest and
+    /// armour lines).
+    pub fn with_gnupg_conf(self, home: &Path) -> Result<Signer, SignError> {
+        self.with_gpg_conf(&GpgConf::read(home)?)
+    }
+
+    /// Applies already-read `gpg.conf` options; the lines gpg ignores are
+    /// logged at WARN.
+    pub fn with_gpg_conf(mut self, conf: &GpgConf) -> Result<Signer, SignError> {
+        for w in &conf.warnings {
+            tracing::warn!("gpg.conf: {w}");
+        }
+        self.digest = conf.digest_for(self.key.public())?;
+        if self.digest == Digest::Sha1 {
+            tracing::warn!(
+                "gpg.conf makes signatures use SHA-1, as gpg would; SHA-1 is weak, \
+                 prefer personal-digest-preferences SHA512"
+            );
+        }
+        self.armor_headers = conf.armor_headers();
+        Ok(self)
+    }
+
+    /// The digest signatures use.
+    pub fn digest(&self) -> Digest {
+        self.digest
     }
 
     /// Loads the signing key from a file holding one or more secret keys
@@ -542,13 +582,13 @@ impl Signer {
         self.key.backend()
     }
 
-    /// An ASCII-armoured detached signature over exactly `data` (SHA-256).
+    /// An ASCII-armoured detached signature over exactly `data`.
     pub fn sign_detached(&self, data: &[u8]) -> Result<DetachedSignature, SignError> {
         let sig = self
             .key
-            .sign(data)
+            .sign(data, self.digest.algorithm())
             .map_err(|e| SignError::Sign(format!("{e:#}")))?;
-        armor_signature(sig)
+        armor_signature(sig, self.digest, &self.armor_headers)
     }
 }
 
@@ -559,29 +599,38 @@ impl DetachedSigner for Signer {
 }
 
 /// The signing step proper: one binary (type 0x00) signature over `data`
-/// with SHA-256. Kept apart so a faster `crypto::Signer` can be plugged in.
+/// with `hash`. Kept apart so a faster `crypto::Signer` can be plugged in.
 fn sign_binary(
     signer: &mut dyn openpgp::crypto::Signer,
     data: &[u8],
+    hash: HashAlgorithm,
 ) -> openpgp::Result<Signature> {
     SignatureBuilder::new(SignatureType::Binary)
-        .set_hash_algo(HASH)
+        .set_hash_algo(hash)
         .sign_message(signer, data)
 }
 
-/// Armours one signature packet the way gpg does (with CRC line, LF).
-fn armor_signature(sig: Signature) -> Result<DetachedSignature, SignError> {
+/// Armours one signature packet the way gpg does (header lines, CRC line,
+/// LF).
+fn armor_signature(
+    sig: Signature,
+    digest: Digest,
+    headers: &[(String, String)],
+) -> Result<DetachedSignature, SignError> {
     let fail = |e: &dyn fmt::Display| SignError::Sign(format!("armouring: {e}"));
-    let mut w =
-        openpgp::armor::Writer::new(Vec::with_capacity(1024), openpgp::armor::Kind::Signature)
-            .map_err(|e| fail(&e))?;
+    let mut w = openpgp::armor::Writer::with_headers(
+        Vec::with_capacity(1024),
+        openpgp::armor::Kind::Signature,
+        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(|e| fail(&e))?;
     Packet::from(sig).serialize(&mut w).map_err(|e| fail(&e))?;
     w.flush().map_err(|e| fail(&e))?;
     let bytes = w.finalize().map_err(|e| fail(&e))?;
     let armored = String::from_utf8(bytes).map_err(|e| fail(&e))?;
     Ok(DetachedSignature {
         armored,
-        micalg: MICALG,
+        micalg: digest.micalg(),
     })
 }
 
@@ -822,10 +871,13 @@ fn select_key(
             })
         }
     };
+    // Without a gpg.conf (a key file, or a home without one), gpg's own
+    // choice for the key.
+    let digest = GpgConf::default().digest_for(key.public())?;
     // Prove the key (and the backend that will use it) works now rather
     // than on the first mail.
     let probe = key
-        .sign(b"mailgend key check")
+        .sign(b"mailgend key check", digest.algorithm())
         .map_err(|e| SignError::Sign(format!("test signature with {key_fpr} failed: {e:#}")))?;
     probe
         .verify_message(key.public(), b"mailgend key check")
@@ -838,6 +890,8 @@ fn select_key(
         key,
         key_fingerprint: key_fpr,
         cert_fingerprint: cert_fpr,
+        digest,
+        armor_headers: Vec::new(),
     })
 }
 

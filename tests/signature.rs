@@ -146,7 +146,9 @@ fn assert_good(status: &str) {
     );
     let v = validsig(status);
     assert_eq!(v[0], FPR, "signing key");
-    assert_eq!(v[7], "8", "hash algorithm must be 8 (SHA-256)");
+    // The fixture is RSA-3072 and no gpg.conf is involved: gpg 2.2 signs
+    // with SHA-512 (10), so ours must too.
+    assert_eq!(v[7], "10", "hash algorithm must be 10 (SHA-512)");
     assert_eq!(v[8], "00", "signature class must be binary");
     assert_eq!(v[9], FPR, "primary key");
 }
@@ -246,7 +248,7 @@ fn signed_mails_verify_with_gpg() {
         let (first, sig, ct) = split_signed(&mail);
         assert!(
             ct.contains("protocol=\"application/pgp-signature\"")
-                && ct.contains("micalg=\"pgp-sha256\""),
+                && ct.contains("micalg=\"pgp-sha512\""),
             "{ct}"
         );
         // Without attachment the text part itself is signed (Python 3.11's
@@ -277,7 +279,8 @@ fn signed_mails_verify_with_gpg() {
 #[test]
 fn armour_looks_like_gpgs() {
     let sig = file_signer().sign_detached(b"hello").unwrap();
-    assert_eq!(sig.micalg, "pgp-sha256");
+    // An RSA key without gpg.conf: gpg 2.2 signs with SHA-512.
+    assert_eq!(sig.micalg, "pgp-sha512");
     let a = &sig.armored;
     assert!(a.starts_with("-----BEGIN PGP SIGNATURE-----\n\n"), "{a}");
     assert!(a.ends_with("\n-----END PGP SIGNATURE-----\n"), "{a}");
@@ -554,9 +557,9 @@ fn rsa_keys_sign_through_the_openssl_crt_backend() {
     assert!(format!("{signer:?}").contains("OpensslRsaCrt"));
     let data = big_message();
     let sig = signer.sign_detached(&data).unwrap();
-    assert_eq!(sig.micalg, "pgp-sha256");
+    assert_eq!(sig.micalg, "pgp-sha512");
 
-    // gpg: good signature, RSA (1), SHA-256 (8), v4, binary.
+    // gpg: good signature, RSA (1), SHA-512 (10), v4, binary.
     let verifier = GpgHome::verifier();
     let (ok, status) = verifier.verify(sig.armored.as_bytes(), &data);
     assert!(ok, "gpg --verify failed:\n{status}");
@@ -564,6 +567,7 @@ fn rsa_keys_sign_through_the_openssl_crt_backend() {
     let v = validsig(&status);
     assert_eq!(v[4], "4", "signature version");
     assert_eq!(v[6], "1", "public key algorithm RSA");
+    assert_eq!(v[7], "10", "SHA-512");
     let mut tampered = data.clone();
     tampered[1000] ^= 0x01;
     let (ok, status) = verifier.verify(sig.armored.as_bytes(), &tampered);
@@ -577,7 +581,7 @@ fn rsa_keys_sign_through_the_openssl_crt_backend() {
     packet.clone().verify_message(&key, &data).unwrap();
     assert!(packet.clone().verify_message(&key, &tampered).is_err());
     assert_eq!(packet.version(), 4);
-    assert_eq!(packet.hash_algo(), HashAlgorithm::SHA256);
+    assert_eq!(packet.hash_algo(), HashAlgorithm::SHA512);
     assert_eq!(packet.pk_algo(), PublicKeyAlgorithm::RSAEncryptSign);
     assert_eq!(packet.typ(), SignatureType::Binary);
     // A signature is unpredictable (salt notation): two differ.
@@ -595,7 +599,7 @@ fn rsa_keys_sign_through_the_openssl_crt_backend() {
         .into_keypair()
         .unwrap();
     let stock = SignatureBuilder::new(SignatureType::Binary)
-        .set_hash_algo(HashAlgorithm::SHA256)
+        .set_hash_algo(HashAlgorithm::SHA512)
         .sign_message(&mut keypair, &data)
         .unwrap();
     assert_eq!(hashed_tags(&packet), hashed_tags(&stock));
@@ -666,4 +670,158 @@ fn non_rsa_keys_sign_through_sequoia() {
         packet.clone().verify_message(&key, &data).unwrap();
         assert!(packet.verify_message(&key, &tampered).is_err());
     }
+}
+
+/// One GnuPG home holding a key of each kind gpg 2.2 makes, without
+/// passphrase; the e-mail addresses name the kind.
+fn home_with_key_kinds(kinds: &[&str]) -> GpgHome {
+    let home = GpgHome::new();
+    for kind in kinds {
+        let out = home.gpg(&[
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase",
+            "",
+            "--quick-gen-key",
+            &format!("Kind {kind} <{kind}@example.org>"),
+            kind,
+            "sign",
+            "never",
+        ]);
+        assert!(
+            out.status.success(),
+            "gpg --quick-gen-key {kind}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    home
+}
+
+/// The armour header lines (`Key: value`) of an armoured block.
+fn armour_headers(armored: &str) -> Vec<String> {
+    armored
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The digest and the armour lines are what the installed gpg makes with
+/// the same key and the same gpg.conf (gpg is asked each time; nothing is
+/// written down from a reading of its source). intelmq-mailgen signs
+/// through gpgme with that gpg (intelmqmail/mail.py `detached_signature`),
+/// so this is what its mails carried.
+#[test]
+fn digest_and_armour_headers_as_gpg_makes_them() {
+    let kinds = ["rsa3072", "ed25519", "nistp256", "nistp521", "dsa2048"];
+    let home = home_with_key_kinds(&kinds);
+    let confs = [
+        "",
+        "personal-digest-preferences SHA256\n",
+        "personal-digest-preferences SHA384 SHA512 SHA256\n",
+        "personal-digest-preferences sha1,sha256\n",
+        "# the recommendation of intelmq-mailgen's README\npersonal-digest-preferences SHA256\ndigest-algo SHA512\n",
+        "comment first line\n  comment \"two  words\"  \nemit-version\n",
+        "comment gone\nno-comments\ncomment kept\nemit-version\nemit-version\nemit-version\n",
+    ];
+    let data = b"--boundary\r\nContent-Type: text/plain\r\n\r\nDaten\r\n";
+    let file = home.path().join("data");
+    std::fs::write(&file, data).unwrap();
+    let mut compared = 0;
+    for conf in confs {
+        std::fs::write(home.path().join("gpg.conf"), conf).unwrap();
+        for kind in kinds {
+            let spec = format!("<{kind}@example.org>");
+            let out = home.gpg(&[
+                "--armor",
+                "--local-user",
+                &spec,
+                "--detach-sign",
+                "--output",
+                "-",
+                file.to_str().unwrap(),
+            ]);
+            assert!(
+                out.status.success(),
+                "gpg {kind} with {conf:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let theirs = String::from_utf8(out.stdout).unwrap();
+            let signer = Signer::from_gnupg_home(home.path(), &spec)
+                .unwrap_or_else(|e| panic!("{kind} with {conf:?}: {e}"));
+            let ours = signer.sign_detached(data).unwrap();
+            let (their_hash, our_hash) = (
+                parse_signature(&theirs).hash_algo(),
+                parse_signature(&ours.armored).hash_algo(),
+            );
+            assert_eq!(our_hash, their_hash, "digest for {kind} with {conf:?}");
+            assert_eq!(
+                ours.micalg,
+                format!(
+                    "pgp-{}",
+                    their_hash.to_string().to_lowercase().replace('-', "")
+                ),
+                "micalg for {kind} with {conf:?}"
+            );
+            assert_eq!(
+                armour_headers(&ours.armored),
+                armour_headers(&theirs),
+                "armour lines for {kind} with {conf:?}"
+            );
+            // And gpg accepts ours.
+            let (ok, status) = home.verify(ours.armored.as_bytes(), data);
+            assert!(ok, "{kind} with {conf:?}: {status}");
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, confs.len() * kinds.len());
+}
+
+/// A gpg.conf with which gpg cannot sign, or signs with a digest that
+/// intelmq-mailgen could not name in `micalg` (its mail.py knows SHA-1,
+/// SHA-256, SHA-384 and SHA-512 only, and raised for the rest, so no mail
+/// went out), is refused at start with file, line and reason.
+#[test]
+fn gpg_confs_that_sent_nothing_are_refused_at_start() {
+    let home = home_with_key_kinds(&["rsa3072", "nistp256"]);
+    let conf_path = home.path().join("gpg.conf");
+    for (conf, kind, line, what) in [
+        (
+            "personal-digest-preferences SHA-256\n",
+            "rsa3072",
+            1,
+            "SHA-256",
+        ),
+        (
+            "\npersonal-digest-preferences SHA224 SHA256\n",
+            "rsa3072",
+            2,
+            "micalg",
+        ),
+        ("digest-algo RIPEMD160\n", "rsa3072", 1, "micalg"),
+        ("digest-algo SHA1\n", "nistp256", 1, "shorter"),
+    ] {
+        std::fs::write(&conf_path, conf).unwrap();
+        let err =
+            Signer::from_gnupg_home(home.path(), &format!("<{kind}@example.org>")).expect_err(conf);
+        let msg = err.to_string();
+        assert!(
+            matches!(err, SignError::GpgConf(_))
+                && msg.contains(&format!("{}:{line}:", conf_path.display()))
+                && msg.contains(what),
+            "{conf:?}: {msg}"
+        );
+    }
+}
+
+/// gpg reads `gpg.conf-2.2` (its versioned option file) before `gpg.conf`.
+#[test]
+fn versioned_gpg_conf_wins() {
+    let home = home_with_key_kinds(&["rsa3072"]);
+    std::fs::write(home.path().join("gpg.conf"), "comment plain\n").unwrap();
+    std::fs::write(home.path().join("gpg.conf-2.2"), "comment versioned\n").unwrap();
+    let s = Signer::from_gnupg_home(home.path(), "<rsa3072@example.org>").unwrap();
+    let sig = s.sign_detached(b"x").unwrap();
+    assert_eq!(armour_headers(&sig.armored), ["Comment: versioned"]);
 }

@@ -123,7 +123,15 @@ pub fn instance_name() -> String {
 pub fn load_signer(config: &Config) -> Result<Signer, crate::signature::SignError> {
     let pgp = &config.openpgp;
     match (&pgp.key_file, &pgp.gnupg_home) {
-        (Some(file), _) => Signer::from_key_file(file, pgp.signing_key.as_deref()),
+        // A key file signs as gpg would with the home's gpg.conf, if a
+        // home is configured too.
+        (Some(file), home) => {
+            let signer = Signer::from_key_file(file, pgp.signing_key.as_deref())?;
+            match home {
+                Some(home) => signer.with_gnupg_conf(home),
+                None => Ok(signer),
+            }
+        }
         (None, Some(home)) => {
             Signer::from_gnupg_home(home, pgp.signing_key.as_deref().unwrap_or(""))
         }
