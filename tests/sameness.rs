@@ -88,6 +88,50 @@ fn make_key(home: &Path) -> String {
         .expect("fingerprint")
 }
 
+/// `gpg --verify` of a multipart/signed mail: the first part's exact
+/// bytes against the detached signature of the second.
+fn gpg_verify(home: &Path, raw: &[u8]) -> Result<(), String> {
+    let text = String::from_utf8_lossy(raw);
+    let boundary = text
+        .split("boundary=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .ok_or("no boundary")?;
+    let delim = format!("\r\n--{boundary}\r\n");
+    let first = text
+        .find(&format!("--{boundary}\r\n"))
+        .ok_or("no first part")?
+        + boundary.len()
+        + 4;
+    let rest = &text[first..];
+    let end = rest.find(&delim).ok_or("no second part")?;
+    let signed = &rest[..end];
+    let sig_part = &rest[end + delim.len()..];
+    let sig = sig_part
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .ok_or("no signature body")?
+        .split(&format!("\r\n--{boundary}--"))
+        .next()
+        .unwrap_or("");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("data"), signed.as_bytes()).unwrap();
+    std::fs::write(dir.path().join("sig.asc"), sig.as_bytes()).unwrap();
+    let out = Command::new("gpg")
+        .arg("--homedir")
+        .arg(home)
+        .args(["--batch", "--verify"])
+        .arg(dir.path().join("sig.asc"))
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The data.
 
@@ -930,6 +974,17 @@ async fn mailgend_mails_what_intelmqcbmail_mails() {
             .map(|m| m.as_str().to_string())
             .unwrap_or_default()
     };
+    // Both sides' signatures are good signatures of the one key.
+    for (who, sink) in [("intelmqcbmail", &ref_sink), ("mailgend", our_sink)] {
+        for m in sink.messages() {
+            if let Err(e) = gpg_verify(&gnupg, &m.data) {
+                panic!(
+                    "{who}: gpg --verify failed: {e}\n{}",
+                    String::from_utf8_lossy(&m.data)
+                );
+            }
+        }
+    }
     let mut olds: Vec<Norm> = ref_sink.messages().iter().map(normalise).collect();
     let mut news: Vec<Norm> = our_sink.messages().iter().map(normalise).collect();
     let logs = format!("--- intelmqcbmail:\n{ref_log}\n--- mailgend:\n{our_log}");
