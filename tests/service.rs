@@ -143,8 +143,14 @@ async fn an_inserted_event_is_mailed_within_two_seconds() {
 async fn a_postponed_group_goes_when_its_interval_expires() {
     let mut env = TestEnv::new().await;
     service_env(&mut env, 1);
-    let mut d = directive("abuse@as64496.example.net", "Open-Redis", 64496);
-    d["notification_interval"] = json!(3);
+    // Example 11's malware-infection waits for the interval (the
+    // Shadowserver tables wait for ages instead).
+    let d = json!({
+        "medium": "email", "recipient_address": "abuse@as64496.example.net",
+        "template_name": "malware-infection", "notification_format": "malware-infection",
+        "event_data_format": "malware-infection_csv_inline", "notification_interval": 3,
+        "aggregate_identifier": {"source.asn": 64496}
+    });
     let svc = ServiceProcess::start(&env, "svc");
     env.insert_event(event_fields("192.0.2.1", 64496), json!([d.clone()]))
         .await;
