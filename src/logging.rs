@@ -20,18 +20,29 @@
 //!   directive_ids=1,2 ticket=…`, UTC, the level word always present so
 //!   `grep ERROR` works, colours only when stderr is a terminal.
 //!
+//! **One line per event, always.** Messages and fields carry values from
+//! event data and from the network (recipients, template names, Subjects,
+//! SMTP commands). In the plain-text output every field, the message
+//! included, goes through [`one_line`], so no value can end a line, start a
+//! forged one, move the cursor (CR, ESC) or reorder text (bidi controls),
+//! whatever field a future change adds. The journal keeps raw values: its
+//! fields are fields, not lines.
+//!
 //! Levels: the config's `logging_level` (`DEBUG`, `INFO`, `WARNING`/`WARN`,
 //! `ERROR`, `CRITICAL`) applies to mailgend's own targets; other crates log
 //! at WARN (or ERROR when the level is ERROR). `-v` raises mailgend to DEBUG,
 //! `-vvv` to TRACE. `MAILGEND_LOG`, an `EnvFilter` directive string such as
 //! `mailgend=debug,tokio_postgres=info`, overrides both.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::io::IsTerminal;
 use std::sync::OnceLock;
 
-use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::{DefaultFields, Writer};
 use tracing_subscriber::fmt::time::FormatTime;
+use tracing_subscriber::fmt::FormatFields;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
@@ -113,6 +124,7 @@ fn install(level: &str, verbose: u8) -> Option<Installed> {
             .with_ansi(std::io::stderr().is_terminal())
             .with_timer(UtcMillis)
             .with_target(true)
+            .fmt_fields(OneLineFields)
     });
 
     let installed = tracing_subscriber::registry()
@@ -162,6 +174,52 @@ fn priorities() -> tracing_journald::PriorityMappings {
     }
 }
 
+/// The plain-text layer's field formatter: tracing's default layout, then
+/// [`one_line`] over the result (field names are ours and static, so
+/// escaping the whole text escapes exactly the values).
+struct OneLineFields;
+
+impl<'w> FormatFields<'w> for OneLineFields {
+    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut raw = String::new();
+        DefaultFields::new().format_fields(Writer::new(&mut raw), fields)?;
+        fmt::Write::write_str(&mut writer, &one_line(&raw))
+    }
+}
+
+/// `text` with every character that could break or disguise a log line
+/// escaped: C0 and C1 controls (CR, LF, TAB, ESC, NEL, …) and DEL as `\n`,
+/// `\r`, `\t`, `\x1b`, `\u{85}`; the Unicode line and paragraph
+/// separators and the bidirectional controls as `\u{2028}` etc.
+pub fn one_line(text: &str) -> Cow<'_, str> {
+    fn needs_escape(c: char) -> bool {
+        c.is_control()
+            || matches!(
+                c,
+                '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}' | '\u{061c}'
+            )
+            || ('\u{202a}'..='\u{202e}').contains(&c)
+            || ('\u{2066}'..='\u{2069}').contains(&c)
+    }
+    if !text.chars().any(needs_escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if needs_escape(c) && (c as u32) < 0x80 => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c if needs_escape(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
 /// `2026-11-23T05:59:23.417Z`: UTC so lines from several hosts sort
 /// together, milliseconds because SMTP round trips are shorter than a
 /// second.
@@ -189,6 +247,52 @@ mod tests {
         assert_eq!(f("ERROR", 1), "mailgend=debug,warn");
         assert_eq!(f("INFO", 2), "mailgend=debug,warn");
         assert_eq!(f("INFO", 3), "mailgend=trace,warn");
+    }
+
+    #[test]
+    fn one_line_escapes_what_breaks_or_disguises_a_line() {
+        assert!(matches!(one_line("plain ümlaut text"), Cow::Borrowed(_)));
+        assert_eq!(
+            one_line("a\nINFO forged\rb\tc\x1b[2Kd\u{85}e\u{2028}f\u{202e}g\x7f"),
+            "a\\nINFO forged\\rb\\tc\\x1b[2Kd\\u{85}e\\u{2028}f\\u{202e}g\\x7f"
+        );
+    }
+
+    /// Through the real formatter: a value with line breaks in the message
+    /// and in fields stays on the event's one line.
+    #[test]
+    fn plain_layer_writes_one_line_per_event() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .fmt_fields(OneLineFields)
+            .finish();
+        let evil = "x@example.org\n2026-01-01T00:00:00.000Z  INFO mailgend: 11 mails sent\r";
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("group", template = %evil);
+            let _e = span.enter();
+            tracing::info!(recipient = %evil, debug = ?evil, "rendered for {evil}");
+        });
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(out.matches('\n').count(), 1, "{out}");
+        assert!(!out.contains('\r'), "{out}");
+        assert!(out.ends_with('\n'));
+        assert!(out.contains("INFO"), "{out}");
+        assert_eq!(out.matches("11 mails sent").count(), 4, "{out}");
     }
 
     #[test]

@@ -28,6 +28,10 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
 ];
 
+/// Owners and SECURITY DEFINER search paths, re-applied after every run
+/// (see the file's header for why it is not a numbered migration).
+const OWNERS: &str = include_str!("../migrations/owners.sql");
+
 /// An arbitrary constant naming our advisory lock ("mailgend" in ASCII).
 const MIGRATE_LOCK: i64 = 0x6d61696c67656e64;
 
@@ -45,6 +49,8 @@ pub enum MigrateError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error("setting the owners of the mailgen objects failed: {0}")]
+    Owners(#[source] tokio_postgres::Error),
     #[error("database error: {0}")]
     Db(#[from] tokio_postgres::Error),
 }
@@ -103,6 +109,9 @@ pub async fn migrate(client: &mut Client) -> Result<MigrateReport, MigrateError>
         .await?;
         report.applied.push((version, name));
     }
+    tx.batch_execute(OWNERS)
+        .await
+        .map_err(MigrateError::Owners)?;
     tx.commit().await?;
     Ok(report)
 }

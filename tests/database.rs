@@ -502,3 +502,114 @@ async fn extra_keys_load_like_the_whole_object() {
         assert!(err.to_string().contains("nosuch.a"), "{err}");
     }
 }
+
+/// Owners as intelmq-mailgen's sql/notifications.sql gives them (it
+/// creates its objects after `SET ROLE eventdb_owner`, notifications.sql
+/// line 41), and a fixed search_path on every SECURITY DEFINER function,
+/// also on a database migrated before this was done.
+#[tokio::test]
+async fn objects_belong_to_eventdb_owner_and_definer_functions_have_a_search_path() {
+    let env = TestEnv::new().await;
+    let mut client = env.client().await;
+    async fn check(client: &tokio_postgres::Client) {
+        let owners = client
+            .query(
+                "SELECT c.oid::regclass::text, pg_get_userbyid(c.relowner)
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relkind IN ('r', 'S')
+                    AND ((n.nspname = 'public' AND c.relname IN
+                          ('ticket_day', 'sent', 'sent_id_seq', 'directives', 'directives_id_seq'))
+                         OR n.nspname = 'mailgend')
+                  ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(owners.len() >= 9, "{owners:?}");
+        for r in &owners {
+            let (name, owner): (String, String) = (r.get(0), r.get(1));
+            assert_eq!(owner, "eventdb_owner", "owner of {name}");
+        }
+        let functions = client
+            .query(
+                "SELECT p.oid::regprocedure::text, pg_get_userbyid(p.proowner), p.prosecdef,
+                        coalesce(array_to_string(p.proconfig, ';'), '')
+                   FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                  WHERE (n.nspname = 'public' AND p.proname IN ('json_object_as_text_array',
+                         'insert_directive', 'directives_from_extra',
+                         'events_insert_directives_for_row'))
+                     OR n.nspname = 'mailgend'",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(functions.len() >= 5, "{functions:?}");
+        let mut definers = 0;
+        for r in &functions {
+            let (sig, owner, secdef, config): (String, String, bool, String) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
+            assert_eq!(owner, "eventdb_owner", "owner of {sig}");
+            if secdef {
+                definers += 1;
+                assert_eq!(config, "search_path=public, pg_temp", "{sig}");
+            }
+        }
+        assert_eq!(
+            definers, 1,
+            "events_insert_directives_for_row is the definer"
+        );
+        let schema_owner: String = client
+            .query_one(
+                "SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'mailgend'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(schema_owner, "eventdb_owner");
+        let owner_is_super: bool = client
+            .query_one(
+                "SELECT rolsuper FROM pg_roles WHERE rolname = 'eventdb_owner'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(!owner_is_super);
+    }
+    check(&client).await;
+
+    // IntelMQ's inserting role still gets its directives through the
+    // trigger, which now runs with eventdb_owner's rights.
+    client
+        .batch_execute(
+            "SET ROLE eventdb_insert;
+             INSERT INTO events (\"source.ip\", extra) VALUES ('192.0.2.7',
+               '{\"certbund\": {\"source_directives\": [{\"medium\": \"email\",
+                 \"recipient_address\": \"abuse@example.net\", \"template_name\": \"t\",
+                 \"notification_format\": \"f\", \"event_data_format\": \"e\",
+                 \"aggregate_identifier\": {}, \"notification_interval\": 0}]}}');
+             RESET ROLE;",
+        )
+        .await
+        .unwrap();
+    assert_eq!(env.pending_count().await, 1);
+
+    // A database migrated by an earlier version, as a superuser: its
+    // objects belong to the superuser, the definer has no search_path.
+    client
+        .batch_execute(
+            "ALTER TABLE ticket_day OWNER TO postgres;
+             ALTER TABLE sent OWNER TO postgres;
+             ALTER TABLE directives OWNER TO postgres;
+             ALTER TABLE mailgend.outbox OWNER TO postgres;
+             ALTER SCHEMA mailgend OWNER TO postgres;
+             ALTER FUNCTION events_insert_directives_for_row() OWNER TO postgres;
+             ALTER FUNCTION events_insert_directives_for_row() RESET search_path;",
+        )
+        .await
+        .unwrap();
+    let report = mailgend::migrate::migrate(&mut client).await.unwrap();
+    assert!(report.applied.is_empty(), "{report:?}");
+    check(&client).await;
+}

@@ -564,8 +564,16 @@ async fn kill_9_during_send_all_loses_nothing_and_duplicates_only_what_it_report
             .expect("spawn mailgend send --all");
         (child, log)
     };
-    for (i, ms) in [120u64, 300, 80, 450].iter().enumerate() {
+    for (i, ms) in [12u64, 30, 8, 45].iter().enumerate() {
         let (mut child, log) = send_all(&format!("k{i}"));
+        // Kill while it sends: once the receiver has new mail (start-up
+        // takes longer on a loaded machine than any fixed delay), plus a
+        // little, so the kill lands at different points of a batch.
+        let before = env.sink.messages().len();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while env.sink.messages().len() == before && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         tokio::time::sleep(Duration::from_millis(*ms)).await;
         child.kill().unwrap();
         child.wait().unwrap();
@@ -578,7 +586,7 @@ async fn kill_9_during_send_all_loses_nothing_and_duplicates_only_what_it_report
     assert!(status.success(), "{logs}");
     assert!(
         sent_before > 0,
-        "the kills came too late to interrupt anything"
+        "nothing was sent before the kills: they interrupted nothing mid-send"
     );
     let (mails, dups) = verify_exactly_once(&env, &logs).await;
     eprintln!("{mails} mails, {dups} reported duplicates after 4 kills of send --all");
