@@ -14,8 +14,10 @@
 //!
 //! Every mail is compared after normalising only ticket numbers, Date,
 //! Message-Id, MIME boundaries and signature bytes: envelope, headers
-//! (decoded), the MIME tree, decoded text, CSV cell by cell, attachments;
-//! then the end state of `sent` and `directives`. The only differences
+//! (decoded, in order), the MIME tree, decoded text, CSV cell by cell,
+//! attachments, and for mails without an allowed difference the encoded
+//! bytes of every part; every signature of both tools must pass `gpg
+//! --verify`; then the end state of `sent` and `directives`. The only differences
 //! allowed are spec §11's deliberate fixes, each by name ([`Allowance`]),
 //! and each listed in docs/migration.md. The counts go to stdout.
 
@@ -675,6 +677,8 @@ struct Norm {
     tickets: BTreeSet<String>,
     /// A constituency copy: envelope recipients other than the To header.
     is_copy: bool,
+    /// The encoded body of every leaf part but the signature.
+    raw: Vec<String>,
 }
 
 fn header_lines(prefix: &str, headers: &[mailparse::MailHeader], out: &mut Vec<String>) {
@@ -740,6 +744,15 @@ fn walk(prefix: &str, part: &mailparse::ParsedMail, n: &mut Norm) {
     }
     let body = part.get_body().unwrap();
     n.tickets.extend(tickets_in(&body));
+    // The encoded bytes too (quoted-printable line breaks, `From=20`):
+    // compared where no allowance applies.
+    let raw = match part.get_body_encoded() {
+        mailparse::body::Body::Base64(b) | mailparse::body::Body::QuotedPrintable(b) => b.get_raw(),
+        mailparse::body::Body::SevenBit(b) | mailparse::body::Body::EightBit(b) => b.get_raw(),
+        mailparse::body::Body::Binary(b) => b.get_raw(),
+    };
+    let raw = String::from_utf8_lossy(raw).into_owned();
+    n.raw.push(format!("{prefix}{}", norm_tickets(&raw)));
     if mime == "text/csv" {
         n.tables.push((format!("{prefix}csv"), csv_cells(&body)));
         n.lines
@@ -800,6 +813,7 @@ fn normalise(m: &ReceivedMail) -> Norm {
         tables: Vec::new(),
         tickets: tickets_in(&subject).into_iter().collect(),
         is_copy: rcpt != [to.clone()],
+        raw: Vec::new(),
     };
     walk("", &parsed, &mut n);
     // Mails of one recipient with the same subject (the fallback's) are
@@ -878,6 +892,18 @@ fn compare(old: &Norm, new: &Norm) -> Result<Vec<Allowance>, String> {
                     diffs.push(format!("  {wa} row {r} cell {c}: {ca:?} vs {cb:?}"));
                 }
             }
+        }
+    }
+    if diffs.is_empty() && used.is_empty() && old.raw != new.raw {
+        for (a, b) in old.raw.iter().zip(&new.raw) {
+            if a != b {
+                diffs.push(format!(
+                    "  encoded body:\n    intelmqcbmail: {a:?}\n    mailgend:      {b:?}"
+                ));
+            }
+        }
+        if old.raw.len() != new.raw.len() {
+            diffs.push("  number of parts".to_string());
         }
     }
     if diffs.is_empty() {
