@@ -253,6 +253,20 @@ async fn install(
     });
     let dir = tempfile::tempdir()?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The shipped formats, but without the Shadowserver format's 15-minute
+    // wait for late directives (example 10's): the benchmark measures how
+    // fast due mail goes out, and its feed is inserted just before.
+    let formats = dir.path().join("formats");
+    std::fs::create_dir_all(&formats)?;
+    for entry in std::fs::read_dir(root.join("config/formats"))? {
+        let entry = entry?;
+        let text = std::fs::read_to_string(entry.path())?;
+        let text = text.replace(
+            "postpone.min_directive_age = \"15m\"",
+            "postpone.min_directive_age = \"0s\"",
+        );
+        std::fs::write(formats.join(entry.file_name()), text)?;
+    }
     let key_file = if signed {
         json!(root.join("tests/fixtures/keys/test-signing.sec.asc"))
     } else {
@@ -262,7 +276,7 @@ async fn install(
         "database": {"event": {"name": db.name, "username": db.superuser,
                                "host": db.host, "port": db.port}},
         "template_dir": root.join("config/templates"),
-        "script_directory": root.join("config/formats"),
+        "script_directory": formats,
         "sender": "CERT Bench <cert@example.org>",
         "smtp": {"host": "127.0.0.1", "port": sink.port()},
         "openpgp": {"always_sign": signed},

@@ -659,7 +659,9 @@ fn shipped_formats_load_cleanly() {
     let set = load(&shipped_formats()).unwrap_or_else(|e| panic!("{e}"));
     assert!(set.python_scripts().is_empty());
     let names = set.rule_names();
-    assert_eq!(names.len(), 18 + 2 + 1 + 18 + 2 + 1, "{names:?}");
+    // 10: 18 tables; 11: 2 waits + 3 tables; 13: 1 wait + 18 tables;
+    // 20: demo; 21: 1 wait, 1 schema, 1 reject; 99: fallback.
+    assert_eq!(names.len(), 18 + 5 + 19 + 1 + 3 + 1, "{names:?}");
     assert_eq!(names.first().unwrap(), "10shadowserver.toml#csv_malware");
     assert_eq!(names.last().unwrap(), "99fallback.toml#fallback");
     let store = TemplateStore::new(&shipped_templates()).unwrap();
@@ -728,6 +730,10 @@ fn dispatch_by_directive_fields_in_file_order() {
         "11malware-infection.toml#special-matters"
     );
     assert_eq!(
+        name(&g("avalanche", "avalanche_csv_inline", "x")),
+        "11malware-infection.toml#avalanche"
+    );
+    assert_eq!(
         name(&g("malware-infection", "malware-infection_csv_inline", "x")),
         "11malware-infection.toml#malware-infection"
     );
@@ -755,13 +761,24 @@ fn dispatch_by_directive_fields_in_file_order() {
         name(&g("vulnerable-service", "v_csv", "openredis_provider")),
         "99fallback.toml#fallback"
     );
+    assert_eq!(name(&g("demo", "anything", "x")), "20demo.toml#demo");
     assert_eq!(
-        name(&g("any", "xarf", "bot-infection_0.2.0_unstable")),
-        "20xarf.toml#bot-infection_0.2.0_unstable"
+        name(&g(
+            "xarf",
+            "bot-infection_0.2.0_unstable",
+            "xarf-description-template"
+        )),
+        "21xarf.toml#bot-infection_0.2.0_unstable"
     );
     assert_eq!(
-        name(&g("any", "xarf", "other-schema")),
-        "error 20xarf.toml#xarf-unknown-schema"
+        name(&g("xarf", "other-schema", "xarf-description-template")),
+        "error 21xarf.toml#unknown-schema"
+    );
+    // What 1.4's shipped TOML wrongly took for X-ARF is a fallback group,
+    // as it is for the old tool (no script takes notification_format "any").
+    assert_eq!(
+        name(&g("any", "xarf", "bot-infection_0.2.0_unstable")),
+        "99fallback.toml#fallback"
     );
 
     let p = send(set.decide(
@@ -805,9 +822,9 @@ fn notification_interval_is_strictly_exceeded() {
     let interval = Duration::hours(24);
     let g = |last_sent| {
         group(
-            "shadowserver",
-            "csv_Open-Redis",
-            "shadowserver_csv_Open-Redis",
+            "malware-infection",
+            "malware-infection_csv_inline",
+            "malware-infection",
             &[("source.asn", "64496")],
             t(2024, 4, 1, 0, 0, 0),
             interval,
@@ -824,7 +841,7 @@ fn notification_interval_is_strictly_exceeded() {
             reason,
             until,
         } => {
-            assert_eq!(format, "10shadowserver.toml#csv_Open-Redis");
+            assert_eq!(format, "11malware-infection.toml#malware-infection-wait");
             assert!(reason.contains("interval"), "{reason}");
             let until = until.unwrap();
             assert_eq!(until, last + interval + Duration::microseconds(1));
@@ -844,10 +861,18 @@ fn notification_interval_is_strictly_exceeded() {
         set.decide(&g(Some(last)), last),
         Decision::Postpone { .. }
     ));
-    // The fallback has no interval rule.
+    // The fallback waits for the interval too (99fallback.py:38-39) ...
     let mut fb = g(Some(last));
     fb.key.notification_format = "other".into();
-    assert!(matches!(set.decide(&fb, last), Decision::Send(_)));
+    assert!(matches!(
+        set.decide(&fb, last),
+        Decision::Postpone { format, .. } if format == "99fallback.toml#fallback"
+    ));
+    // ... the Shadowserver tables do not (10shadowservercsv.py:229-237).
+    let mut ss = g(Some(last));
+    ss.key.notification_format = "shadowserver".into();
+    ss.key.event_data_format = "csv_Open-Redis".into();
+    assert!(matches!(set.decide(&ss, last), Decision::Send(_)));
 }
 
 #[test]
@@ -936,7 +961,7 @@ fn minimum_ages_of_directive_and_observation() {
     let bad = g(&[("time.observation", "yesterday")]);
     match set.decide(&bad, t(2025, 1, 1, 0, 0, 0)) {
         Decision::Error { format, reason } => {
-            assert_eq!(format, "13vulnerable-service.toml#openredis");
+            assert_eq!(format, "13vulnerable-service.toml#wait");
             assert!(reason.contains("yesterday"), "{reason}");
         }
         other => panic!("{other:?}"),
@@ -1217,9 +1242,9 @@ fn xarf_one_mail_and_ticket_per_event() {
     let set = FormatSet::load(&shipped_formats(), &config).unwrap();
     let store = TemplateStore::new(&shipped_templates()).unwrap();
     let g = group(
-        "bot-infection",
         "xarf",
         "bot-infection_0.2.0_unstable",
+        "xarf-description-template",
         &[("recipient_group", "Energy")],
         t(2024, 5, 1, 0, 0, 0),
         Duration::zero(),
@@ -1616,4 +1641,1017 @@ fn check_templates_reports_missing_named_templates() {
     assert_eq!(problems.len(), 2, "{problems:?}");
     assert!(problems[0].contains("10.toml#b") && problems[0].contains("absent"));
     assert!(problems[1].contains("10.toml#c") && problems[1].contains("invalid placeholder"));
+}
+/// The tables of intelmq-mailgen 1.4.0 example_scripts/10shadowservercsv.py:77-199: (name,
+/// [(title, source)]), with spec §11's fix for the swapped `ExtraColumn`
+/// arguments of the bare `extra:` names (title and key exchanged back).
+const SCRIPT_10_TABLES: &[(&str, &[(&str, &str)])] = &[
+    (
+        "csv_malware",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("malware", "classification.identifier"),
+            ("src_port", "source.port"),
+            ("dst_ip", "destination.ip"),
+            ("dst_port", "destination.port"),
+            ("dst_host", "destination.fqdn"),
+            ("proto", "protocol.transport"),
+        ],
+    ),
+    (
+        "csv_DNS-open-resolvers",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+        ],
+    ),
+    (
+        "csv_Open-Portmapper",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+        ],
+    ),
+    (
+        "csv_Open-SNMP",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("sysdesc", "extra.system_desc"),
+        ],
+    ),
+    (
+        "csv_Open-LDAP",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("dns_hostname", "source.local_hostname"),
+        ],
+    ),
+    (
+        "csv_Open-MSSQL",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("version", "extra.mssql_version"),
+            ("server_name", "source.local_hostname"),
+            ("instance_name", "extra.instance_name"),
+        ],
+    ),
+    (
+        "csv_Open-MongoDB",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("version", "extra.mongodb_version"),
+        ],
+    ),
+    (
+        "csv_Open-Chargen",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+        ],
+    ),
+    (
+        "csv_Open-IPMI",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+        ],
+    ),
+    (
+        "csv_Open-NetBIOS",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("workgroup", "extra.workgroup_name"),
+            ("machine_name", "extra.machine_name"),
+        ],
+    ),
+    (
+        "csv_NTP-Monitor",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+        ],
+    ),
+    (
+        "csv_Open-Elasticsearch",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("version", "extra.elasticsearch_version"),
+            ("instance_name", "extra.name"),
+        ],
+    ),
+    (
+        "csv_Open-mDNS",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("workstation_info", "extra.workstation_info"),
+        ],
+    ),
+    (
+        "csv_Open-Memcached",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("version", "extra.memcached_version"),
+        ],
+    ),
+    (
+        "csv_Open-Redis",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("version", "extra.redis_version"),
+        ],
+    ),
+    (
+        "csv_Open-SSDP",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("server", "extra.ssdp_server"),
+        ],
+    ),
+    (
+        "csv_Ssl-Freak-Scan",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("hostname", "source.reverse_dns"),
+            ("subject_common_name", "extra.subject_common_name"),
+            ("issuer_common_name", "extra.issuer_common_name"),
+            ("freak_cipher_suite", "extra.freak_cipher_suite"),
+        ],
+    ),
+    (
+        "csv_Ssl-Scan",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("hostname", "source.reverse_dns"),
+            ("subject_common_name", "extra.subject_common_name"),
+            ("issuer_common_name", "extra.issuer_common_name"),
+        ],
+    ),
+];
+
+/// The tables of intelmq-mailgen 1.4.0 example_scripts/13vulnerable-service.py:85-192: (name,
+/// [(title, source)]), with spec §11's fix for the swapped `ExtraColumn`
+/// arguments of the bare `extra:` names (title and key exchanged back).
+const SCRIPT_13_TABLES: &[(&str, &[(&str, &str)])] = &[
+    (
+        "opendns",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+        ],
+    ),
+    (
+        "openportmapper",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+        ],
+    ),
+    (
+        "opensnmp",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("sysdesc", "extra.system_desc"),
+        ],
+    ),
+    (
+        "openldap",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("dns_hostname", "source.local_hostname"),
+        ],
+    ),
+    (
+        "openmssql",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("version", "extra.mssql_version"),
+            ("server_name", "source.local_hostname"),
+            ("instance_name", "extra.instance_name"),
+        ],
+    ),
+    (
+        "openmongodb",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("version", "extra.mongodb_version"),
+        ],
+    ),
+    (
+        "openchargen",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+        ],
+    ),
+    (
+        "openipmi",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+        ],
+    ),
+    (
+        "opennetbios",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("workgroup", "extra.workgroup_name"),
+            ("machine_name", "extra.machine_name"),
+        ],
+    ),
+    (
+        "openntp",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+        ],
+    ),
+    (
+        "openelasticsearch",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("version", "extra.elasticsearch_version"),
+            ("instance_name", "extra.name"),
+        ],
+    ),
+    (
+        "openmdns",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("workstation_info", "extra.workstation_info"),
+        ],
+    ),
+    (
+        "openmemcached",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("version", "extra.memcached_version"),
+        ],
+    ),
+    (
+        "openredis",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("version", "extra.redis_version"),
+        ],
+    ),
+    (
+        "openssdp",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("server", "extra.ssdp_server"),
+        ],
+    ),
+    (
+        "ssl-freak",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("hostname", "source.reverse_dns"),
+            ("subject_common_name", "extra.subject_common_name"),
+            ("issuer_common_name", "extra.issuer_common_name"),
+            ("freak_cipher_suite", "extra.freak_cipher_suite"),
+        ],
+    ),
+    (
+        "ssl-poodle",
+        &[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("hostname", "source.reverse_dns"),
+            ("subject_common_name", "extra.subject_common_name"),
+            ("issuer_common_name", "extra.issuer_common_name"),
+        ],
+    ),
+];
+
+// ---------------------------------------------------------------------------
+// The shipped files against the example scripts they port, decision by
+// decision. Each case names the script line it follows (intelmq-mailgen
+// 1.4.0, example_scripts/; the files were renamed 10_..., 11_... after
+// 1.4.0 without change, and 20_demo.py was added).
+
+/// What the shipped formats decide for `g` at `now`, in one line.
+fn shipped_decision(set: &FormatSet, g: &Group, now: DateTime<Utc>) -> String {
+    match set.decide(g, now) {
+        Decision::Send(p) => {
+            let loc = match p.data_location() {
+                Some(DataLocation::Inline) => " inline",
+                Some(DataLocation::Attachment) => " attachment",
+                None => "",
+            };
+            format!("send {}{loc}", p.format_name())
+        }
+        Decision::Postpone { format, .. } => format!("postpone {format}"),
+        Decision::Error { format, .. } => format!("error {format}"),
+        Decision::NoMatch => "none".into(),
+    }
+}
+
+/// A group aged as given: newest directive `dir_age` before `now`,
+/// `time.observation` `obs_age` before `now` (None: not aggregated by it),
+/// last mail `sent_ago` before `now` with a 1-day interval.
+fn aged_group(
+    nf: &str,
+    edf: &str,
+    template: &str,
+    now: DateTime<Utc>,
+    dir_age: Duration,
+    obs_age: Option<Duration>,
+    sent_ago: Option<Duration>,
+) -> Group {
+    let obs = obs_age.map(|a| (now - a).format("%Y-%m-%dT%H:%M:%S+00:00").to_string());
+    let mut agg = vec![("source.asn", "64496")];
+    if let Some(o) = &obs {
+        agg.push(("time.observation", o.as_str()));
+    }
+    group(
+        nf,
+        edf,
+        template,
+        &agg,
+        now - dir_age,
+        Duration::days(1),
+        sent_ago.map(|a| now - a),
+        &[1],
+    )
+}
+
+/// The mails of a decided group rendered with a template that shows the
+/// location-dependent variables, and the CSV's titles and the column each
+/// reads (every field holds its own name, every `extra` key `extra.KEY`).
+struct Rendered {
+    titles: Vec<String>,
+    sources: Vec<String>,
+    body: String,
+    attached: bool,
+}
+
+fn render_shipped(set: &FormatSet, g: &Group, now: DateTime<Utc>) -> Rendered {
+    let plan = send(set.decide(g, now));
+    let tdir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tdir.path().join(&g.key.template_name),
+        "S ${ticket_number}\n\n[${data_location_en}|${data_inline_separator_en}|\
+         ${data_inline_separator_de}|${data_inline_separator_de_en}]\n${events_as_csv}",
+    )
+    .unwrap();
+    let config = config_for(tdir.path(), &shipped_formats(), json!({}));
+    let store = TemplateStore::new(tdir.path()).unwrap();
+    let mut fields = Vec::new();
+    let mut extra = serde_json::Map::new();
+    for c in plan.event_columns() {
+        if let Some(k) = c.strip_prefix("extra.") {
+            extra.insert(k.to_string(), json!(c));
+        } else if c == "time.source" {
+            fields.push((c, FieldValue::Timestamp(t(2024, 5, 1, 5, 0, 0))));
+        } else {
+            fields.push((c.clone(), FieldValue::Text(c.clone())));
+        }
+    }
+    let mut ev: Vec<(&str, FieldValue)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    let extra = FieldValue::Json(Value::Object(extra));
+    ev.push(("extra", extra));
+    let events = [event(1, &ev)];
+    let mails = plan
+        .render(&RenderContext {
+            group: g,
+            events: &events,
+            tickets: &[ticket(10000001)],
+            templates: &store,
+            config: &config,
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let m = &mails[0];
+    let attached = !m.attachments.is_empty();
+    let csv = if attached {
+        m.attachments[0].content.clone()
+    } else {
+        m.body[m.body.find("]\n").unwrap() + 2..].to_string()
+    };
+    let rows: Vec<Vec<String>> = csv
+        .split("\r\n")
+        .filter(|r| !r.trim().is_empty())
+        .map(|r| {
+            r.trim_matches('"')
+                .split("\",\"")
+                .map(str::to_string)
+                .collect()
+        })
+        .collect();
+    assert_eq!(rows.len(), 2, "{csv}");
+    let sources = rows[1]
+        .iter()
+        .map(|v| match v.as_str() {
+            "2024-05-01 05:00:00" => "time.source".to_string(),
+            other => other.to_string(),
+        })
+        .collect();
+    Rendered {
+        titles: rows[0].clone(),
+        sources,
+        body: m.body.clone(),
+        attached,
+    }
+}
+
+fn pairs(r: &Rendered) -> Vec<(String, String)> {
+    r.titles
+        .iter()
+        .cloned()
+        .zip(r.sources.iter().cloned())
+        .collect()
+}
+
+fn expect_pairs(cols: &[(&str, &str)]) -> Vec<(String, String)> {
+    cols.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+const DEFAULT_COLUMNS: &[(&str, &str)] = &[
+    ("asn", "source.asn"),
+    ("ip", "source.ip"),
+    ("timestamp", "time.source"),
+    ("src_port", "source.port"),
+    ("dst_ip", "destination.ip"),
+    ("dst_port", "destination.port"),
+    ("dst_host", "destination.fqdn"),
+    ("proto", "protocol.transport"),
+];
+
+fn m(n: i64) -> Duration {
+    Duration::minutes(n)
+}
+
+#[test]
+fn shipped_10_shadowserver_follows_10shadowservercsv_py() {
+    let set = load(&shipped_formats()).unwrap();
+    let now = t(2024, 6, 1, 12, 0, 0);
+    let ss = |edf: &str, dir: i64, obs: Option<i64>, sent: Option<i64>| {
+        aged_group(
+            "shadowserver",
+            edf,
+            "shadowserver_tpl",
+            now,
+            m(dir),
+            obs.map(m),
+            sent.map(m),
+        )
+    };
+    let table = "10shadowserver.toml#csv_Open-Redis";
+    for (g, want, why) in [
+        // :231 newest directive younger than 15 minutes
+        (
+            ss("csv_Open-Redis", 14, Some(600), None),
+            format!("postpone {table}"),
+            ":231",
+        ),
+        // :232 time.observation younger than 2 hours
+        (
+            ss("csv_Open-Redis", 15, Some(119), None),
+            format!("postpone {table}"),
+            ":232",
+        ),
+        (
+            ss("csv_Open-Redis", 15, Some(120), None),
+            format!("send {table} inline"),
+            ":237",
+        ),
+        // The script never looks at notification_interval.
+        (
+            ss("csv_Open-Redis", 60, Some(600), Some(1)),
+            format!("send {table} inline"),
+            ":229-237",
+        ),
+        // :230 no table for this data format: the script returns None (:239)
+        // and the later scripts decide (here the fallback, never sent).
+        (
+            ss("csv_Unknown", 0, Some(0), None),
+            "send 99fallback.toml#fallback inline".into(),
+            ":239",
+        ),
+        // :231-232 short-circuit: a group without time.observation waits
+        // for the directive age (and then, where the script crashed on the
+        // missing key, is sent: docs/migration.md).
+        (
+            ss("csv_Open-Redis", 14, None, None),
+            format!("postpone {table}"),
+            ":231",
+        ),
+        (
+            ss("csv_Open-Redis", 15, None, None),
+            format!("send {table} inline"),
+            ":232",
+        ),
+    ] {
+        assert_eq!(
+            shipped_decision(&set, &g, now),
+            want,
+            "10shadowservercsv.py{why}"
+        );
+    }
+    // :77-199 every table, its titles and columns (:23-35 titles; spec §11
+    // fixes the swapped ExtraColumn arguments of :54); :235-237 inline, the
+    // inline texts.
+    for (name, cols) in SCRIPT_10_TABLES {
+        let g = ss(name, 60, Some(600), None);
+        let r = render_shipped(&set, &g, now);
+        assert_eq!(pairs(&r), expect_pairs(cols), "{name}");
+        assert!(!r.attached, "{name}");
+        assert!(r.body.contains("[below|-----"), "{}", r.body);
+    }
+    let tables: Vec<String> = set
+        .rule_names()
+        .into_iter()
+        .filter(|n| n.starts_with("10shadowserver.toml#"))
+        .collect();
+    assert_eq!(tables.len(), SCRIPT_10_TABLES.len(), "{tables:?}");
+}
+
+#[test]
+fn shipped_11_malware_infection_follows_11malware_infection_py() {
+    let set = load(&shipped_formats()).unwrap();
+    let now = t(2024, 6, 1, 12, 0, 0);
+    let g = |nf: &str, edf: &str, dir: i64, obs: Option<i64>, sent: Option<i64>| {
+        aged_group(nf, edf, "tpl", now, m(dir), obs.map(m), sent.map(m))
+    };
+    let f = "11malware-infection.toml";
+    for (grp, want, why) in [
+        // :79-81 malware-infection waits for its interval only
+        (
+            g(
+                "malware-infection",
+                "malware-infection_csv_inline",
+                0,
+                Some(0),
+                Some(60),
+            ),
+            format!("postpone {f}#malware-infection-wait"),
+            ":80",
+        ),
+        (
+            g(
+                "malware-infection",
+                "malware-infection_csv_inline",
+                0,
+                Some(0),
+                None,
+            ),
+            format!("send {f}#malware-infection inline"),
+            ":95-99",
+        ),
+        (
+            g(
+                "malware-infection",
+                "malware-infection_csv_attachment",
+                0,
+                Some(0),
+                Some(1441),
+            ),
+            format!("send {f}#malware-infection attachment"),
+            ":101-109",
+        ),
+        // :77-87 postponement is decided before the data format (:94-109):
+        // no suffix, interval not over: postponed; over: later scripts.
+        (
+            g("malware-infection", "csv", 0, None, Some(60)),
+            format!("postpone {f}#malware-infection-wait"),
+            ":80",
+        ),
+        (
+            g("malware-infection", "csv", 0, None, None),
+            "send 99fallback.toml#fallback inline".into(),
+            ":94-109 None",
+        ),
+        // :83-87 the special matters wait for both ages, not the interval
+        (
+            g("avalanche", "avalanche_csv_inline", 14, Some(600), None),
+            format!("postpone {f}#special-matters-wait"),
+            ":85",
+        ),
+        (
+            g("ebury", "ebury_csv_inline", 60, Some(119), None),
+            format!("postpone {f}#special-matters-wait"),
+            ":86",
+        ),
+        (
+            g(
+                "mumblehard",
+                "mumblehard_csv_attachment",
+                15,
+                Some(120),
+                Some(1),
+            ),
+            format!("send {f}#special-matters attachment"),
+            ":85-91",
+        ),
+        (
+            g("avalanche", "avalanche_csv_inline", 15, Some(120), None),
+            format!("send {f}#avalanche inline"),
+            ":85-91",
+        ),
+        (
+            g("ebury", "ebury", 14, Some(600), None),
+            format!("postpone {f}#special-matters-wait"),
+            ":85",
+        ),
+        (
+            g("ebury", "ebury", 15, Some(600), None),
+            "send 99fallback.toml#fallback inline".into(),
+            ":94-109 None",
+        ),
+        // :74-75 other matters are not this script's.
+        (
+            g("botnet", "botnet_csv_inline", 0, None, None),
+            "send 99fallback.toml#fallback inline".into(),
+            ":75",
+        ),
+    ] {
+        assert_eq!(
+            shipped_decision(&set, &grp, now),
+            want,
+            "11malware-infection.py{why}"
+        );
+    }
+    let special = |fqdn: (&str, &str)| {
+        let mut v = expect_pairs(&[
+            ("ASN", "source.asn"),
+            ("IP", "source.ip"),
+            ("Time", "time.source"),
+            ("Identifier", "classification.identifier"),
+            ("Malware", "malware.name"),
+            ("Port", "source.port"),
+            ("Destination-IP", "destination.ip"),
+            ("Destination-Port", "destination.port"),
+        ]);
+        v.push((fqdn.0.into(), fqdn.1.into()));
+        v
+    };
+    // :39-48 avalanche reads Destination-FQDN from extra.http_host_header
+    let r = render_shipped(
+        &set,
+        &g("avalanche", "a_csv_inline", 60, Some(600), None),
+        now,
+    );
+    assert_eq!(
+        pairs(&r),
+        special(("Destination-FQDN", "extra.http_host_header"))
+    );
+    // :50-59 ebury and mumblehard from destination.fqdn
+    for nf in ["ebury", "mumblehard"] {
+        let r = render_shipped(&set, &g(nf, "a_csv_inline", 60, Some(600), None), now);
+        assert_eq!(
+            pairs(&r),
+            special(("Destination-FQDN", "destination.fqdn")),
+            "{nf}"
+        );
+    }
+    // :63-72 malware-infection
+    let r = render_shipped(
+        &set,
+        &g("malware-infection", "x_csv_inline", 0, None, None),
+        now,
+    );
+    assert_eq!(
+        pairs(&r),
+        expect_pairs(&[
+            ("asn", "source.asn"),
+            ("ip", "source.ip"),
+            ("timestamp", "time.source"),
+            ("malware", "classification.identifier"),
+            ("src_port", "source.port"),
+            ("dst_ip", "destination.ip"),
+            ("dst_port", "destination.port"),
+            ("dst_host", "destination.fqdn"),
+            ("proto", "protocol.transport"),
+        ])
+    );
+    // :97-98 inline texts; :104-107 attachment texts, separators _en and
+    // _de blanked, _de_en kept.
+    assert!(r.body.contains("[below|-----"), "{}", r.body);
+    assert!(!r.attached);
+    let r = render_shipped(
+        &set,
+        &g("malware-infection", "x_csv_attachment", 0, None, None),
+        now,
+    );
+    assert!(r.attached);
+    assert!(
+        r.body.contains("[in the attached file events.csv|||-----"),
+        "{}",
+        r.body
+    );
+}
+
+#[test]
+fn shipped_13_vulnerable_service_follows_13vulnerable_service_py() {
+    let set = load(&shipped_formats()).unwrap();
+    let now = t(2024, 6, 1, 12, 0, 0);
+    let g = |edf: &str, tpl: &str, dir: i64, obs: Option<i64>, sent: Option<i64>| {
+        aged_group(
+            "vulnerable-service",
+            edf,
+            tpl,
+            now,
+            m(dir),
+            obs.map(m),
+            sent.map(m),
+        )
+    };
+    let f = "13vulnerable-service.toml";
+    for (grp, want, why) in [
+        // :199-201 both ages, before anything else
+        (
+            g("x_csv_inline", "openredis_provider", 14, Some(600), None),
+            format!("postpone {f}#wait"),
+            ":199",
+        ),
+        (
+            g("x_csv_inline", "openredis_provider", 15, Some(119), None),
+            format!("postpone {f}#wait"),
+            ":200",
+        ),
+        (
+            g("x_csv", "openredis_provider", 14, Some(600), None),
+            format!("postpone {f}#wait"),
+            ":199 (before :228-242)",
+        ),
+        // :219-223 table by the template name's first "_" part
+        (
+            g("x_csv_inline", "openredis_provider", 15, Some(120), Some(1)),
+            format!("send {f}#openredis inline"),
+            ":219-233",
+        ),
+        (
+            g("x_csv_attachment", "openredis", 15, Some(120), None),
+            format!("send {f}#openredis attachment"),
+            ":235-242",
+        ),
+        (
+            g("x_csv_inline", "unknown_provider", 15, None, None),
+            format!("send {f}#vulnerable-service-default inline"),
+            ":221 None",
+        ),
+        // :228-242 neither suffix: None, later scripts decide.
+        (
+            g("x_csv", "openredis_provider", 15, Some(120), None),
+            "send 99fallback.toml#fallback inline".into(),
+            ":228-242 None",
+        ),
+    ] {
+        assert_eq!(
+            shipped_decision(&set, &grp, now),
+            want,
+            "13vulnerable-service.py{why}"
+        );
+    }
+    // :85-192 every table with its titles (:16-44) and columns (spec §11
+    // fix of the swapped ExtraColumn arguments of :62); an unknown table
+    // the default column set (notification.py's FALLBACK_FORMAT_SPEC).
+    for (name, cols) in SCRIPT_13_TABLES {
+        for tpl in [name.to_string(), format!("{name}_provider")] {
+            let r = render_shipped(&set, &g("x_csv_inline", &tpl, 60, Some(600), None), now);
+            assert_eq!(pairs(&r), expect_pairs(cols), "{tpl}");
+        }
+    }
+    let r = render_shipped(&set, &g("x_csv_attachment", "openx_y", 60, None, None), now);
+    assert_eq!(pairs(&r), expect_pairs(DEFAULT_COLUMNS));
+    // :237-240 the attachment texts, _en/_de separators blanked.
+    assert!(r.attached);
+    assert!(
+        r.body.contains("[in the attached file events.csv|||-----"),
+        "{}",
+        r.body
+    );
+}
+
+#[test]
+fn shipped_20_demo_follows_20_demo_py() {
+    let set = load(&shipped_formats()).unwrap();
+    let now = t(2024, 6, 1, 12, 0, 0);
+    // 20_demo.py:12-14 only notification_format "demo"; :16-17 never waits,
+    // default columns, attached, the context's variables unchanged (the
+    // inline separators keep their text).
+    let g = aged_group(
+        "demo",
+        "anything",
+        "demo",
+        now,
+        m(0),
+        Some(m(0)),
+        Some(m(1)),
+    );
+    assert_eq!(
+        shipped_decision(&set, &g, now),
+        "send 20demo.toml#demo attachment"
+    );
+    let r = render_shipped(&set, &g, now);
+    assert!(r.attached);
+    assert_eq!(pairs(&r), expect_pairs(DEFAULT_COLUMNS));
+    assert!(r.body.contains("|-----"), "{}", r.body);
+    assert!(!r.body.contains("|||"), "{}", r.body);
+}
+
+#[test]
+fn shipped_21_xarf_follows_20xarf_py() {
+    let set = load(&shipped_formats()).unwrap();
+    let now = t(2024, 6, 1, 12, 0, 0);
+    let g = |edf: &str, sent: Option<i64>| {
+        aged_group(
+            "xarf",
+            edf,
+            "xarf-description-template",
+            now,
+            m(0),
+            Some(m(0)),
+            sent.map(m),
+        )
+    };
+    let f = "21xarf.toml";
+    for (grp, want, why) in [
+        // :207-208 the interval first
+        (
+            g("bot-infection_0.2.0_unstable", Some(60)),
+            format!("postpone {f}#wait"),
+            ":207",
+        ),
+        (
+            g("other_schema", Some(60)),
+            format!("postpone {f}#wait"),
+            ":207 (before :212)",
+        ),
+        // :210-214 event_data_format names the schema (docstring :7-10)
+        (
+            g("bot-infection_0.2.0_unstable", None),
+            format!("send {f}#bot-infection_0.2.0_unstable"),
+            ":212-214",
+        ),
+        // :215-217 unknown schema: the script raised (and the old tool
+        // then sent the fallback); an error here (spec §11).
+        (
+            g("other_schema", Some(1441)),
+            format!("error {f}#unknown-schema"),
+            ":217",
+        ),
+    ] {
+        assert_eq!(shipped_decision(&set, &grp, now), want, "20xarf.py{why}");
+    }
+    let mut other = g("bot-infection_0.2.0_unstable", None);
+    other.key.notification_format = "bot-infection".into();
+    assert_eq!(
+        shipped_decision(&set, &other, now),
+        "send 99fallback.toml#fallback inline",
+        "20xarf.py:204-205"
+    );
+}
+
+#[test]
+fn shipped_99_fallback_follows_99fallback_py() {
+    let set = load(&shipped_formats()).unwrap();
+    let now = t(2024, 6, 1, 12, 0, 0);
+    let g = |sent: Option<i64>| {
+        aged_group("other", "other", "none", now, m(0), Some(m(0)), sent.map(m))
+    };
+    // 99fallback.py:38-39 the interval (1 day here)
+    assert_eq!(
+        shipped_decision(&set, &g(Some(1440)), now),
+        "postpone 99fallback.toml#fallback"
+    );
+    assert_eq!(
+        shipped_decision(&set, &g(Some(1441)), now),
+        "send 99fallback.toml#fallback inline"
+    );
+    // :13-23 the default columns; :27-34 the inline template.
+    let config = config_for(&shipped_templates(), &shipped_formats(), json!({}));
+    let store = TemplateStore::new(&shipped_templates()).unwrap();
+    let grp = g(None);
+    let plan = send(set.decide(&grp, now));
+    let mails = plan
+        .render(&RenderContext {
+            group: &grp,
+            events: &[event(1, &[("source.asn", FieldValue::Int(64496))])],
+            tickets: &[ticket(10000001)],
+            templates: &store,
+            config: &config,
+        })
+        .unwrap();
+    assert_eq!(mails[0].subject, "CB-Report#20240501-10000001");
+    assert_eq!(
+        mails[0].body,
+        "Dear Sir or Madam,\n\nPlease find below a list of affected systems on your network(s).\n\n\
+         Events:\n\"asn\",\"ip\",\"timestamp\",\"src_port\",\"dst_ip\",\"dst_port\",\"dst_host\",\"proto\"\r\n\
+         \"64496\",\"\",\"\",\"\",\"\",\"\",\"\",\"\"\r\n"
+    );
+}
+
+#[test]
+fn a_continue_rule_waits_or_passes_and_takes_no_mail_keys() {
+    let d = format_dir(&[(
+        "10.toml",
+        r#"
+[[format]]
+name = "wait"
+continue = true
+match.notification_format = "a"
+postpone.min_directive_age = "10m"
+
+[[format]]
+name = "send"
+match.notification_format = "a"
+match.event_data_format = "x"
+"#,
+    )]);
+    let set = load(d.path()).unwrap();
+    let now = t(2024, 6, 1, 12, 0, 0);
+    let g = |edf: &str, age: i64| aged_group("a", edf, "t", now, m(age), None, None);
+    assert_eq!(
+        shipped_decision(&set, &g("x", 9), now),
+        "postpone 10.toml#wait"
+    );
+    assert_eq!(
+        shipped_decision(&set, &g("y", 9), now),
+        "postpone 10.toml#wait"
+    );
+    assert_eq!(
+        shipped_decision(&set, &g("x", 10), now),
+        "send 10.toml#send inline"
+    );
+    assert_eq!(shipped_decision(&set, &g("y", 10), now), "none");
+    match set.decide(&g("x", 9), now) {
+        Decision::Postpone { until, .. } => assert_eq!(until, Some(now + m(1))),
+        other => panic!("{other:?}"),
+    }
+
+    let bad = format_dir(&[(
+        "10.toml",
+        "[[format]]\nname = \"w\"\ncontinue = true\ncolumns = [\"source.ip\"]\n\n\
+         [[format]]\nname = \"v\"\ncontinue = true\n",
+    )]);
+    let err = load(bad.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("format[0].columns") && err.contains("only waits"),
+        "{err}"
+    );
+    assert!(err.contains("give it a `postpone`"), "{err}");
 }

@@ -143,8 +143,14 @@ async fn an_inserted_event_is_mailed_within_two_seconds() {
 async fn a_postponed_group_goes_when_its_interval_expires() {
     let mut env = TestEnv::new().await;
     service_env(&mut env, 1);
-    let mut d = directive("abuse@as64496.example.net", "Open-Redis", 64496);
-    d["notification_interval"] = json!(3);
+    // Example 11's malware-infection waits for the interval (the
+    // Shadowserver tables wait for ages instead).
+    let d = json!({
+        "medium": "email", "recipient_address": "abuse@as64496.example.net",
+        "template_name": "malware-infection", "notification_format": "malware-infection",
+        "event_data_format": "malware-infection_csv_inline", "notification_interval": 3,
+        "aggregate_identifier": {"source.asn": 64496}
+    });
     let svc = ServiceProcess::start(&env, "svc");
     env.insert_event(event_fields("192.0.2.1", 64496), json!([d.clone()]))
         .await;
@@ -584,4 +590,102 @@ async fn kill_9_during_send_all_loses_nothing_and_duplicates_only_what_it_report
     );
     let (mails, dups) = verify_exactly_once(&env, &logs).await;
     eprintln!("{mails} mails, {dups} reported duplicates after 4 kills of send --all");
+}
+
+/// Issue 12's done-when: with the shipped formats as shipped, a fresh
+/// Shadowserver report is held until its newest directive is 15 minutes
+/// old and its time.observation 2 hours old (intelmq-mailgen
+/// example_scripts/10shadowservercsv.py:231-232), however many inserts wake
+/// the service meanwhile, and then goes out as ONE mail. The ages are the
+/// shipped 15 min / 2 h; time is moved by the timestamps inserted (each
+/// event's directives are back-dated in the inserting transaction).
+#[tokio::test]
+async fn shipped_shadowserver_group_waits_for_both_ages_then_goes_as_one_mail() {
+    let mut env = TestEnv::with(common::EnvOptions {
+        shipped_directive_age: true,
+        ..Default::default()
+    })
+    .await;
+    service_env(&mut env, 2);
+    let svc = ServiceProcess::start(&env, "svc");
+    let iso = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%dT%H:%M:%S+00:00").to_string();
+    let now = chrono::Utc::now();
+
+    // Group A, held by the directive age: observed 3 h ago; its directives
+    // "arrive" 15 min minus 3 s ago, then 15 min minus 5 s ago (the newest
+    // decides: about 5 s from now). Group B, held by the observation age:
+    // directives an hour old, observed 2 h minus 9 s ago.
+    let obs_a = iso(now - chrono::Duration::hours(3));
+    let obs_b = iso(now - chrono::Duration::hours(2) + chrono::Duration::seconds(9));
+    let dir = |asn: i64, obs: &str| {
+        let mut d = directive(&format!("abuse@as{asn}.example.net"), "Open-Redis", asn);
+        d["aggregate_identifier"]["time.observation"] = json!(obs);
+        d
+    };
+    let t0_sys = std::time::SystemTime::now() - Duration::from_millis(100);
+    env.insert_event_aged(
+        event_fields("192.0.2.1", 64496),
+        json!([dir(64496, &obs_a)]),
+        897.0,
+    )
+    .await;
+    env.insert_event_aged(
+        event_fields("198.51.100.1", 64511),
+        json!([dir(64511, &obs_b)]),
+        3600.0,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    env.insert_event_aged(
+        event_fields("192.0.2.2", 64496),
+        json!([dir(64496, &obs_a)]),
+        895.0,
+    )
+    .await;
+    env.insert_event_aged(
+        event_fields("198.51.100.2", 64511),
+        json!([dir(64511, &obs_b)]),
+        3600.0,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(
+        env.sink.messages().is_empty(),
+        "mailed before the ages passed:\n{}",
+        svc.log_text()
+    );
+    let got = env.sink.wait_for_async(2, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 2, "{}", svc.log_text());
+    let arrived = |rcpt: &str| {
+        let m = got
+            .iter()
+            .find(|m| m.rcpt_to.iter().any(|r| r == rcpt))
+            .unwrap_or_else(|| panic!("no mail to {rcpt}:\n{}", svc.log_text()));
+        m.received_at.duration_since(t0_sys).unwrap()
+    };
+    // A: the newest directive was inserted ~1 s after t0 with 5 s to go.
+    let a = arrived("abuse@as64496.example.net");
+    assert!(a >= Duration::from_millis(5500), "{a:?}");
+    // B: observed 2 h minus 9 s before t0.
+    let b = arrived("abuse@as64511.example.net");
+    assert!(b >= Duration::from_millis(8500), "{b:?}");
+    // ONE mail per group, with all its events, and nothing more later.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mails = env.sink.messages();
+    assert_eq!(mails.len(), 2, "{}", svc.log_text());
+    for (m, ips) in mails
+        .iter()
+        .zip([["192.0.2.1", "192.0.2.2"], ["198.51.100.1", "198.51.100.2"]])
+    {
+        let text = m.text();
+        for ip in ips {
+            assert!(text.contains(&format!("\"{ip}\"")), "{ip} in {text}");
+        }
+    }
+    assert_eq!(env.sent_tickets().await.len(), 2);
+    assert_eq!(env.pending_count().await, 0);
+    let log = svc.log_text();
+    assert!(log.contains("younger than 15m"), "{log}");
+    assert!(log.contains("younger than 2h"), "{log}");
+    svc.stop();
 }

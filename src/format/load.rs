@@ -169,6 +169,7 @@ const RULE_KEYS: &[&str] = &[
     "computed",
     "xarf",
     "reject",
+    "continue",
 ];
 const MATCH_KEYS: &[&str] = &[
     "notification_format",
@@ -1204,6 +1205,10 @@ fn read_rule(
     let columns = columns_node.and_then(|n| read_columns(&t.path("columns"), n, titles, p));
     let xarf_spec = xarf_node.and_then(|n| read_xarf(&t.path("xarf"), n, p));
     let reject = reject_node.and_then(|n| p.expect_str(&t.path("reject"), n).map(str::to_string));
+    let only_waits = t
+        .get("continue")
+        .and_then(|n| p.expect_bool(&t.path("continue"), n))
+        .unwrap_or(false);
     let raw_keys: Vec<String> = match &node.value {
         Value::Table(e) => e.iter().map(|(k, _)| k.clone()).collect(),
         _ => Vec::new(),
@@ -1222,6 +1227,26 @@ fn read_rule(
                     &join_path(key, k),
                     node,
                     "only table rules (without `xarf`/`reject`) take this key",
+                );
+            }
+        }
+    }
+    if only_waits {
+        for k in [
+            "columns",
+            "data_location",
+            "copies",
+            "template",
+            "xarf",
+            "reject",
+            "variables",
+            "computed",
+        ] {
+            if has(k) {
+                p.at(
+                    &join_path(key, k),
+                    node,
+                    "a `continue` rule only waits and sends nothing, so it takes no such key",
                 );
             }
         }
@@ -1263,7 +1288,17 @@ fn read_rule(
         Arc::new(s)
     };
 
-    let action = if has("reject") {
+    let action = if only_waits {
+        if postpone == Postpone::default() {
+            p.at(
+                key,
+                node,
+                "a `continue` rule only waits: give it a `postpone` (here or in [defaults])",
+            );
+            return None;
+        }
+        Action::Continue
+    } else if has("reject") {
         let reason = reject?;
         if reason.trim().is_empty() {
             p.at(&join_path(key, "reject"), node, "give the reason as text");

@@ -258,6 +258,12 @@ pub(crate) enum Action {
     Reject {
         reason: String,
     },
+    /// Only waits (`continue = true`): the group waits while the rule's
+    /// postpone rules hold; otherwise the following rules are tried as if
+    /// this one did not fit. This is how a script that decides postponement
+    /// before it looks at the rest of the directive is written (examples 11,
+    /// 13 and 21 postpone first, then fall through on an unknown suffix).
+    Continue,
 }
 
 #[derive(Debug)]
@@ -336,6 +342,7 @@ impl FormatSet {
             if !rule.matcher.matches(&group.key) {
                 continue;
             }
+            let only_waits = matches!(rule.action, Action::Continue);
             if let Action::Reject { reason } = &rule.action {
                 return Decision::Error {
                     format: rule.id.clone(),
@@ -356,6 +363,7 @@ impl FormatSet {
                         until,
                     }
                 }
+                Ok(None) if only_waits => continue,
                 Ok(None) => {}
             }
             let location = match &rule.action {
@@ -387,7 +395,7 @@ impl FormatSet {
         for rule in &self.rules {
             let choice = match &rule.action {
                 Action::Table { template, .. } | Action::Xarf { template, .. } => template,
-                Action::Reject { .. } => continue,
+                Action::Reject { .. } | Action::Continue => continue,
             };
             if let TemplateChoice::Named(name) = choice {
                 if let Err(e) = store.get(name) {
@@ -403,7 +411,7 @@ fn action_event_columns(action: &Action) -> Vec<String> {
     match action {
         Action::Table { table, .. } => table.event_columns(),
         Action::Xarf { spec, .. } => spec.event_columns(),
-        Action::Reject { .. } => Vec::new(),
+        Action::Reject { .. } | Action::Continue => Vec::new(),
     }
 }
 
@@ -538,7 +546,7 @@ impl Plan {
         match &self.rule.action {
             Action::Xarf { .. } => distinct_event_count,
             Action::Table { .. } => 1,
-            Action::Reject { .. } => 0,
+            Action::Reject { .. } | Action::Continue => 0,
         }
     }
 
@@ -565,7 +573,7 @@ impl Plan {
     fn template_choice(&self) -> &TemplateChoice {
         match &self.rule.action {
             Action::Table { template, .. } | Action::Xarf { template, .. } => template,
-            Action::Reject { .. } => &TemplateChoice::Directive,
+            Action::Reject { .. } | Action::Continue => &TemplateChoice::Directive,
         }
     }
 
@@ -664,7 +672,9 @@ impl Plan {
                 }
                 Ok(out)
             }
-            Action::Reject { .. } => unreachable!("tickets_needed is 0 for reject rules"),
+            Action::Reject { .. } | Action::Continue => {
+                unreachable!("tickets_needed is 0 for reject and continue rules")
+            }
         }
     }
 

@@ -27,6 +27,12 @@ pub struct TestEnv {
 pub struct EnvOptions {
     pub extra: ExtraType,
     pub migrate: bool,
+    /// Keep the shipped formats' minimum directive age (15 minutes for
+    /// Shadowserver groups, as intelmq-mailgen's example 10 waits). Off by
+    /// default: most tests insert an event and expect its mail at once, so
+    /// their copy of `10shadowserver.toml` waits only for the observation
+    /// age (which the test data's `time.observation` has long passed).
+    pub shipped_directive_age: bool,
 }
 
 impl Default for EnvOptions {
@@ -34,6 +40,7 @@ impl Default for EnvOptions {
         EnvOptions {
             extra: ExtraType::Jsonb,
             migrate: true,
+            shipped_directive_age: false,
         }
     }
 }
@@ -78,6 +85,17 @@ impl TestEnv {
         let formats = dir.path().join("formats");
         copy_dir(&repo_path("config/templates"), &templates);
         copy_dir(&repo_path("config/formats"), &formats);
+        if !opts.shipped_directive_age {
+            let path = formats.join("10shadowserver.toml");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let wait = "postpone.min_directive_age = \"15m\"";
+            assert!(text.contains(wait), "10shadowserver.toml: {wait} not found");
+            std::fs::write(
+                &path,
+                text.replace(wait, "postpone.min_directive_age = \"0s\""),
+            )
+            .unwrap();
+        }
         let config_json = json!({
             "database": {"event": {
                 "name": db.name, "username": db.superuser, "password": null,
@@ -172,6 +190,43 @@ impl TestEnv {
             .await
             .expect("insert event")
             .get(0)
+    }
+
+    /// Like [`insert_event`](Self::insert_event), but in one transaction
+    /// with setting the new directives' `inserted_at` to `secs_ago` seconds
+    /// before the database's now: a running service (woken at commit) sees
+    /// them only with that age, as if IntelMQ had inserted them then.
+    pub async fn insert_event_aged(&self, fields: Value, directives: Value, secs_ago: f64) -> i64 {
+        let mut fields = fields.as_object().cloned().unwrap_or_default();
+        let mut extra = fields
+            .remove("extra")
+            .and_then(|e| e.as_object().cloned())
+            .unwrap_or_default();
+        extra.insert("certbund".into(), json!({"source_directives": directives}));
+        fields.insert("extra".into(), Value::Object(extra));
+        let cols: Vec<String> = fields
+            .keys()
+            .map(|k| format!("\"{}\"", k.replace('"', "\"\"")))
+            .collect();
+        let sql = format!(
+            "INSERT INTO events ({cols}) SELECT {cols} FROM jsonb_populate_record(NULL::events, $1::text::jsonb) RETURNING id",
+            cols = cols.join(", ")
+        );
+        let mut client = self.client().await;
+        let tx = client.transaction().await.unwrap();
+        let id: i64 = tx
+            .query_one(sql.as_str(), &[&Value::Object(fields).to_string()])
+            .await
+            .expect("insert event")
+            .get(0);
+        tx.execute(
+            "UPDATE directives SET inserted_at = now() - make_interval(secs => $2::float8) WHERE events_id = $1",
+            &[&id, &secs_ago],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        id
     }
 
     /// Makes every pending directive look `secs` older (the shipped formats
