@@ -580,3 +580,128 @@ async fn a_copy_goes_to_the_recipients_the_relay_takes() {
     assert!(warn.contains("550"), "{warn}");
     assert_eq!(env.pending_count().await, 0);
 }
+
+/// How the scripted relay below behaves once it said 354 to DATA.
+#[derive(Clone, Copy, Debug)]
+enum AfterData {
+    /// Reads a little of the message, then closes (unread data: a reset).
+    CloseMidData,
+    /// Stops reading: the client's writes block until its timeout.
+    StopReading,
+    /// Reads the whole message with its final dot, then closes silently.
+    CloseAfterDot,
+    /// Reads the whole message with its final dot, then never answers.
+    SilentAfterDot,
+}
+
+/// A one-connection ESMTP relay that misbehaves after DATA as told, with
+/// a small receive buffer so that a large message cannot all sit in the
+/// kernel's buffers. Raw TCP: the sandbox sink always reads to the end.
+async fn scripted_relay(after: AfterData) -> u16 {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(4).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (rd, mut wr) = stream.into_split();
+        let mut rd = BufReader::new(rd);
+        wr.write_all(b"220 scripted ESMTP\r\n").await.unwrap();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+            let answer: &[u8] = match verb.as_str() {
+                "EHLO" => b"250-scripted\r\n250 8BITMIME\r\n",
+                "DATA" => b"354 go on\r\n",
+                "QUIT" => b"221 bye\r\n",
+                _ => b"250 ok\r\n",
+            };
+            wr.write_all(answer).await.unwrap();
+            if verb == "DATA" {
+                break;
+            }
+        }
+        match after {
+            AfterData::CloseMidData => {
+                let mut some = vec![0u8; 4096];
+                let _ = rd.read(&mut some).await;
+            }
+            AfterData::StopReading => {
+                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            }
+            AfterData::CloseAfterDot | AfterData::SilentAfterDot => {
+                let mut tail: Vec<u8> = Vec::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                while !tail.ends_with(b"\r\n.\r\n") {
+                    let n = rd.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    tail.extend_from_slice(&buf[..n]);
+                    let keep = tail.len().saturating_sub(5);
+                    tail.drain(..keep);
+                }
+                if let AfterData::SilentAfterDot = after {
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                }
+            }
+        }
+    });
+    port
+}
+
+/// Whether a mail may have been handed over is decided by what the socket
+/// saw: a connection that breaks, or a relay that stops reading, before
+/// the final dot was written cannot have taken the mail (the relay's
+/// failure, `retry`); once the whole mail was written and no answer came,
+/// it may have (in doubt).
+#[tokio::test]
+async fn a_mail_is_in_doubt_only_once_its_end_was_written() {
+    use mailgend::config::{SmtpConfig, SmtpTls};
+    use mailgend::smtp::Outbound;
+    // Large enough to outlast the kernel's buffers (4 kB receive buffer
+    // on the relay, at most 4 MB send buffer here).
+    let mut message =
+        b"From: cert@example.org\r\nTo: abuse@example.net\r\nSubject: t\r\n\r\n".to_vec();
+    while message.len() < 8 * 1024 * 1024 {
+        message.extend_from_slice(
+            b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcd\r\n",
+        );
+    }
+    for (after, in_doubt) in [
+        (AfterData::CloseMidData, false),
+        (AfterData::StopReading, false),
+        (AfterData::CloseAfterDot, true),
+        (AfterData::SilentAfterDot, true),
+    ] {
+        let port = scripted_relay(after).await;
+        let cfg = SmtpConfig {
+            host: "127.0.0.1".into(),
+            port,
+            tls: SmtpTls::None,
+            ca_file: None,
+            username: None,
+            password: None,
+            timeout: std::time::Duration::from_secs(3),
+        };
+        let e = Outbound::new(&cfg, 1)
+            .unwrap()
+            .send("cert@example.org", &["abuse@example.net".into()], &message)
+            .await
+            .expect_err("the relay never says 250");
+        assert_eq!(e.delivery_unknown(), in_doubt, "{after:?}: {e}");
+        if !in_doubt {
+            assert!(
+                matches!(e, SmtpError::RelayUnavailable(_)),
+                "{after:?}: {e}"
+            );
+            assert!(e.is_relay_failure() && e.is_temporary(), "{after:?}: {e}");
+        }
+    }
+}
