@@ -6,11 +6,14 @@
 //! over TCP (the sandbox sink, set up to lack SMTPUTF8, announce a small
 //! SIZE, or refuse one recipient), the real binary where the log matters.
 //!
-//! The old tool (intelmq-mailgen `intelmqmail/cb.py`, `send_notifications`:
-//! one SAVEPOINT per group, `except Exception` → ROLLBACK TO SAVEPOINT, log
+//! The old tool (intelmq-mailgen `intelmqmail/cb.py:219` one SAVEPOINT per
+//! group; `cb.py:248-258` any `Exception` → ROLLBACK TO SAVEPOINT, log
 //! "Could not create or send mails for …", next group) also let every
 //! failure of a group pass and went on; it had no outbox, so nothing could
-//! be in doubt there. See docs/migration.md "SMTP failures".
+//! be in doubt there. It sent with `smtplib`'s `send_message(…, to_addrs=…)`
+//! (`intelmqmail/notification.py:535`), which delivers to the recipients the
+//! relay takes and raises only when it takes none. See docs/migration.md
+//! "SMTP failures".
 
 mod common;
 
@@ -468,8 +471,9 @@ async fn a_refusal_after_the_data_fails_that_mail_alone() {
 
 /// (e) The relay itself failing mid-batch still stops the batch, and
 /// nothing is lost or sent twice: 421 (the relay closes the connection),
-/// and a connection that breaks before the data (certainly not handed
-/// over: `retry`, never in doubt).
+/// a 4xx about the mail system (enhanced code 4.3.x, or at MAIL), and a
+/// connection that breaks before the data (certainly not handed over:
+/// `retry`, never in doubt).
 #[tokio::test]
 async fn the_relay_failing_mid_batch_stops_the_batch_and_loses_nothing() {
     for (what, fault) in [
@@ -480,6 +484,24 @@ async fn the_relay_failing_mid_batch_stops_the_batch_and_loses_nothing() {
                 reply: "421 4.3.2 Service shutting down".into(),
                 scope: Scope::Recipient(rcpt(64500)),
                 close: true,
+            },
+        ),
+        (
+            "452 4.3.1 at RCPT (the mail system, not the recipient)",
+            Fault::Reply {
+                stage: Stage::Rcpt,
+                reply: "452 4.3.1 Insufficient system storage".into(),
+                scope: Scope::Recipient(rcpt(64500)),
+                close: false,
+            },
+        ),
+        (
+            "451 at MAIL",
+            Fault::Reply {
+                stage: Stage::Mail,
+                reply: "451 4.3.0 Local error in processing".into(),
+                scope: Scope::Next(1),
+                close: false,
             },
         ),
         (
@@ -542,8 +564,9 @@ async fn the_relay_failing_mid_batch_stops_the_batch_and_loses_nothing() {
 
 /// A mail with several envelope recipients (a constituency copy) of which
 /// the relay refuses one at RCPT goes to the others, as the old tool's
-/// `smtplib.sendmail` did (it raises only when every recipient is
-/// refused); mailgend says so at WARN, the old tool said nothing.
+/// `smtplib` `send_message` did (intelmqmail/notification.py:535; it raises
+/// only when every recipient is refused); mailgend says so at WARN, the
+/// old tool said nothing.
 #[tokio::test]
 async fn a_copy_goes_to_the_recipients_the_relay_takes() {
     let env = TestEnv::new().await;
