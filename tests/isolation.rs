@@ -728,3 +728,54 @@ async fn a_mail_is_in_doubt_only_once_its_end_was_written() {
         }
     }
 }
+
+/// A relay that refuses every session at its greeting (554).
+async fn refusing_relay() -> u16 {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let _ = stream
+                .write_all(b"554 5.3.2 No SMTP service here\r\n")
+                .await;
+        }
+    });
+    port
+}
+
+/// A relay refusing the session is the relay's failure, not the mail's:
+/// the batch stops at the first mail and every mail waits as `retry` with
+/// its ticket (not released, not in doubt), to go out as it is once a
+/// relay takes it.
+#[tokio::test]
+async fn a_relay_refusing_the_session_stops_the_batch_and_keeps_the_mails() {
+    let mut env = TestEnv::new().await;
+    let sink_port = env.sink.port();
+    env.config_json["smtp"]["port"] = json!(refusing_relay().await);
+    insert_groups(&env, 64496..64501).await;
+    let results = run_batch(&env).await;
+    let errors: Vec<&SmtpError> = results.iter().map(|(_, r)| smtp_error(r)).collect();
+    assert!(
+        matches!(errors[0], SmtpError::RelayRefused(_)),
+        "{}",
+        errors[0]
+    );
+    assert!(errors[0].to_string().contains("554"), "{}", errors[0]);
+    for e in &errors[1..] {
+        assert!(e.to_string().contains("not attempted"), "{e}");
+    }
+    let open = outbox::list_open(&env.client().await).await.unwrap();
+    assert_eq!(open.len(), 5, "{open:?}");
+    assert!(open.iter().all(|o| o.state == State::Retry), "{open:?}");
+    let mut kept: Vec<String> = open.iter().map(|o| o.ticket.to_string()).collect();
+
+    env.config_json["smtp"]["port"] = json!(sink_port);
+    let s = env.run().await;
+    assert_eq!((s.sent, s.errors), (5, 0), "{s}");
+    assert_eq!(env.sink.messages().len(), 5);
+    let mut sent = env.sent_tickets().await;
+    sent.sort();
+    kept.sort();
+    assert_eq!(sent, kept, "the tickets drawn the first time");
+}
