@@ -409,15 +409,17 @@ async fn a_mail_over_the_relays_size_fails_alone() {
     );
 }
 
-/// (d) 554 and 552 after the data, each for one mail: each fails alone
-/// (a definite answer: not in doubt), the rest goes on.
+/// (d) 554 to the DATA command, 554 and 552 after the data, each for one
+/// mail: each fails alone (a definite answer: not in doubt), the rest goes
+/// on.
 #[tokio::test]
-async fn a_refusal_after_the_data_fails_that_mail_alone() {
+async fn a_refusal_of_the_data_fails_that_mail_alone() {
     let env = TestEnv::new().await;
     insert_groups(&env, 64496..64508).await;
     let refused = rcpt(64498);
+    // Before the data: the DATA command itself is refused.
     env.sink.set_fault(Fault::Fail {
-        stage: Stage::DataEnd,
+        stage: Stage::Data,
         failure: Failure::Permanent,
         scope: Scope::Recipient(refused.clone()),
     });
@@ -434,6 +436,26 @@ async fn a_refusal_after_the_data_fails_that_mail_alone() {
     }
     assert_eq!(env.sink.messages().len(), 11);
     assert_eq!(env.sink.connections(), 1);
+
+    // After the data.
+    insert_groups(&env, 64520..64522).await;
+    env.sink.set_fault(Fault::Fail {
+        stage: Stage::DataEnd,
+        failure: Failure::Permanent,
+        scope: Scope::Recipient(refused.clone()),
+    });
+    let results = run_batch(&env).await;
+    assert_eq!(results.len(), 3);
+    for (g, r) in &results {
+        if g.key.recipient_address == refused {
+            let e = smtp_error(r);
+            assert!(matches!(e, SmtpError::Permanent(_)), "{e}");
+            assert!(e.to_string().contains("554"), "{e}");
+        } else {
+            assert!(matches!(r, Ok(GroupOutcome::Sent { mails: 1 })), "{r:?}");
+        }
+    }
+    assert_eq!(env.sink.messages().len(), 13);
 
     // Next time the group is rendered anew and offered again; now the
     // relay finds it too big after the data.
@@ -455,11 +477,11 @@ async fn a_refusal_after_the_data_fails_that_mail_alone() {
             assert!(matches!(r, Ok(GroupOutcome::Sent { mails: 1 })), "{r:?}");
         }
     }
-    assert_eq!(env.sink.messages().len(), 14);
+    assert_eq!(env.sink.messages().len(), 16);
     assert_eq!(pending_recipients(&env).await, vec![refused.clone()]);
     // A definite answer: released each time, never in doubt.
     let rows = outbox_rows(&env).await;
-    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows.len(), 3, "{rows:?}");
     assert!(rows
         .iter()
         .all(|(to, state, _)| *to == refused && state == "failed"));
@@ -493,6 +515,14 @@ async fn the_relay_failing_mid_batch_stops_the_batch_and_loses_nothing() {
                 reply: "452 4.3.1 Insufficient system storage".into(),
                 scope: Scope::Recipient(rcpt(64500)),
                 close: false,
+            },
+        ),
+        (
+            "451 at DATA",
+            Fault::Fail {
+                stage: Stage::Data,
+                failure: Failure::Temporary,
+                scope: Scope::Recipient(rcpt(64500)),
             },
         ),
         (

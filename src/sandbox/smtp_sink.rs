@@ -150,6 +150,8 @@ pub enum Stage {
     Mail,
     /// The reply to RCPT TO.
     Rcpt,
+    /// The reply to the DATA command (before any data).
+    Data,
     /// The reply after the message data (`.`).
     DataEnd,
 }
@@ -165,13 +167,13 @@ pub enum Failure {
 
 impl Failure {
     /// The reply code the sink uses for this failure at `stage`:
-    /// temporary 451 (MAIL, end of DATA) or 450 (RCPT); permanent 550
-    /// (MAIL, RCPT) or 554 (end of DATA).
+    /// temporary 451 (MAIL, DATA, end of DATA) or 450 (RCPT); permanent
+    /// 550 (MAIL, RCPT) or 554 (DATA, end of DATA).
     pub fn code(self, stage: Stage) -> u16 {
         match (self, stage) {
             (Failure::Temporary, Stage::Rcpt) => 450,
             (Failure::Temporary, _) => 451,
-            (Failure::Permanent, Stage::DataEnd) => 554,
+            (Failure::Permanent, Stage::Data | Stage::DataEnd) => 554,
             (Failure::Permanent, _) => 550,
         }
     }
@@ -183,7 +185,7 @@ impl Failure {
             (Failure::Temporary, _) => "4.3.0 Temporary local problem",
             (Failure::Permanent, Stage::Rcpt) => "5.1.1 Mailbox unavailable",
             (Failure::Permanent, Stage::Mail) => "5.7.1 Sender refused",
-            (Failure::Permanent, Stage::DataEnd) => "5.6.0 Transaction failed",
+            (Failure::Permanent, Stage::Data | Stage::DataEnd) => "5.6.0 Transaction failed",
         };
         format!("{code} {text} (injected fault)")
     }
@@ -805,7 +807,13 @@ impl<'a> Session<'a> {
                 Some(t) if t.rcpt_to.is_empty() => {
                     reply(wr, "554 5.5.1 No valid recipients").await?
                 }
-                Some(_) => {
+                Some(t) => {
+                    if let Some(answer) = self.shared.fire_fail(Stage::Data, &t.rcpt_to) {
+                        self.close = answer.close;
+                        self.txn = None;
+                        reply(wr, &answer.reply).await?;
+                        return Ok(Next::Continue);
+                    }
                     reply(wr, "354 End data with <CR><LF>.<CR><LF>").await?;
                     return Ok(Next::ReadData);
                 }
