@@ -97,16 +97,6 @@ impl SmtpError {
                 | SmtpError::Connection(_)
         )
     }
-
-    /// The mail certainly was not handed over and sending the same bytes
-    /// again cannot succeed: a refusal of the mail itself (5xx, a bad
-    /// address, SMTPUTF8 or SIZE the relay lacks).
-    pub fn is_refusal_of_the_mail(&self) -> bool {
-        matches!(
-            self,
-            SmtpError::Permanent(_) | SmtpError::Unsendable(_) | SmtpError::Address { .. }
-        )
-    }
 }
 
 /// A configured, pooled SMTP client. Cheap to clone.
