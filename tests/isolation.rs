@@ -794,6 +794,8 @@ async fn a_relay_refusing_the_session_stops_the_batch_and_keeps_the_mails() {
     assert!(errors[0].to_string().contains("554"), "{}", errors[0]);
     for e in &errors[1..] {
         assert!(e.to_string().contains("not attempted"), "{e}");
+        // Retried when the cause is: a refused session is not temporary.
+        assert!(!e.is_temporary(), "{e}");
     }
     let open = outbox::list_open(&env.client().await).await.unwrap();
     assert_eq!(open.len(), 5, "{open:?}");

@@ -484,15 +484,20 @@ async fn send(
     // the rest of the batch waits (as `retry`) rather than failing one by
     // one. A mail's own failure (see `SmtpError::is_relay_failure`) does
     // not hold back the others.
-    let mut stopped: Option<String> = None;
+    // The cause, and whether it is temporary (the service's backoff for
+    // these groups follows the cause's).
+    let mut stopped: Option<(String, bool)> = None;
     for r in ready {
-        if let Some(why) = &stopped {
+        if let Some((why, temporary)) = &stopped {
             let _ = outbox::refused(side, &r.ids, outbox::State::Retry, "not attempted").await;
+            let why = format!("not attempted after an earlier mail's failure: {why}");
             fates[r.slot] = Fate::Done(Err(GroupError::Smtp {
                 relay: p.outbound.relay().to_string(),
-                source: SmtpError::RelayUnavailable(format!(
-                    "not attempted after an earlier mail's failure: {why}"
-                )),
+                source: if *temporary {
+                    SmtpError::RelayUnavailable(why)
+                } else {
+                    SmtpError::RelayRefused(why)
+                },
             }));
             continue;
         }
@@ -522,7 +527,7 @@ async fn send(
                 Err(source) => {
                     record_refusal(p, side, &r.ids[i..], &source).await;
                     if source.is_relay_failure() {
-                        stopped = Some(source.to_string());
+                        stopped = Some((source.to_string(), source.is_temporary()));
                     }
                     failure = Some(source);
                     break;
