@@ -11,10 +11,14 @@
 //!
 //! If the process dies between 2 and 4, its transaction is rolled back and
 //! the row locks are gone: a later claim of the same directives finds an
-//! open row — a mail whose delivery is *in doubt*. A definite SMTP refusal
-//! (4xx/5xx reply) is not in doubt: the row becomes `retry` (resent as is,
-//! same ticket and Message-Id) or `failed` (5xx; the group is rendered anew
-//! next time).
+//! open row — a mail whose delivery is *in doubt*. A mail that certainly
+//! was not handed over is never in doubt: after a definite refusal of the
+//! mail (5xx, or SMTPUTF8/SIZE the relay lacks) the row becomes `failed`
+//! (released: the group stays pending and is rendered anew next time, with
+//! a new ticket); after a passing failure (a 4xx, the relay unreachable or
+//! gone before the end of the data) it becomes `retry` (resent as is, same
+//! ticket and Message-Id). Only a connection lost after the end of the
+//! data leaves it `sending`.
 
 use std::fmt;
 

@@ -2,11 +2,25 @@
 //!
 //! Owns the lettre transport built from the `smtp` section (plain,
 //! STARTTLS or implicit TLS, an own CA file, AUTH) and the classification of
-//! failures: a 4xx reply or a lost connection is temporary, a 5xx permanent.
-//! The transport pools connections, so a run reuses one connection across
-//! mails instead of the old tool's one connection per group. Shared with the
-//! alert router.
+//! failures. The transport pools connections, so a run reuses one
+//! connection across mails instead of the old tool's one connection per
+//! group. Shared with the alert router.
+//!
+//! [`Outbound::send`] (the notifier) classifies a failure by what it says
+//! about the mail and about the relay:
+//!
+//! * the mail's own: it cannot go through this relay (SMTPUTF8 or 8BITMIME
+//!   needed but not offered, over the relay's `SIZE`), a 5xx reply at any
+//!   step, a 4xx reply to RCPT (mailbox busy, too many recipients,
+//!   greylisting) — the other mails go on;
+//! * the relay's: it cannot be reached, refuses the session (5xx to the
+//!   greeting, EHLO or AUTH), answers 421 or another 4xx outside RCPT, or
+//!   the connection breaks before the end of the data was written — the
+//!   mail certainly was not handed over, and the next ones would fare no
+//!   better;
+//! * in doubt: the end of the data was written and no reply came.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,14 +40,28 @@ pub enum SmtpError {
     #[error("invalid envelope address {address:?}: {reason}")]
     Address { address: String, reason: String },
     /// A 4xx reply: the server did not take the mail; try again later.
+    /// From [`Outbound::send`]: a 4xx to RCPT, about this mail's recipient.
     #[error("temporary SMTP failure: {0}")]
     Temporary(String),
     /// A 5xx reply: the server refuses this mail; retrying as is will not help.
     #[error("permanent SMTP failure: {0}")]
     Permanent(String),
+    /// This mail cannot go through this relay at all (found before it was
+    /// offered): nothing was handed over.
+    #[error("this mail cannot go through this relay: {0}")]
+    Unsendable(String),
     /// The relay could not be reached at all: nothing was handed over.
     #[error("SMTP relay unreachable: {0}")]
     Unreachable(String),
+    /// The relay answered 421, another 4xx outside RCPT, or the connection
+    /// broke before the end of the data was written (from
+    /// [`Outbound::send`]): nothing was handed over.
+    #[error("SMTP relay not taking mail now (nothing was handed over): {0}")]
+    RelayUnavailable(String),
+    /// The relay refused the session itself (5xx to the greeting, EHLO or
+    /// AUTH; from [`Outbound::send`]): nothing was handed over.
+    #[error("SMTP relay refused the session: {0}")]
+    RelayRefused(String),
     /// No reply we can trust (connection lost, timeout, TLS error): the mail
     /// may or may not have been accepted. Also try again later.
     #[error("SMTP connection failure: {0}")]
@@ -45,13 +73,29 @@ impl SmtpError {
     pub fn is_temporary(&self) -> bool {
         matches!(
             self,
-            SmtpError::Temporary(_) | SmtpError::Unreachable(_) | SmtpError::Connection(_)
+            SmtpError::Temporary(_)
+                | SmtpError::Unreachable(_)
+                | SmtpError::RelayUnavailable(_)
+                | SmtpError::Connection(_)
         )
     }
 
     /// The server may have accepted the mail although we saw no success.
     pub fn delivery_unknown(&self) -> bool {
         matches!(self, SmtpError::Connection(_))
+    }
+
+    /// A failure of the relay (or of our settings for it), not of one mail:
+    /// the mails after it would fail the same way, so a batch stops.
+    pub fn is_relay_failure(&self) -> bool {
+        matches!(
+            self,
+            SmtpError::Config(_)
+                | SmtpError::Unreachable(_)
+                | SmtpError::RelayUnavailable(_)
+                | SmtpError::RelayRefused(_)
+                | SmtpError::Connection(_)
+        )
     }
 }
 
@@ -80,17 +124,46 @@ struct Inner {
     hello: ClientId,
     timeout: Duration,
     max_idle: usize,
-    idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
+    idle: Mutex<Vec<(Conn, Instant)>>,
     relay: String,
+}
+
+/// An open session with what [`Outbound::send`] needs to know about it.
+struct Conn {
+    smtp: AsyncSmtpConnection,
+    /// The relay announced `SIZE` (RFC 1870), with this limit (`None`: no
+    /// limit, `SIZE 0` or no number).
+    size: Option<Option<usize>>,
+    io: Arc<IoState>,
+}
+
+/// What the socket saw, read after a failure to tell "the end of the data
+/// was never written" from "written, but no reply came".
+#[derive(Debug, Default)]
+struct IoState {
+    /// The last write or flush failed or had not completed: bytes handed
+    /// to it may not have reached the kernel.
+    write_unfinished: AtomicBool,
+}
+
+impl IoState {
+    fn note<T>(&self, r: &std::task::Poll<std::io::Result<T>>) {
+        let unfinished = !matches!(r, std::task::Poll::Ready(Ok(_)));
+        self.write_unfinished.store(unfinished, Ordering::Relaxed);
+    }
+
+    fn write_unfinished(&self) -> bool {
+        self.write_unfinished.load(Ordering::Relaxed)
+    }
 }
 
 /// A socket lettre can drive (`AsyncTokioStream` is lettre's trait for
 /// caller-provided streams).
 #[derive(Debug)]
-struct Plain(TcpStream);
+struct Plain(TcpStream, Arc<IoState>);
 
 #[derive(Debug)]
-struct Wrapped(tokio_native_tls::TlsStream<TcpStream>);
+struct Wrapped(tokio_native_tls::TlsStream<TcpStream>, Arc<IoState>);
 
 macro_rules! delegate_io {
     ($t:ty, $inner:ident => $get:expr) => {
@@ -109,13 +182,17 @@ macro_rules! delegate_io {
                 cx: &mut std::task::Context<'_>,
                 buf: &[u8],
             ) -> std::task::Poll<std::io::Result<usize>> {
-                std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+                let r = std::pin::Pin::new(&mut self.0).poll_write(cx, buf);
+                self.1.note(&r);
+                r
             }
             fn poll_flush(
                 mut self: std::pin::Pin<&mut Self>,
                 cx: &mut std::task::Context<'_>,
             ) -> std::task::Poll<std::io::Result<()>> {
-                std::pin::Pin::new(&mut self.0).poll_flush(cx)
+                let r = std::pin::Pin::new(&mut self.0).poll_flush(cx);
+                self.1.note(&r);
+                r
             }
             fn poll_shutdown(
                 mut self: std::pin::Pin<&mut Self>,
@@ -209,9 +286,11 @@ impl Outbound {
 
     /// Opens, greets, secures and authenticates a new connection. Nothing
     /// can have been delivered when this fails.
-    async fn connect(&self) -> Result<AsyncSmtpConnection, SmtpError> {
+    async fn connect(&self) -> Result<Conn, SmtpError> {
+        use lettre::transport::smtp::commands::Ehlo;
         let i = &self.inner;
         let unreachable = |e: String| SmtpError::Unreachable(format!("{}: {e}", i.relay));
+        let io = Arc::new(IoState::default());
         let work = async {
             let tcp = TcpStream::connect((i.host.as_str(), i.port))
                 .await
@@ -224,8 +303,9 @@ impl Outbound {
                         .connect(&i.host, tcp)
                         .await
                         .map_err(|e| unreachable(format!("TLS: {e}")))?,
+                    io.clone(),
                 )),
-                None => Box::new(Plain(tcp)),
+                None => Box::new(Plain(tcp, io.clone())),
             };
             let mut conn = AsyncSmtpConnection::connect_with_transport(stream, &i.hello)
                 .await
@@ -237,12 +317,33 @@ impl Outbound {
                         .map_err(|e| classify_setup(&e))?;
                 }
             }
+            // lettre keeps only the EHLO keywords it uses itself; SIZE's
+            // limit needs the reply. Asked once more (allowed any time,
+            // RFC 5321 4.1.4), before AUTH.
+            let ehlo = conn
+                .command(Ehlo::new(i.hello.clone()))
+                .await
+                .map_err(|e| classify_setup(&e))?;
+            let size = ehlo.message().skip(1).find_map(|line| {
+                let mut words = line.split_whitespace();
+                let keyword = words.next()?;
+                keyword.eq_ignore_ascii_case("SIZE").then(|| {
+                    words
+                        .next()
+                        .and_then(|n| n.parse::<usize>().ok())
+                        .filter(|n| *n > 0)
+                })
+            });
             if let Some(creds) = &i.credentials {
                 conn.auth(&[Mechanism::Plain, Mechanism::Login], creds)
                     .await
                     .map_err(|e| classify_setup(&e))?;
             }
-            Ok(conn)
+            Ok(Conn {
+                smtp: conn,
+                size,
+                io: io.clone(),
+            })
         };
         tokio::time::timeout(i.timeout, work)
             .await
@@ -250,7 +351,7 @@ impl Outbound {
     }
 
     /// A pooled connection that still answers, or a new one.
-    async fn checkout(&self) -> Result<AsyncSmtpConnection, SmtpError> {
+    async fn checkout(&self) -> Result<Conn, SmtpError> {
         loop {
             let pooled = self.inner.idle.lock().expect("smtp pool").pop();
             let Some((mut conn, since)) = pooled else {
@@ -259,17 +360,44 @@ impl Outbound {
             if since.elapsed() < CHECK_AFTER_IDLE {
                 return Ok(conn);
             }
-            let alive = tokio::time::timeout(self.inner.timeout, conn.test_connected()).await;
+            let alive = tokio::time::timeout(self.inner.timeout, conn.smtp.test_connected()).await;
             if matches!(alive, Ok(true)) {
                 return Ok(conn);
             }
-            conn.abort().await;
+            self.discard(conn).await;
         }
     }
 
+    /// Returns a healthy connection to the pool.
+    fn put_back(&self, conn: Conn) {
+        let mut idle = self.inner.idle.lock().expect("smtp pool");
+        if idle.len() < self.inner.max_idle {
+            idle.push((conn, Instant::now()));
+        }
+    }
+
+    /// Closes a connection that is not reused. lettre's `abort` says QUIT
+    /// and waits for the reply: bounded, since the relay may not answer.
+    async fn discard(&self, mut conn: Conn) {
+        let wait = self.inner.timeout.min(Duration::from_secs(5));
+        let _ = tokio::time::timeout(wait, conn.smtp.abort()).await;
+    }
+
     /// Sends one finished message. `Ok` means the relay accepted it (250
-    /// after DATA).
-    pub async fn send(&self, from: &str, to: &[String], message: &[u8]) -> Result<(), SmtpError> {
+    /// after DATA), with the envelope recipients it refused at RCPT while
+    /// taking others (as Python's `smtplib.sendmail`, which the old tool
+    /// used, it goes to the accepted ones). The error says whose failure it
+    /// was and whether the mail may have been handed over (see the module
+    /// documentation).
+    pub async fn send(
+        &self,
+        from: &str,
+        to: &[String],
+        message: &[u8],
+    ) -> Result<Vec<RefusedRecipient>, SmtpError> {
+        use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
+        use lettre::transport::smtp::extension::{Extension, MailBodyParameter, MailParameter};
+
         let from = parse_address(from)?;
         let to = to
             .iter()
@@ -283,28 +411,202 @@ impl Outbound {
         // get one more empty line than the message has (Python's smtplib,
         // which the old tool used, sends the bytes unchanged).
         let message = message.strip_suffix(b"\r\n").unwrap_or(message);
-        let mut conn = self.checkout().await?;
-        let result = tokio::time::timeout(self.inner.timeout, conn.send(&envelope, message)).await;
-        match result {
-            Ok(Ok(_)) => {
-                let mut idle = self.inner.idle.lock().expect("smtp pool");
-                if idle.len() < self.inner.max_idle {
-                    idle.push((conn, Instant::now()));
-                }
-                Ok(())
+        // The session, not this mail, failed here.
+        let mut conn = self.checkout().await.map_err(|e| match e {
+            SmtpError::Permanent(why) => SmtpError::RelayRefused(why),
+            other => other,
+        })?;
+
+        // What the relay announced rules some mails out before they are
+        // offered (lettre's own `send` checks the first two the same way).
+        let info = conn.smtp.server_info();
+        let utf8 = envelope
+            .from()
+            .into_iter()
+            .chain(envelope.to())
+            .any(|a| !AsRef::<str>::as_ref(a).is_ascii());
+        let eight_bit = !message.is_ascii();
+        // SIZE counts the message with its final CRLF.
+        let octets = message.len() + 2;
+        let unsendable = if utf8 && !info.supports_feature(Extension::SmtpUtfEight) {
+            Some(format!(
+                "an envelope address is not ASCII ({}) and {} does not offer SMTPUTF8",
+                envelope_text(&envelope),
+                self.inner.relay
+            ))
+        } else if eight_bit && !info.supports_feature(Extension::EightBitMime) {
+            Some(format!(
+                "the message has 8-bit data and {} does not offer 8BITMIME",
+                self.inner.relay
+            ))
+        } else if let Some(Some(limit)) = conn.size.filter(|l| l.is_some_and(|l| octets > l)) {
+            Some(format!(
+                "the message is {octets} bytes, over the SIZE limit of {limit} that {} announced",
+                self.inner.relay
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = unsendable {
+            self.put_back(conn);
+            return Err(SmtpError::Unsendable(why));
+        }
+
+        let mut step = Step::Mail;
+        let work = async {
+            let mut params = Vec::new();
+            if utf8 {
+                params.push(MailParameter::SmtpUtfEight);
             }
-            // lettre closes the connection after any failed command, even
-            // a refusal; it is not reused.
-            Ok(Err(e)) => Err(classify(&e)),
+            if eight_bit {
+                params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+            }
+            if conn.size.is_some() {
+                params.push(MailParameter::Size(octets));
+            }
+            conn.smtp
+                .command(Mail::new(envelope.from().cloned(), params))
+                .await
+                .map_err(|e| classify_step(&e, Step::Mail, false))?;
+            step = Step::Rcpt;
+            let mut refused: Vec<RefusedRecipient> = Vec::new();
+            for address in envelope.to() {
+                if let Err(e) = conn.smtp.command(Rcpt::new(address.clone(), vec![])).await {
+                    match classify_step(&e, Step::Rcpt, false) {
+                        e @ (SmtpError::Permanent(_) | SmtpError::Temporary(_)) => {
+                            refused.push(RefusedRecipient {
+                                address: address.to_string(),
+                                error: e,
+                            })
+                        }
+                        other => return Err(other),
+                    }
+                }
+            }
+            if refused.len() == envelope.to().len() {
+                // Nobody takes it: a 4xx among the refusals makes the whole
+                // mail worth another try.
+                let pick = refused
+                    .iter()
+                    .position(|r| matches!(r.error, SmtpError::Temporary(_)))
+                    .unwrap_or(0);
+                return Err(refused.swap_remove(pick).error);
+            }
+            step = Step::Data;
+            conn.smtp
+                .command(Data)
+                .await
+                .map_err(|e| classify_step(&e, Step::Data, false))?;
+            step = Step::Dot;
+            conn.smtp
+                .message(message)
+                .await
+                .map_err(|e| classify_step(&e, Step::Dot, conn.io.write_unfinished()))?;
+            Ok(refused)
+        };
+        let result = tokio::time::timeout(self.inner.timeout, work).await;
+        let err = match result {
+            Ok(Ok(refused)) => {
+                self.put_back(conn);
+                return Ok(refused);
+            }
+            Ok(Err(e)) => e,
             Err(_) => {
-                conn.abort().await;
-                Err(SmtpError::Connection(format!(
+                let why = format!(
                     "{}: no answer within {:?}",
                     self.inner.relay, self.inner.timeout
-                )))
+                );
+                if step == Step::Dot && !conn.io.write_unfinished() {
+                    SmtpError::Connection(why)
+                } else {
+                    SmtpError::RelayUnavailable(why)
+                }
             }
+        };
+        // After a refusal of this mail the session is fine: a refusal at
+        // the end of the data ends the transaction, an earlier one is
+        // undone by RSET. Keeping the connection keeps the next mail from
+        // paying for a new one.
+        let reusable = match (&err, step) {
+            (SmtpError::Permanent(_) | SmtpError::Temporary(_), Step::Dot) => true,
+            (SmtpError::Permanent(_) | SmtpError::Temporary(_), _) => matches!(
+                tokio::time::timeout(self.inner.timeout, conn.smtp.command(Rset)).await,
+                Ok(Ok(_))
+            ),
+            _ => false,
+        };
+        if reusable {
+            self.put_back(conn);
+        } else {
+            self.discard(conn).await;
         }
+        Err(err)
     }
+}
+
+/// An envelope recipient the relay refused at RCPT while it took the mail
+/// for others.
+#[derive(Debug)]
+pub struct RefusedRecipient {
+    pub address: String,
+    /// [`SmtpError::Permanent`] or [`SmtpError::Temporary`].
+    pub error: SmtpError,
+}
+
+/// The step of a transaction a failure happened in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Mail,
+    Rcpt,
+    Data,
+    /// Writing the message and its final dot, then awaiting the reply.
+    Dot,
+}
+
+/// A failure of [`Outbound::send`] at `step`; `write_unfinished`: the
+/// socket's last write had not completed, so the final dot cannot have
+/// reached the relay.
+fn classify_step(
+    e: &lettre::transport::smtp::Error,
+    step: Step,
+    write_unfinished: bool,
+) -> SmtpError {
+    let text = error_chain(e);
+    match e.status().map(u16::from) {
+        // "Service not available, closing transmission channel".
+        Some(421) => SmtpError::RelayUnavailable(text),
+        Some(code) if code >= 500 => SmtpError::Permanent(text),
+        // 450 mailbox busy, 451 greylisting, 452 too many recipients: about
+        // this recipient. Not so when the enhanced code says the mail
+        // system itself is in trouble (4.3.x, e.g. 452 4.3.1 storage).
+        Some(_) if step == Step::Rcpt && !enhanced_class(e, "4.3.") => SmtpError::Temporary(text),
+        // At MAIL, DATA or after the data, a 4xx is about the server
+        // (RFC 5321 4.3.2: local error, insufficient storage).
+        Some(_) => SmtpError::RelayUnavailable(text),
+        // No reply: a lost connection or garbage. Only once the final dot
+        // was written may the relay have taken the mail.
+        None if step == Step::Dot && !write_unfinished => SmtpError::Connection(text),
+        None => SmtpError::RelayUnavailable(text),
+    }
+}
+
+/// The reply's enhanced status code (RFC 3463) starts with `prefix`.
+fn enhanced_class(e: &lettre::transport::smtp::Error, prefix: &str) -> bool {
+    use std::error::Error as _;
+    e.source()
+        .is_some_and(|text| text.to_string().trim_start().starts_with(prefix))
+}
+
+/// The envelope's addresses, for messages.
+fn envelope_text(envelope: &Envelope) -> String {
+    envelope
+        .from()
+        .into_iter()
+        .chain(envelope.to())
+        .filter(|a| !AsRef::<str>::as_ref(*a).is_ascii())
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// One recipient's answer within a [`Outbound::send_each`] transaction.
@@ -336,7 +638,8 @@ impl Outbound {
             .collect::<Result<Vec<_>, _>>()?;
         // lettre appends CRLF.CRLF itself (see `send`).
         let message = message.strip_suffix(b"\r\n").unwrap_or(message);
-        let mut conn = self.checkout().await?;
+        let mut pooled = self.checkout().await?;
+        let conn = &mut pooled.smtp;
         let work = async {
             let mut params = Vec::new();
             if !message.is_ascii() && conn.server_info().supports_feature(Extension::EightBitMime) {
@@ -368,18 +671,15 @@ impl Outbound {
         };
         match tokio::time::timeout(self.inner.timeout, work).await {
             Ok(Ok(results)) => {
-                let mut idle = self.inner.idle.lock().expect("smtp pool");
-                if idle.len() < self.inner.max_idle {
-                    idle.push((conn, Instant::now()));
-                }
+                self.put_back(pooled);
                 Ok(results)
             }
             Ok(Err(e)) => {
-                conn.abort().await;
+                self.discard(pooled).await;
                 Err(e)
             }
             Err(_) => {
-                conn.abort().await;
+                self.discard(pooled).await;
                 Err(SmtpError::Connection(format!(
                     "{}: no answer within {:?}",
                     self.inner.relay, self.inner.timeout

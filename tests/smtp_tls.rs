@@ -109,6 +109,7 @@ async fn send(cfg: &SmtpConfig) -> Result<(), SmtpError> {
             MESSAGE,
         )
         .await
+        .map(|refused| assert!(refused.is_empty(), "{refused:?}"))
 }
 
 #[tokio::test]

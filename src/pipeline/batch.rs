@@ -16,9 +16,12 @@
 //!   ticket; the others go on;
 //! * every mail's intent is durable in the outbox before SMTP sees any of
 //!   them; mails SMTP accepted are marked sent in the batch's transaction;
-//! * an SMTP refusal fails its group (`retry`/`failed` in the outbox as
-//!   for a group alone); a temporary one (4xx, relay gone) ends the batch:
-//!   the mails not yet handed over wait as `retry` with their tickets.
+//! * a mail that fails for a reason of its own (a 5xx, a 4xx to RCPT,
+//!   SMTPUTF8 or SIZE the relay lacks) fails its group alone (`failed` or
+//!   `retry` in the outbox as for a group alone) and the batch goes on; a
+//!   failure of the relay itself (unreachable, 421, another 4xx, the
+//!   connection lost) ends the batch: the mails not yet handed over wait
+//!   as `retry` with their tickets.
 //!
 //! If the database fails before any mail is handed to SMTP, nothing of the
 //! batch is kept and each group is processed on its own instead, so one
@@ -477,17 +480,24 @@ async fn send(
 ) -> (std::collections::HashSet<i64>, Vec<usize>) {
     let mut accepted_ids = std::collections::HashSet::new();
     let mut recorded = Vec::new();
-    // After a temporary failure the relay is likely down for all: the
-    // rest of the batch waits (as `retry`) rather than failing one by one.
-    let mut stopped: Option<String> = None;
+    // After a failure of the relay itself the next mails would fail too:
+    // the rest of the batch waits (as `retry`) rather than failing one by
+    // one. A mail's own failure (see `SmtpError::is_relay_failure`) does
+    // not hold back the others.
+    // The cause, and whether it is temporary (the service's backoff for
+    // these groups follows the cause's).
+    let mut stopped: Option<(String, bool)> = None;
     for r in ready {
-        if let Some(why) = &stopped {
+        if let Some((why, temporary)) = &stopped {
             let _ = outbox::refused(side, &r.ids, outbox::State::Retry, "not attempted").await;
+            let why = format!("not attempted after an earlier mail's failure: {why}");
             fates[r.slot] = Fate::Done(Err(GroupError::Smtp {
                 relay: p.outbound.relay().to_string(),
-                source: SmtpError::Temporary(format!(
-                    "not attempted after an earlier mail's failure: {why}"
-                )),
+                source: if *temporary {
+                    SmtpError::RelayUnavailable(why)
+                } else {
+                    SmtpError::RelayRefused(why)
+                },
             }));
             continue;
         }
@@ -499,7 +509,7 @@ async fn send(
                 .send(&m.mail.envelope_from, &m.mail.envelope_to, &m.mail.bytes)
                 .await
             {
-                Ok(()) => {
+                Ok(refused) => {
                     accepted += 1;
                     accepted_ids.insert(*id);
                     let s = Send {
@@ -512,12 +522,12 @@ async fn send(
                         sent_at: m.mail.date,
                         marks: &r.marks[i],
                     };
-                    note_accepted(p, r.group, &s, opts);
+                    note_accepted(p, r.group, &s, &refused, opts);
                 }
                 Err(source) => {
                     record_refusal(p, side, &r.ids[i..], &source).await;
-                    if source.is_temporary() {
-                        stopped = Some(source.to_string());
+                    if source.is_relay_failure() {
+                        stopped = Some((source.to_string(), source.is_temporary()));
                     }
                     failure = Some(source);
                     break;

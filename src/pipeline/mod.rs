@@ -28,7 +28,7 @@ use crate::metrics::{FailReason, Metrics};
 use crate::outbox::{self, InDoubtPolicy};
 use crate::sent;
 use crate::signature::Signer;
-use crate::smtp::{Outbound, SmtpError};
+use crate::smtp::{Outbound, RefusedRecipient, SmtpError};
 use crate::template::TemplateStore;
 use crate::ticket::{self, Ticket, TicketError};
 
@@ -619,8 +619,9 @@ struct Send<'a> {
 
 /// Sends the mails in order; each accepted one is recorded in the group's
 /// transaction. On a failure the outbox says what became of the rest:
-/// `retry` after a 4xx, `failed` after a 5xx, left `sending` (in doubt)
-/// when the connection broke without a reply.
+/// `failed` when the mail was refused for good, `retry` when it was not
+/// handed over for a passing reason, left `sending` (in doubt) only when
+/// the connection broke after the end of the data.
 async fn deliver(
     p: &Pipeline,
     tx: Transaction<'_>,
@@ -636,27 +637,30 @@ async fn deliver(
         cache: main_cache,
     };
     for (i, s) in sends.iter().enumerate() {
-        if let Err(source) = p.outbound.send(s.from, s.to, s.bytes).await {
-            let rest: Vec<i64> = sends[i..].iter().map(|s| s.outbox_id).collect();
-            record_refusal(p, side, &rest, &source).await;
-            let err = GroupError::Smtp {
-                relay: p.outbound.relay().to_string(),
-                source,
-            };
-            return if accepted > 0 {
-                // What SMTP accepted is recorded; never roll that back.
-                tx.commit().await?;
-                Err(GroupError::Partial {
-                    sent: accepted,
-                    source: Box::new(err),
-                })
-            } else {
-                tx.rollback().await?;
-                Err(err)
-            };
-        }
+        let refused = match p.outbound.send(s.from, s.to, s.bytes).await {
+            Ok(refused) => refused,
+            Err(source) => {
+                let rest: Vec<i64> = sends[i..].iter().map(|s| s.outbox_id).collect();
+                record_refusal(p, side, &rest, &source).await;
+                let err = GroupError::Smtp {
+                    relay: p.outbound.relay().to_string(),
+                    source,
+                };
+                return if accepted > 0 {
+                    // What SMTP accepted is recorded; never roll that back.
+                    tx.commit().await?;
+                    Err(GroupError::Partial {
+                        sent: accepted,
+                        source: Box::new(err),
+                    })
+                } else {
+                    tx.rollback().await?;
+                    Err(err)
+                };
+            }
+        };
         accepted += 1;
-        note_accepted(p, group, s, opts);
+        note_accepted(p, group, s, &refused, opts);
         if !s.marks.is_empty() {
             sent::mark_sent(&txc, s.ticket, s.sent_at, s.marks).await?;
         }
@@ -667,19 +671,28 @@ async fn deliver(
 }
 
 /// Counts an SMTP failure and records in the outbox what became of `rest`
-/// (the failed mail, then the group's later ones): `retry` after a 4xx,
-/// `failed` after a 5xx, the first left `sending` (in doubt) when the
-/// connection broke without a reply.
+/// (the failed mail, then the group's later ones): `failed` when the mail
+/// was refused for good (5xx, SMTPUTF8 or SIZE the relay lacks), `retry`
+/// when it was not handed over for a passing reason (4xx, the relay
+/// down), the first left `sending` (in doubt) only when the connection
+/// broke after the end of its data was written.
 async fn record_refusal(p: &Pipeline, side: &Client, rest: &[i64], source: &SmtpError) {
     p.metrics.smtp_error();
     if source.delivery_unknown() {
         p.metrics.mail_failed(FailReason::InDoubt);
     }
     let state = match source {
-        SmtpError::Permanent(_) | SmtpError::Address { .. } | SmtpError::Config(_) => {
-            Some(outbox::State::Failed)
-        }
-        SmtpError::Temporary(_) | SmtpError::Unreachable(_) => Some(outbox::State::Retry),
+        // Refused for good, certainly not handed over: released, so the
+        // group is rendered anew next time (never "in doubt").
+        SmtpError::Permanent(_)
+        | SmtpError::Unsendable(_)
+        | SmtpError::Address { .. }
+        | SmtpError::Config(_) => Some(outbox::State::Failed),
+        // Not handed over; the same bytes may well go through later.
+        SmtpError::Temporary(_)
+        | SmtpError::Unreachable(_)
+        | SmtpError::RelayUnavailable(_)
+        | SmtpError::RelayRefused(_) => Some(outbox::State::Retry),
         SmtpError::Connection(_) => None,
     };
     if let Some(state) = state {
@@ -695,8 +708,28 @@ async fn record_refusal(p: &Pipeline, side: &Client, rest: &[i64], source: &Smtp
     }
 }
 
-/// Metrics and the INFO line operators grep for, once SMTP accepted `s`.
-fn note_accepted(p: &Pipeline, group: &Group, s: &Send<'_>, opts: RunOptions) {
+/// Metrics and the INFO line operators grep for, once SMTP accepted `s`;
+/// a WARN for each envelope recipient the relay refused meanwhile (the
+/// mail went to the others; the old tool dropped such recipients silently).
+fn note_accepted(
+    p: &Pipeline,
+    group: &Group,
+    s: &Send<'_>,
+    refused: &[RefusedRecipient],
+    opts: RunOptions,
+) {
+    for r in refused {
+        warn!(
+            ticket = %s.ticket,
+            refused = %r.address,
+            recipient = %s.to.join(", "),
+            directive_ids = %group.directive_ids_display(),
+            mail_message_id = %s.message_id,
+            "the relay refused one envelope recipient of a mail and took it for the others; \
+             that recipient does not get it: {}",
+            r.error
+        );
+    }
     p.metrics.mail_sent();
     if let Ok(latency) = (Utc::now() - group.inserted_at).to_std() {
         p.metrics.observe_insert_to_smtp(latency);

@@ -6,7 +6,8 @@
 //! enough of RFC 5321 for real clients (lettre, Python's `smtplib`, the
 //! daemon): EHLO/HELO, MAIL FROM (with `SIZE=`, `BODY=7BIT|8BITMIME`,
 //! `SMTPUTF8`), RCPT TO, DATA with dot-unstuffing, RSET, NOOP, QUIT; it
-//! advertises PIPELINING, 8BITMIME, SMTPUTF8 and SIZE and answers pipelined
+//! advertises PIPELINING, 8BITMIME, SMTPUTF8 (unless
+//! [`SinkOptions::smtputf8`] is off) and SIZE and answers pipelined
 //! command batches in order, flushing its replies once no complete command
 //! is left in its input buffer (RFC 2920). Like a strict server, it refuses
 //! non-ASCII addresses unless the transaction declared `SMTPUTF8`.
@@ -17,7 +18,8 @@
 //!
 //! For reliability tests, [`SmtpSink::set_fault`] injects one [`Fault`] at a
 //! time: a temporary (4xx) or permanent (5xx) reply at MAIL, RCPT or the end
-//! of DATA, for the next N transactions, for all, or for one recipient; a
+//! of DATA, for the next N transactions, for all, or for one recipient (or
+//! any reply line of the test's choosing, e.g. 421 closing the connection); a
 //! dropped connection after the data arrived but before the reply (the
 //! in-doubt case); or a closed listener (connection refused) until
 //! [`SmtpSink::resume`] listens again on the same port.
@@ -61,6 +63,9 @@ pub struct SinkOptions {
     /// Keep only each message's header block (benchmarks with hundreds of
     /// thousands of mails).
     pub headers_only: bool,
+    /// Offer SMTPUTF8 (the default). Without it, like a relay that lacks
+    /// the extension, `MAIL FROM … SMTPUTF8` is refused with 555.
+    pub smtputf8: bool,
 }
 
 impl Default for SinkOptions {
@@ -70,6 +75,7 @@ impl Default for SinkOptions {
             max_size: 50 * 1024 * 1024,
             hostname: "sink.mailgend.test".to_string(),
             headers_only: false,
+            smtputf8: true,
         }
     }
 }
@@ -144,6 +150,8 @@ pub enum Stage {
     Mail,
     /// The reply to RCPT TO.
     Rcpt,
+    /// The reply to the DATA command (before any data).
+    Data,
     /// The reply after the message data (`.`).
     DataEnd,
 }
@@ -159,13 +167,13 @@ pub enum Failure {
 
 impl Failure {
     /// The reply code the sink uses for this failure at `stage`:
-    /// temporary 451 (MAIL, end of DATA) or 450 (RCPT); permanent 550
-    /// (MAIL, RCPT) or 554 (end of DATA).
+    /// temporary 451 (MAIL, DATA, end of DATA) or 450 (RCPT); permanent
+    /// 550 (MAIL, RCPT) or 554 (DATA, end of DATA).
     pub fn code(self, stage: Stage) -> u16 {
         match (self, stage) {
             (Failure::Temporary, Stage::Rcpt) => 450,
             (Failure::Temporary, _) => 451,
-            (Failure::Permanent, Stage::DataEnd) => 554,
+            (Failure::Permanent, Stage::Data | Stage::DataEnd) => 554,
             (Failure::Permanent, _) => 550,
         }
     }
@@ -177,7 +185,7 @@ impl Failure {
             (Failure::Temporary, _) => "4.3.0 Temporary local problem",
             (Failure::Permanent, Stage::Rcpt) => "5.1.1 Mailbox unavailable",
             (Failure::Permanent, Stage::Mail) => "5.7.1 Sender refused",
-            (Failure::Permanent, Stage::DataEnd) => "5.6.0 Transaction failed",
+            (Failure::Permanent, Stage::Data | Stage::DataEnd) => "5.6.0 Transaction failed",
         };
         format!("{code} {text} (injected fault)")
     }
@@ -217,6 +225,42 @@ pub enum Fault {
     /// until [`SmtpSink::resume`] (or any other fault) listens again on the
     /// same port.
     RefuseConnections,
+    /// Answer `reply` (a whole reply line, e.g. `452 4.5.3 Too many
+    /// recipients` or `421 4.3.2 Shutting down`) at `stage`, like
+    /// [`Fault::Fail`]; with `close`, close the connection right after it,
+    /// as a server does after 421.
+    Reply {
+        stage: Stage,
+        reply: String,
+        scope: Scope,
+        close: bool,
+    },
+}
+
+/// A fault's answer at one stage: the reply line, whether it hits the
+/// whole transaction (a count or `All` scope) rather than one recipient,
+/// and whether the connection closes after it.
+struct Answer {
+    reply: String,
+    whole: bool,
+    close: bool,
+}
+
+/// Whether a fault with `scope` hits a transaction with `recipients`:
+/// `Some(whole transaction)`; consumes one use of a `Scope::Next` (`true`
+/// in the second place once it is used up).
+fn scope_hits(scope: &mut Scope, recipients: &[String]) -> Option<(bool, bool)> {
+    match scope {
+        Scope::All => Some((true, false)),
+        Scope::Recipient(r) => recipients
+            .iter()
+            .any(|x| x.eq_ignore_ascii_case(r))
+            .then_some((false, false)),
+        Scope::Next(n) => {
+            *n = n.saturating_sub(1);
+            Some((true, *n == 0))
+        }
+    }
 }
 
 enum Control {
@@ -263,36 +307,35 @@ impl Shared {
     }
 
     /// Decides whether the fault fires for a transaction at `stage` and
-    /// consumes one use of a `Scope::Next` fault when it does. Returns the failure and whether it hits the whole transaction (a
-    /// count or `All` scope) rather than one recipient.
-    fn fire_fail(&self, stage: Stage, recipients: &[String]) -> Option<(Failure, bool)> {
+    /// consumes one use of a `Scope::Next` fault when it does.
+    fn fire_fail(&self, stage: Stage, recipients: &[String]) -> Option<Answer> {
         let mut state = self.state();
-        let Fault::Fail {
-            stage: fault_stage,
-            failure,
-            scope,
-        } = &mut state.fault
-        else {
-            return None;
+        let (fault_stage, scope, reply, close) = match &mut state.fault {
+            Fault::Fail {
+                stage,
+                failure,
+                scope,
+            } => (*stage, scope, failure.reply(*stage), false),
+            Fault::Reply {
+                stage,
+                reply,
+                scope,
+                close,
+            } => (*stage, scope, reply.clone(), *close),
+            _ => return None,
         };
-        if *fault_stage != stage {
+        if fault_stage != stage {
             return None;
         }
-        let failure = *failure;
-        match scope {
-            Scope::All => Some((failure, true)),
-            Scope::Recipient(r) => recipients
-                .iter()
-                .any(|x| x.eq_ignore_ascii_case(r))
-                .then_some((failure, false)),
-            Scope::Next(n) => {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    state.fault = Fault::None;
-                }
-                Some((failure, true))
-            }
+        let (whole, used_up) = scope_hits(scope, recipients)?;
+        if used_up {
+            state.fault = Fault::None;
         }
+        Some(Answer {
+            reply,
+            whole,
+            close,
+        })
     }
 
     /// Whether to drop the connection after this transaction's data; and
@@ -622,8 +665,9 @@ struct Transaction {
     body_8bitmime: bool,
     size: Option<usize>,
     /// This transaction was refused at RCPT by a `Scope::Next`/`All` fault:
-    /// its later RCPTs are refused the same way, without using up a count.
-    rcpt_fault: Option<Failure>,
+    /// its later RCPTs are refused the same way (this reply), without using
+    /// up a count.
+    rcpt_fault: Option<String>,
 }
 
 struct Session<'a> {
@@ -631,6 +675,8 @@ struct Session<'a> {
     shared: &'a Shared,
     helo: Option<String>,
     txn: Option<Transaction>,
+    /// A fault's reply asked to close the connection after it.
+    close: bool,
 }
 
 /// What the server does after a command.
@@ -647,6 +693,7 @@ impl<'a> Session<'a> {
             shared,
             helo: None,
             txn: None,
+            close: false,
         }
     }
 
@@ -677,6 +724,10 @@ impl<'a> Session<'a> {
                 reply(&mut wr, "500 5.5.2 Line too long").await?;
             } else {
                 match self.command(&line, &mut wr).await? {
+                    Next::Continue if self.close => {
+                        wr.flush().await?;
+                        return Ok(());
+                    }
                     Next::Continue => {}
                     Next::Quit => {
                         wr.flush().await?;
@@ -687,6 +738,10 @@ impl<'a> Session<'a> {
                         let data = read_data(&mut rd, self.shared.options.max_size).await?;
                         if !self.finish_data(data, &mut wr).await? {
                             // Fault: drop the connection without a reply.
+                            return Ok(());
+                        }
+                        if self.close {
+                            wr.flush().await?;
                             return Ok(());
                         }
                     }
@@ -720,11 +775,16 @@ impl<'a> Session<'a> {
                 self.helo = Some(args.to_string());
                 self.txn = None;
                 let max = self.shared.options.max_size;
+                let utf8 = if self.shared.options.smtputf8 {
+                    "250-SMTPUTF8\r\n"
+                } else {
+                    ""
+                };
                 reply(
                     wr,
                     &format!(
                         "250-{host} greets {args}\r\n250-PIPELINING\r\n250-8BITMIME\r\n\
-                         250-SMTPUTF8\r\n250-SIZE {max}\r\n250 ENHANCEDSTATUSCODES"
+                         {utf8}250-SIZE {max}\r\n250 ENHANCEDSTATUSCODES"
                     ),
                 )
                 .await?;
@@ -747,7 +807,13 @@ impl<'a> Session<'a> {
                 Some(t) if t.rcpt_to.is_empty() => {
                     reply(wr, "554 5.5.1 No valid recipients").await?
                 }
-                Some(_) => {
+                Some(t) => {
+                    if let Some(answer) = self.shared.fire_fail(Stage::Data, &t.rcpt_to) {
+                        self.close = answer.close;
+                        self.txn = None;
+                        reply(wr, &answer.reply).await?;
+                        return Ok(Next::Continue);
+                    }
                     reply(wr, "354 End data with <CR><LF>.<CR><LF>").await?;
                     return Ok(Next::ReadData);
                 }
@@ -801,7 +867,9 @@ impl<'a> Session<'a> {
                     "8BITMIME" => txn.body_8bitmime = true,
                     _ => return "501 5.5.4 Unsupported BODY value".into(),
                 },
-                "SMTPUTF8" if value.is_empty() => txn.smtputf8 = true,
+                "SMTPUTF8" if value.is_empty() && self.shared.options.smtputf8 => {
+                    txn.smtputf8 = true
+                }
                 _ => return format!("555 5.5.4 Unsupported parameter {key}"),
             }
         }
@@ -811,8 +879,9 @@ impl<'a> Session<'a> {
         if txn.size.is_some_and(|n| n > self.shared.options.max_size) {
             return "552 5.3.4 Message size exceeds fixed maximum".into();
         }
-        if let Some((failure, _)) = self.shared.fire_fail(Stage::Mail, &[]) {
-            return failure.reply(Stage::Mail);
+        if let Some(answer) = self.shared.fire_fail(Stage::Mail, &[]) {
+            self.close = answer.close;
+            return answer.reply;
         }
         self.txn = Some(txn);
         "250 2.1.0 Ok".into()
@@ -837,17 +906,18 @@ impl<'a> Session<'a> {
         if txn.rcpt_to.len() >= MAX_RECIPIENTS {
             return "452 4.5.3 Too many recipients".into();
         }
-        if let Some(failure) = txn.rcpt_fault {
-            return failure.reply(Stage::Rcpt);
+        if let Some(reply) = &txn.rcpt_fault {
+            return reply.clone();
         }
         let fired = self
             .shared
             .fire_fail(Stage::Rcpt, std::slice::from_ref(&path));
-        if let Some((failure, whole_transaction)) = fired {
-            if whole_transaction {
-                txn.rcpt_fault = Some(failure);
+        if let Some(answer) = fired {
+            if answer.whole {
+                txn.rcpt_fault = Some(answer.reply.clone());
             }
-            return failure.reply(Stage::Rcpt);
+            self.close = answer.close;
+            return answer.reply;
         }
         txn.rcpt_to.push(path);
         "250 2.1.5 Ok".into()
@@ -880,8 +950,9 @@ impl<'a> Session<'a> {
             }
             return Ok(false);
         }
-        if let Some((failure, _)) = self.shared.fire_fail(Stage::DataEnd, &mail.rcpt_to) {
-            reply(wr, &failure.reply(Stage::DataEnd)).await?;
+        if let Some(answer) = self.shared.fire_fail(Stage::DataEnd, &mail.rcpt_to) {
+            self.close = answer.close;
+            reply(wr, &answer.reply).await?;
             return Ok(true);
         }
         self.shared.record(mail);
