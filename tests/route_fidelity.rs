@@ -555,3 +555,130 @@ managers:
     assert_eq!(judged(&r, "Stage [ppp/3/build/1] failed").await, "BREAKS");
     r.shutdown();
 }
+
+/// A configuration of the kind mail2alert's users write, with every form
+/// mail2alert ran with: `name:`/`owner:` on rules (rules.py:6-7), an
+/// unknown action scheme beside a `mailto:` (actions.py:18-19), `events`
+/// as a string (plugin/gocd.py:223), `actions: []`, a `mailto:` without a
+/// domain, an unset `$VAR` and a `$` in a password (config.py:4, Python's
+/// expandvars leaves them), YAML merge keys (PyYAML, config.py:16), a
+/// gocd manager without `url` using only `pipelines.any`
+/// (plugin/gocd.py:98-102,122-126), an unused `slack-token: $UNSET`
+/// (slackbot.py:46), an unknown key (`event:`). It starts; `--check` lists
+/// each oddity as a WARN and exits 0; `--check --strict` refuses it.
+#[test]
+fn a_mail2alert_configuration_with_every_form_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let yaml = format!(
+        r#"---
+local-smtp: 127.0.0.1:{port}
+remote-smtp: 127.0.0.1:25
+slack-token: $FIDELITY_UNSET_TOKEN
+defaults: &oncall
+  actions: [mailto:oncall@example.com, "jira:OPS"]
+managers:
+- name: gocd
+  user: olle
+  passwd: pa$$w0rd
+  messages-we-want:
+    to: mail2alert@example.com
+  rules:
+  - name: page oncall
+    owner: ops
+    <<: *oncall
+    filter:
+      function: pipelines.any
+      events: BREAKS
+  - name: quiet
+    actions: []
+    filter:
+      function: pipelines.any
+      events: [FIXED]
+  - actions: [mailto:ops, mailto:$FIDELITY_UNSET_TEAM@example.com]
+    filter:
+      function: pipelines.any
+      event: [FAILS]
+mailgend:
+  spool: {spool}
+"#,
+        spool = dir.path().join("spool").display()
+    );
+    let path = dir.path().join("configuration.yml");
+    std::fs::write(&path, yaml).unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailgend"))
+            .args(args)
+            .env_remove("FIDELITY_UNSET_TOKEN")
+            .env_remove("FIDELITY_UNSET_TEAM")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let p = path.to_str().unwrap();
+    let (code, out) = run(&["route", "-c", p, "--check"]);
+    assert_eq!(code, Some(0), "{out}");
+    for (line, what) in [
+        (4, "$FIDELITY_UNSET_TOKEN is not set"),
+        (4, "no rule has a slack: action"),
+        (5, "key `defaults`: unknown key, ignored"),
+        // A merged entry keeps the line it was written on.
+        (6, "unknown action \"jira\""),
+        (8, "key `managers[0].url`: missing"),
+        (10, "$w0rd is not set"),
+        (19, "events`: a string, not a list"),
+        (21, "actions`: empty"),
+        (25, "mailto:ops has no @domain"),
+        (25, "$FIDELITY_UNSET_TEAM is not set"),
+        (28, "filter.event`: unknown key, ignored"),
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with("WARN ")
+                && l.contains(&format!("configuration.yml:{line}:"))
+                && l.contains(what)),
+            "no WARN at line {line} with {what:?}:\n{out}"
+        );
+    }
+    assert!(!out.contains("ERROR"), "{out}");
+    let (code, out) = run(&["route", "-c", p, "--check", "--strict"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("invalid router configuration"), "{out}");
+
+    // It starts (and says what it accepted) and stops cleanly.
+    let log = dir.path().join("route.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mailgend"))
+        .args(["route", "-c", p])
+        .env_remove("FIDELITY_UNSET_TOKEN")
+        .env_remove("FIDELITY_UNSET_TEAM")
+        .env_remove("NOTIFY_SOCKET")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("mailgend route running") {
+            break text;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "exited:\n{text}");
+        assert!(t.elapsed() < Duration::from_secs(20), "{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        text.contains("WARN") && text.contains("configuration accepted as mail2alert accepted it"),
+        "{text}"
+    );
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
