@@ -138,7 +138,7 @@ enum Command {
         /// oddity mail2alert would have run with; exit 1 on problems.
         #[arg(long, conflicts_with_all = ["explain", "test"])]
         check: bool,
-        /// With --check: refuse the oddities too (exit 1).
+        /// Refuse the oddities too (exit 1); needs --check.
         #[arg(long, requires = "check")]
         strict: bool,
         /// Say what would happen to this message (an .eml file); sends
