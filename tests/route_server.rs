@@ -1165,8 +1165,8 @@ mailgend:\n"
         "not waiting in the session"
     );
     route.wait_log("held: manager gocd", 1);
-    // Mail for another manager is not decided before the held one either
-    // (arrival order), but it is not lost.
+    // Mail for another manager is not held (it goes through the spool
+    // meanwhile and is delivered).
     lettre_send(
         port,
         "alerts@example.org",
