@@ -22,8 +22,10 @@ use mailgend::pipeline::{self, Pipeline, RunOptions};
                   ~/.intelmq/intelmq-mailgen.conf, the user file winning. See docs/config.md."
 )]
 struct Cli {
-    /// Alternative system configuration file (replaces
-    /// /etc/intelmq/intelmq-mailgen.conf; the user file is still read).
+    /// Configuration file. For `route`: the router's configuration.yml
+    /// (mail2alert's; default $MAIL2ALERT_CONFIGURATION, else
+    /// ./configuration.yml). Otherwise: replaces
+    /// /etc/intelmq/intelmq-mailgen.conf (the user file is still read).
     #[arg(short, long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     /// More logging; -vv also lists event ids per group.
@@ -133,9 +135,13 @@ enum Command {
     /// else $MAIL2ALERT_CONFIGURATION, else ./configuration.yml; LOGLEVEL=
     /// DEBUG|INFO|WARNING|ERROR. SIGHUP reloads. See docs/router.md.
     Route {
-        /// Check the configuration, print a summary; exit 1 on problems.
+        /// Check the configuration, print a summary and a WARN line per
+        /// oddity mail2alert would have run with; exit 1 on problems.
         #[arg(long, conflicts_with_all = ["explain", "test"])]
         check: bool,
+        /// Refuse the oddities too (exit 1); needs --check.
+        #[arg(long, requires = "check")]
+        strict: bool,
         /// Say what would happen to this message (an .eml file); sends
         /// nothing.
         #[arg(long, value_name = "FILE.eml", conflicts_with = "test")]
@@ -448,6 +454,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Route {
             check,
+            strict,
             explain,
             from,
             to,
@@ -459,7 +466,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             init_logging(&level, cli.verbose);
             let path = route::config::locate(cli.config.as_deref());
             if *check {
-                return Ok(match route::check::check(&path) {
+                return Ok(match route::check::check(&path, *strict) {
                     Ok(summary) => {
                         print!("{summary}");
                         ExitCode::SUCCESS

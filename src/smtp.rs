@@ -634,7 +634,7 @@ impl Outbound {
         let from = from.map(parse_address).transpose()?;
         let to = to
             .iter()
-            .map(|a| parse_address(a))
+            .map(|a| RcptAddress::parse(a))
             .collect::<Result<Vec<_>, _>>()?;
         // lettre appends CRLF.CRLF itself (see `send`).
         let message = message.strip_suffix(b"\r\n").unwrap_or(message);
@@ -650,7 +650,13 @@ impl Outbound {
                 .map_err(|e| classify(&e))?;
             let mut results = Vec::with_capacity(to.len());
             for address in to {
-                match conn.command(Rcpt::new(address, vec![])).await {
+                let sent = match address {
+                    RcptAddress::Full(a) => conn.command(Rcpt::new(a, vec![])).await,
+                    RcptAddress::Bare(local) => {
+                        conn.command(format!("RCPT TO:<{local}>\r\n")).await
+                    }
+                };
+                match sent {
                     Ok(_) => results.push(Ok(())),
                     Err(e) => {
                         let e = classify(&e);
@@ -716,6 +722,24 @@ pub fn host_name() -> Option<String> {
         .ok()
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
+}
+
+/// A recipient for `send_each`: an address, or a bare local part
+/// (the router's `mailto:ops`, which mail2alert handed to the relay as it
+/// was, for the relay to qualify).
+enum RcptAddress {
+    Full(Address),
+    Bare(String),
+}
+
+impl RcptAddress {
+    fn parse(a: &str) -> Result<RcptAddress, SmtpError> {
+        let atom = |c: char| c.is_ascii_alphanumeric() || "!#$&'*+-/=^_`{|}~.".contains(c);
+        if !a.contains('@') && !a.is_empty() && a.len() <= 64 && a.chars().all(atom) {
+            return Ok(RcptAddress::Bare(a.to_string()));
+        }
+        parse_address(a).map(RcptAddress::Full)
+    }
 }
 
 fn parse_address(a: &str) -> Result<Address, SmtpError> {

@@ -271,6 +271,42 @@ fn code(reply: &str) -> &str {
     &reply[..3.min(reply.len())]
 }
 
+/// The message as the client sent it: checks that `data` starts with one
+/// `Received:` field of ours (RFC 5321 §4.4: from, by, with, id, date)
+/// and returns what follows it.
+fn after_our_received(data: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(data);
+    assert!(text.starts_with("Received: from "), "{text}");
+    // The field ends at the first line that is not a continuation.
+    let mut end = 0;
+    for (i, line) in text.split_inclusive("\r\n").enumerate() {
+        if i > 0 && !line.starts_with('\t') {
+            break;
+        }
+        end += line.len();
+    }
+    let field = &text[..end];
+    assert!(field.contains("(mailgend route) with ESMTP"), "{field}");
+    assert!(
+        regex::Regex::new(r" id [0-9]{20}-[0-9]{8}-[0-9]+[;\r]")
+            .unwrap()
+            .is_match(field),
+        "spool id in {field}"
+    );
+    assert!(
+        regex::Regex::new(r";\r\n\t\w{3}, \d{1,2} \w{3} \d{4} \d\d:\d\d:\d\d [+-]\d{4}\r\n$")
+            .unwrap()
+            .is_match(field),
+        "date in {field}"
+    );
+    let rest = data[end..].to_vec();
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("(mailgend route)"),
+        "one Received: of ours only"
+    );
+    rest
+}
+
 fn header<'a>(data: &'a [u8], name: &str) -> Vec<&'a str> {
     let text = std::str::from_utf8(data).unwrap_or("");
     let head = text.split("\r\n\r\n").next().unwrap_or("");
@@ -304,10 +340,14 @@ async fn unwanted_mail_is_forwarded_byte_identical_with_its_envelope() {
     assert_eq!(got.len(), 2, "{}", s.route.log());
     assert_eq!(got[0].mail_from, "build@example.org");
     assert_eq!(got[0].rcpt_to, vec!["ops@example.net", "cc@example.net"]);
-    assert_eq!(got[0].data, a.to_vec(), "byte-identical");
+    assert_eq!(
+        after_our_received(&got[0].data),
+        a.to_vec(),
+        "byte-identical after our Received:"
+    );
     assert_eq!(got[1].mail_from, "someone@example.org");
     assert_eq!(got[1].rcpt_to, vec!["x@example.net"]);
-    assert_eq!(got[1].data, b.to_vec());
+    assert_eq!(after_our_received(&got[1].data), b.to_vec());
     assert_eq!(s.route.stop(), Some(0));
 }
 
@@ -349,7 +389,13 @@ async fn taken_mail_is_rewritten_and_other_recipients_get_it_unchanged() {
     let dev = to("dev@example.net");
     assert_eq!(header(&dev.data, "To"), vec!["dev@example.net"]);
     let archive = to("archive@example.net");
-    assert_eq!(archive.data, gocd.to_vec(), "not taken: unchanged");
+    assert_eq!(
+        after_our_received(&archive.data),
+        gocd.to_vec(),
+        "not taken: unchanged"
+    );
+    // The rewritten copy carries our Received: too.
+    after_our_received(&dev.data);
     assert_eq!(archive.mail_from, "go@example.org");
 }
 
@@ -446,7 +492,7 @@ async fn malformed_sessions_get_clear_replies_and_the_server_keeps_serving() {
     let got = s.sink.wait_for_async(3, WAIT).await;
     assert_eq!(got.len(), 3, "{}", s.route.log());
     for (m, data) in got.iter().zip(odd) {
-        assert_eq!(m.data, data.to_vec());
+        assert_eq!(after_our_received(&m.data), data.to_vec());
     }
 
     // A client that leaves in the middle of DATA: nothing is delivered.
@@ -530,7 +576,10 @@ async fn relay_down_spools_survives_kill9_and_delivers_once_in_order() {
     let got = sink.wait_for_async(3, WAIT).await;
     assert_eq!(got.len(), 3, "{}", route.log());
     for (i, m) in got.iter().enumerate() {
-        assert_eq!(m.text(), format!("Subject: queued {i}\r\n\r\nbody {i}\r\n"));
+        assert_eq!(
+            String::from_utf8(after_our_received(&m.data)).unwrap(),
+            format!("Subject: queued {i}\r\n\r\nbody {i}\r\n")
+        );
         assert_eq!(m.rcpt_to, vec!["ops@example.net"]);
     }
     route.wait_log("spooled message done", 3);
@@ -636,10 +685,9 @@ async fn sighup_with_a_broken_file_keeps_the_old_rules() {
     let good = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
         &config,
-        good.replace(
-            "    from: alerts@example.org",
-            "    frm: alerts@example.org",
-        ),
+        // A rule function that does not exist cannot work at all (an
+        // unknown key would only be a warning, as mail2alert ignored it).
+        good.replace("function: mail.in_subject", "function: mail.in_body"),
     )
     .unwrap();
     s.route.signal("HUP");
@@ -852,7 +900,14 @@ async fn starttls_and_auth_with_python_smtplib() {
         route.log()
     );
     let got = sink.wait_for_async(1, WAIT).await;
-    assert_eq!(got[0].data, b"Subject: tls\r\n\r\nx\r\n".to_vec());
+    assert_eq!(
+        after_our_received(&got[0].data),
+        b"Subject: tls\r\n\r\nx\r\n".to_vec()
+    );
+    assert!(
+        String::from_utf8_lossy(&got[0].data).contains("with ESMTPSA id"),
+        "TLS and AUTH named (RFC 3848)"
+    );
     assert!(route.log().contains("SMTP authentication failed"));
     assert!(!route.log().contains("wrong"), "no password in the log");
 }
@@ -1022,4 +1077,204 @@ async fn mail_arriving_after_an_outage_is_delivered_behind_the_queued_mail() {
     let got = s.sink.wait_for_async(3, WAIT).await;
     let subjects: Vec<String> = got.iter().map(|m| m.header("Subject").unwrap()).collect();
     assert_eq!(subjects, vec!["m1", "m2", "m3"], "{}", s.route.log());
+}
+
+/// A GoCD that answers every request only after `delay`: `/go/cctray.xml`
+/// and `/go/api/config/pipeline_groups` with the given bodies.
+fn slow_gocd(delay: Duration, cctray: &'static str, groups: &'static str) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for sock in listener.incoming() {
+            let Ok(mut sock) = sock else { return };
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).to_string();
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                std::thread::sleep(delay);
+                let (status, body) = match path.as_str() {
+                    "/go/cctray.xml" => ("200 OK", cctray),
+                    "/go/api/config/pipeline_groups" => ("200 OK", groups),
+                    _ => ("404 Not Found", ""),
+                };
+                let _ = write!(
+                    sock,
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    port
+}
+
+/// mail2alert read cctray.xml before it answered SMTP (server.py:139-145),
+/// so its first GoCD mail was already judged by the stage's last result.
+/// With a GoCD answering only after 10 s, the router accepts GoCD's mail
+/// at once (250 after fsync), holds it in the spool, and routes it once
+/// GoCD has answered: "failed" after a passing stage is BREAKS (pages
+/// oncall), and a group rule matches. Nothing is decided before, nothing
+/// is lost.
+#[tokio::test]
+async fn a_slow_cctray_loses_no_alert_mail_is_held_until_gocd_answers() {
+    const CCTRAY: &str = r#"<?xml version="1.0"?><Projects>
+<Project name="ppp :: build" lastBuildStatus="Success" lastBuildTime="2026-12-01T10:00:00Z" activity="Sleeping" lastBuildLabel="12" webUrl="http://ci/go"/>
+<Project name="ppp :: test" lastBuildStatus="Failure" lastBuildTime="2026-12-01T11:00:00Z" activity="Sleeping" lastBuildLabel="12" webUrl="http://ci/go"/>
+</Projects>"#;
+    const GROUPS: &str = r#"[{"name":"my-group","pipelines":[{"name":"ppp"}]}]"#;
+    let gocd = slow_gocd(Duration::from_secs(10), CCTRAY, GROUPS);
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SmtpSink::start();
+    let port = free_port();
+    let text = config_text(port, sink.port(), &dir.path().join("spool"), "").replace(
+        "mailgend:\n",
+        &format!(
+            "- name: gocd
+  url: http://127.0.0.1:{gocd}/go
+  timeout: 30
+  messages-we-want:
+    to: mail2alert@example.org
+  rules:
+  - actions: [mailto:oncall@example.net]
+    filter: {{function: pipelines.any, events: [BREAKS]}}
+  - actions: [mailto:team@example.net]
+    filter: {{function: pipelines.in_group, args: [my-group], events: [BREAKS, FAILS]}}
+mailgend:\n"
+        ),
+    );
+    std::fs::write(dir.path().join("configuration.yml"), text).unwrap();
+    let started = Instant::now();
+    let route = Route::start(dir.path(), port);
+    let reply = python_send(
+        port,
+        "go@example.org",
+        &["mail2alert@example.org"],
+        b"Subject: Stage [ppp/13/build/1] failed\r\n\r\nx\r\n",
+    );
+    assert_eq!(reply, "{}", "accepted at once: {}", route.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "not waiting in the session"
+    );
+    route.wait_log("held: manager gocd", 1);
+    // Mail for another manager is not held (it goes through the spool
+    // meanwhile and is delivered).
+    lettre_send(
+        port,
+        "alerts@example.org",
+        &["x@example.net"],
+        b"Subject: server backup failed\r\n\r\nx\r\n",
+    )
+    .await;
+    let got = sink.wait_for_async(2, Duration::from_secs(40)).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(10),
+        "routed only after GoCD's answer"
+    );
+    let gocd_copy = got
+        .iter()
+        .find(|m| m.rcpt_to.contains(&"oncall@example.net".to_string()))
+        .unwrap_or_else(|| panic!("BREAKS to oncall: {got:?}\n{}", route.log()));
+    // BREAKS (stage ppp/build was passing) for both rules, one copy.
+    assert_eq!(
+        gocd_copy.rcpt_to,
+        vec!["oncall@example.net", "team@example.net"]
+    );
+    after_our_received(&gocd_copy.data);
+    assert!(got
+        .iter()
+        .any(|m| m.rcpt_to == vec!["backup-team@example.net"]));
+    assert!(
+        route.log().contains("held message routed"),
+        "{}",
+        route.log()
+    );
+    assert!(
+        route.log().contains("event BREAKS (GoCD said FAILS"),
+        "{}",
+        route.log()
+    );
+    assert_eq!(route.stop(), Some(0));
+}
+
+/// RFC 5321 §6.3 / Postfix's hopcount_limit: a message that already has
+/// `max-received` Received: lines is refused as a loop (554 5.4.6); one
+/// line fewer passes, with exactly one more (ours).
+#[tokio::test]
+async fn too_many_received_lines_are_refused_as_a_loop() {
+    let s = setup("");
+    let hops = |n: usize| {
+        let mut m = String::new();
+        for i in 0..n {
+            m.push_str(&format!(
+                "Received: from h{i} by h{} ; Thu, 3 Dec 2026 08:00:00 +0000\r\n",
+                i + 1
+            ));
+        }
+        m.push_str("Subject: loop\r\n\r\nx\r\n");
+        m
+    };
+    let reply = python_send(
+        s.route.port,
+        "a@example.org",
+        &["x@example.net"],
+        hops(50).as_bytes(),
+    );
+    assert!(reply.contains("554") && reply.contains("5.4.6"), "{reply}");
+    let ok = hops(49);
+    let reply = python_send(
+        s.route.port,
+        "a@example.org",
+        &["x@example.net"],
+        ok.as_bytes(),
+    );
+    assert_eq!(reply, "{}");
+    let got = s.sink.wait_for_async(1, WAIT).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(after_our_received(&got[0].data), ok.as_bytes().to_vec());
+    assert_eq!(
+        String::from_utf8_lossy(&got[0].data)
+            .matches("Received:")
+            .count(),
+        50
+    );
+    assert!(s.route.log().contains("too many Received: lines"));
+    assert_eq!(s.route.stop(), Some(0));
+}
+
+/// One sender, one connection, more than the old limit of 1,000 messages:
+/// nobody is cut off (max-messages-per-connection is unlimited by default).
+#[tokio::test]
+async fn one_long_lived_sender_is_never_cut_off() {
+    let s = setup("");
+    let script = format!(
+        "import smtplib\n\
+         s=smtplib.SMTP('127.0.0.1',{port},timeout=30)\n\
+         bad=0\n\
+         for i in range(1200):\n\
+         \x20   r=s.sendmail('a@example.org',['x@example.net'],b'Subject: m %d\\r\\n\\r\\nx\\r\\n' % i)\n\
+         \x20   bad+=len(r)\n\
+         s.quit()\n\
+         print('sent', bad)\n",
+        port = s.route.port
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(text.trim(), "sent 0", "{text}");
+    let got = s.sink.wait_for_async(1200, Duration::from_secs(60)).await;
+    assert_eq!(got.len(), 1200);
+    assert_eq!(s.route.stop(), Some(0));
 }

@@ -10,10 +10,19 @@ use crate::route::config::{self, ManagerSettings, RouteConfig, RouteConfigError,
 use crate::route::router::Router;
 use crate::route::{Envelope, Inbound};
 
-/// Loads and validates `path`; a summary of what was loaded.
-pub fn check(path: &Path) -> Result<String, RouteConfigError> {
+/// Loads and validates `path`; a summary of what was loaded, after a
+/// `WARN` line per oddity. `strict` refuses the oddities.
+pub fn check(path: &Path, strict: bool) -> Result<String, RouteConfigError> {
     let cfg = config::load(path)?;
-    Ok(summary(&cfg))
+    if strict {
+        cfg.strict()?;
+    }
+    let mut out = String::new();
+    for w in &cfg.warnings {
+        let _ = writeln!(out, "WARN {w}");
+    }
+    out.push_str(&summary(&cfg));
+    Ok(out)
 }
 
 /// What a loaded configuration does, in words.
@@ -132,6 +141,7 @@ pub async fn explain(
             rcpt_to: to,
         },
         data: Arc::new(eml.to_vec()),
+        id: None,
     };
     let routing = router.route(&msg).await;
     router.shutdown();

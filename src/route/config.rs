@@ -4,9 +4,14 @@
 //! every problem names the file, line, key and reason, and all problems
 //! are reported at once.
 //!
-//! Stricter than mail2alert on purpose: an unknown key is an error, not
-//! ignored, because an ignored typo in a rule (`event:` for `events:`)
-//! silently widens who gets alerted.
+//! Two kinds of findings. A *problem* is what cannot work at all (no
+//! `local-smtp`, a rule function that does not exist, a regex that does
+//! not compile): the file is refused. An *oddity* is what mail2alert ran
+//! with and we run with too, the way it did (an unknown key ignored, an
+//! unset `$VAR` left as text, an unknown action scheme skipped): one WARN
+//! each ([`RouteConfig::warnings`]), and `--check --strict` refuses them.
+//! mail2alert's loader (config.py:24-41) expanded `$VAR` in every string
+//! value with Python's `os.path.expandvars`; [`expand_env`] does the same.
 
 mod yaml;
 
@@ -43,6 +48,20 @@ pub struct RouteConfig {
     pub managers: Vec<ManagerConfig>,
     /// `slack-token` / `slack-url`; required when a rule posts to Slack.
     pub slack: Option<SlackSettings>,
+    /// Oddities: accepted as mail2alert accepted them, logged at WARN at
+    /// start and listed by `--check` (`--check --strict` refuses them).
+    pub warnings: Vec<RouteConfigProblem>,
+}
+
+impl RouteConfig {
+    /// `--check --strict`: the oddities as problems.
+    pub fn strict(&self) -> Result<(), RouteConfigError> {
+        if self.warnings.is_empty() {
+            Ok(())
+        } else {
+            Err(RouteConfigError(self.warnings.clone()))
+        }
+    }
 }
 
 /// The inbound server's settings (`mailgend:` section of the YAML file).
@@ -56,7 +75,8 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// Recipients per message; more get a 452.
     pub max_recipients: usize,
-    /// Messages per connection before 421.
+    /// Messages per connection before 421; 0 is unlimited (the default:
+    /// one long-lived sender must never be cut off).
     pub max_messages_per_connection: usize,
     /// Idle time allowed between commands.
     pub command_timeout: Duration,
@@ -69,6 +89,13 @@ pub struct ServerSettings {
     /// `metrics-listen`: `host:port` of the Prometheus `/metrics`
     /// endpoint; off when unset.
     pub metrics_listen: Option<String>,
+    /// `case-insensitive`: compare `messages-we-want` addresses ignoring
+    /// case. Off by default: mail2alert compared them exactly
+    /// (plugin/mail.py:42-45).
+    pub case_insensitive: bool,
+    /// `max-received`: mail that already passed more `Received:` lines is
+    /// refused (554 5.4.6), as a mail loop. Postfix's `hopcount_limit`.
+    pub max_received: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,12 +117,14 @@ impl Default for ServerSettings {
             max_message_size: 10 * 1024 * 1024,
             max_connections: 100,
             max_recipients: 100,
-            max_messages_per_connection: 1000,
+            max_messages_per_connection: 0,
             command_timeout: Duration::from_secs(300),
             tls: None,
             auth: None,
             outbound_connections: 8,
             metrics_listen: None,
+            case_insensitive: false,
+            max_received: 50,
         }
     }
 }
@@ -116,12 +145,13 @@ impl fmt::Debug for SlackSettings {
     }
 }
 
-/// Which messages a manager takes (`messages-we-want`).
+/// Which messages a manager takes (`messages-we-want`). Compared exactly,
+/// as mail2alert compared them, unless `mailgend.case-insensitive`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Wanted {
-    /// Any envelope recipient is this address (case-insensitive).
+    /// Any envelope recipient is this address.
     To(String),
-    /// The envelope sender is this address (case-insensitive).
+    /// The envelope sender is this address.
     From(String),
 }
 
@@ -148,6 +178,10 @@ pub enum ManagerSettings {
 #[derive(Debug, Clone)]
 pub struct RuleConfig {
     pub line: usize,
+    /// `name:` and `owner:`, which mail2alert's `Rule` read (rules.py:6-7)
+    /// and only showed in logs; shown in traces.
+    pub name: Option<String>,
+    pub owner: Option<String>,
     pub actions: Vec<Action>,
     /// `filter.function` as written.
     pub function_name: String,
@@ -160,7 +194,11 @@ pub struct RuleConfig {
 impl RuleConfig {
     /// `pipelines.in_group(my-group) events=[BREAKS]` for traces.
     pub fn describe(&self) -> String {
-        let mut s = format!("{}({})", self.function_name, self.args.join(", "));
+        let mut s = String::new();
+        if let Some(n) = &self.name {
+            s.push_str(&format!("{n:?} "));
+        }
+        s.push_str(&format!("{}({})", self.function_name, self.args.join(", ")));
         if let Some(ev) = &self.events {
             let names: Vec<_> = ev.iter().map(|e| e.name()).collect();
             s.push_str(&format!(" events=[{}]", names.join(", ")));
@@ -227,6 +265,7 @@ pub fn parse_str(text: &str, path: &Path) -> Result<RouteConfig, RouteConfigErro
     let mut r = Reader {
         file: path.display().to_string(),
         problems: Vec::new(),
+        oddities: Vec::new(),
         env: &|name| std::env::var(name).ok(),
     };
     let root = match yaml::parse(text) {
@@ -238,9 +277,17 @@ pub fn parse_str(text: &str, path: &Path) -> Result<RouteConfig, RouteConfigErro
     };
     let cfg = read_root(&mut r, &root, path);
     if r.problems.is_empty() {
-        if let Some(cfg) = cfg {
+        if let Some(mut cfg) = cfg {
+            r.oddities.sort_by_key(|p| p.line);
+            cfg.warnings = r.oddities;
             return Ok(cfg);
         }
+    }
+    // The oddities too, marked, so that a refused file shows what led to
+    // the problem (`filtre:` ignored, so `filter` is missing).
+    for mut o in r.oddities {
+        o.reason = format!("warning: {}", o.reason);
+        r.problems.push(o);
     }
     r.problems.sort_by_key(|p| p.line);
     Err(RouteConfigError(r.problems))
@@ -271,11 +318,21 @@ const SERVER_KEYS: &[&str] = &[
     "auth-password",
     "outbound-connections",
     "metrics-listen",
+    "case-insensitive",
+    "max-received",
 ];
 
 fn read_root(r: &mut Reader, root: &Node, path: &Path) -> Option<RouteConfig> {
     let top = r.map(root, "")?;
     r.known_keys(&top, "", TOP_KEYS);
+    if top.get("slack-token").is_some() && !slack_used(&top) {
+        // mail2alert read slack-token only when posting (slackbot.py:46).
+        r.oddity(
+            top.get("slack-token").map_or(top.line(), |n| n.line),
+            "slack-token",
+            "given, but no rule has a slack: action; not used",
+        );
+    }
 
     let local_smtp = match top.get("local-smtp") {
         Some(n) => r.string(n, "local-smtp").and_then(|s| match host_port(&s) {
@@ -345,7 +402,21 @@ fn read_root(r: &mut Reader, root: &Node, path: &Path) -> Option<RouteConfig> {
         server,
         managers,
         slack,
+        warnings: Vec::new(),
     })
+}
+
+/// Whether any rule names a `slack:` action (looked at before the rules are
+/// read, to say that an unused token is not needed).
+fn slack_used(top: &MapView<'_>) -> bool {
+    fn any_slack(n: &Node) -> bool {
+        match &n.kind {
+            Kind::Scalar { value, .. } => value.trim_start().starts_with("slack:"),
+            Kind::Seq(items) => items.iter().any(any_slack),
+            Kind::Map(entries) => entries.iter().any(|(_, v)| any_slack(v)),
+        }
+    }
+    top.get("managers").is_some_and(any_slack)
 }
 
 /// `host:port`, `host` (port 25) or `[v6]:port`.
@@ -410,7 +481,7 @@ fn read_remote(r: &mut Reader, n: &Node) -> Option<SmtpConfig> {
     };
     if let Kind::Map(_) = n.kind {
         let m = r.map(n, "remote-smtp")?;
-        r.known_keys(&m, "remote-smtp", REMOTE_KEYS);
+        r.known_keys_strict(&m, "remote-smtp", REMOTE_KEYS);
         let host = r.required_string(&m, "remote-smtp", "host");
         let port = m
             .get("port")
@@ -482,7 +553,7 @@ fn read_server(r: &mut Reader, n: &Node) -> ServerSettings {
     let Some(m) = r.map(n, "mailgend") else {
         return s;
     };
-    r.known_keys(&m, "mailgend", SERVER_KEYS);
+    r.known_keys_strict(&m, "mailgend", SERVER_KEYS);
     let key = |k: &str| format!("mailgend.{k}");
     if let Some(v) = m.get("spool") {
         if let Some(p) = r.string(v, &key("spool")) {
@@ -501,8 +572,23 @@ fn read_server(r: &mut Reader, n: &Node) -> ServerSettings {
     if let Some(v) = int(r, "max-recipients", 1, 100_000) {
         s.max_recipients = v as usize;
     }
-    if let Some(v) = int(r, "max-messages-per-connection", 1, 1_000_000) {
+    if let Some(v) = int(r, "max-messages-per-connection", 0, 100_000_000) {
         s.max_messages_per_connection = v as usize;
+    }
+    if let Some(v) = int(r, "max-received", 1, 1000) {
+        s.max_received = v as usize;
+    }
+    if let Some(v) = m.get("case-insensitive") {
+        match r.string(v, &key("case-insensitive")).as_deref() {
+            Some("true" | "yes" | "on") => s.case_insensitive = true,
+            Some("false" | "no" | "off") => s.case_insensitive = false,
+            Some(other) => r.problem(
+                v.line,
+                &key("case-insensitive"),
+                format!("{other:?} is not true or false"),
+            ),
+            None => {}
+        }
     }
     if let Some(v) = int(r, "command-timeout", 1, 3600) {
         s.command_timeout = Duration::from_secs(v);
@@ -582,22 +668,16 @@ fn read_managers(r: &mut Reader, n: &Node, have_slack: bool) -> Vec<ManagerConfi
         let k = format!("managers[{i}]");
         if let Some(m) = read_manager(r, item, &k, have_slack) {
             // The first match wins: a later manager wanting exactly the
-            // same mail would never see any.
-            let same = |a: &Wanted, b: &Wanted| match (a, b) {
-                (Wanted::To(x), Wanted::To(y)) | (Wanted::From(x), Wanted::From(y)) => {
-                    x.eq_ignore_ascii_case(y)
-                }
-                _ => false,
-            };
+            // same mail never sees any (mail2alert ran so too, server.py:100-109).
             if let Some(first) = out
                 .iter()
-                .position(|o: &ManagerConfig| same(&o.wanted, &m.wanted))
+                .position(|o: &ManagerConfig| o.wanted == m.wanted)
             {
-                r.problem(
+                r.oddity(
                     m.line,
                     &format!("{k}.messages-we-want"),
                     format!(
-                        "managers[{first}] (line {}) already wants the same mail; this manager would never get any",
+                        "managers[{first}] (line {}) already wants the same mail; this manager never gets any",
                         out[first].line
                     ),
                 );
@@ -626,6 +706,7 @@ fn read_manager(r: &mut Reader, n: &Node, k: &str, have_slack: bool) -> Option<M
 
     let wanted = match m.get("messages-we-want") {
         None => {
+            // mail2alert failed on every message (KeyError, plugin/mail.py:37).
             r.problem(
                 n.line,
                 &format!("{k}.messages-we-want"),
@@ -635,9 +716,10 @@ fn read_manager(r: &mut Reader, n: &Node, k: &str, have_slack: bool) -> Option<M
         }
         Some(w) => read_wanted(r, w, &format!("{k}.messages-we-want")),
     };
-    let settings = (spec.parse)(r, &m, k);
     let rules = match m.get("rules") {
         None => {
+            // mail2alert failed on every wanted message (KeyError,
+            // plugin/mail.py:53).
             r.problem(
                 n.line,
                 &format!("{k}.rules"),
@@ -658,6 +740,8 @@ fn read_manager(r: &mut Reader, n: &Node, k: &str, have_slack: bool) -> Option<M
             rules
         }
     };
+    let settings = (spec.parse)(r, &m, k, &rules);
+    let wanted = wanted?;
     Some(ManagerConfig {
         name,
         line: n.line,
@@ -667,38 +751,49 @@ fn read_manager(r: &mut Reader, n: &Node, k: &str, have_slack: bool) -> Option<M
     })
 }
 
-fn read_wanted(r: &mut Reader, n: &Node, k: &str) -> Option<Wanted> {
+/// `Some(None)`: readable, but the manager never wants anything (mail2alert
+/// ran such a manager; it never took a message, plugin/mail.py:42-45).
+fn read_wanted(r: &mut Reader, n: &Node, k: &str) -> Option<Option<Wanted>> {
     let m = r.map(n, k)?;
     r.known_keys(&m, k, &["to", "from"]);
     let address = |r: &mut Reader, key: &str| -> Option<String> {
         let v = m.get(key)?;
         let s = r.string(v, &format!("{k}.{key}"))?;
         match crate::mail::parse_recipient(&s) {
-            Ok(a) if a.display_name().is_none() => Some(a.address().to_string()),
-            Ok(_) => {
-                r.problem(
+            Ok(a) if a.display_name().is_none() && !s.contains('<') => Some(s.trim().to_string()),
+            _ => {
+                // mail2alert compared the text with the envelope as it was.
+                r.oddity(
                     v.line,
                     &format!("{k}.{key}"),
-                    "give the bare address, without a name or <>",
+                    format!(
+                        "{s:?} is not a bare address; compared as it is with the envelope, it never matches"
+                    ),
                 );
-                None
-            }
-            Err(e) => {
-                r.problem(v.line, &format!("{k}.{key}"), format!("{s:?}: {e}"));
-                None
+                Some(s)
             }
         }
     };
-    match (m.get("to").is_some(), m.get("from").is_some()) {
-        (true, false) => address(r, "to").map(Wanted::To),
-        (false, true) => address(r, "from").map(Wanted::From),
+    let to = m.get("to").is_some_and(|v| !v.is_null());
+    let from = m.get("from").is_some_and(|v| !v.is_null());
+    match (to, from) {
+        (true, false) => address(r, "to").map(|a| Some(Wanted::To(a))),
+        (false, true) => address(r, "from").map(|a| Some(Wanted::From(a))),
         (true, true) => {
-            r.problem(n.line, k, "give either `to` or `from`, not both");
-            None
+            r.oddity(
+                n.line,
+                k,
+                "both `to` and `from`: `from` is ignored, as mail2alert ignored it (plugin/mail.py:42-45)",
+            );
+            address(r, "to").map(|a| Some(Wanted::To(a)))
         }
         (false, false) => {
-            r.problem(n.line, k, "needs `to:` or `from:` an address");
-            None
+            r.oddity(
+                n.line,
+                k,
+                "neither `to:` nor `from:`: this manager never gets any mail (as in mail2alert)",
+            );
+            Some(None)
         }
     }
 }
@@ -711,48 +806,59 @@ fn read_rule(
     have_slack: bool,
 ) -> Option<RuleConfig> {
     let m = r.map(n, k)?;
-    r.known_keys(&m, k, &["actions", "filter"]);
+    r.known_keys(&m, k, &["actions", "filter", "name", "owner"]);
+    let text = |r: &mut Reader, key: &str| {
+        m.get(key)
+            .filter(|v| !v.is_null())
+            .and_then(|v| r.string(v, &format!("{k}.{key}")))
+    };
+    let name = text(r, "name");
+    let owner = text(r, "owner");
+    let ak = format!("{k}.actions");
     let actions = match m.get("actions") {
         None => {
-            r.problem(
+            // rules.py:9: no actions, the rule does nothing.
+            r.oddity(
                 n.line,
-                &format!("{k}.actions"),
-                "missing (a list of mailto:/slack: URIs)",
+                &ak,
+                "missing: the rule does nothing (as in mail2alert)",
             );
-            None
+            Some(Vec::new())
         }
-        Some(a) => {
-            let ak = format!("{k}.actions");
-            r.list(a, &ak).map(|items| {
-                if items.is_empty() {
-                    r.problem(a.line, &ak, "empty: a rule without actions does nothing");
-                }
-                let mut out = Vec::new();
-                for (i, item) in items.iter().enumerate() {
-                    let ik = format!("{ak}[{i}]");
-                    let Some(uri) = r.string(item, &ik) else {
-                        continue;
-                    };
-                    match actions::parse(&uri) {
-                        Ok(act) => {
-                            if matches!(act, Action::Slack { .. }) && !have_slack {
-                                r.problem(
-                                    item.line,
-                                    &ik,
-                                    "Slack action but no top-level slack-token",
-                                );
-                            }
-                            out.push(act)
+        Some(a) => r.list(a, &ak).map(|items| {
+            if items.is_empty() {
+                r.oddity(
+                    a.line,
+                    &ak,
+                    "empty: the rule does nothing (as in mail2alert)",
+                );
+            }
+            let mut out = Vec::new();
+            for (i, item) in items.iter().enumerate() {
+                let ik = format!("{ak}[{i}]");
+                let Some(uri) = r.string(item, &ik) else {
+                    continue;
+                };
+                match actions::parse(&uri) {
+                    Ok(actions::Parsed::Action(act)) => {
+                        if matches!(act, Action::Slack { .. }) && !have_slack {
+                            r.problem(item.line, &ik, "Slack action but no top-level slack-token");
                         }
-                        Err(e) => r.problem(item.line, &ik, e),
+                        out.push(act)
                     }
+                    Ok(actions::Parsed::Odd(act, why)) => {
+                        r.oddity(item.line, &ik, why);
+                        out.extend(act);
+                    }
+                    Err(e) => r.problem(item.line, &ik, e),
                 }
-                out
-            })
-        }
+            }
+            out
+        }),
     };
     let fk = format!("{k}.filter");
     let Some(f) = m.get("filter") else {
+        // mail2alert failed on every message the rule saw (rules.py:21).
         r.problem(n.line, &fk, "missing (`function:` and its `args:`)");
         return None;
     };
@@ -770,12 +876,12 @@ fn read_rule(
             let ak = format!("{fk}.args");
             match r.list(a, &ak) {
                 None => return None,
+                // Expanded like every other string (config.py:24-41): a
+                // rule `args: [$GROUP]` means the variable's value.
                 Some(items) => items
                     .iter()
                     .enumerate()
-                    // Arguments are patterns and words, taken literally: no
-                    // $VARIABLE expansion (a regex may end in `$`).
-                    .filter_map(|(i, it)| r.literal_string(it, &format!("{ak}[{i}]")))
+                    .filter_map(|(i, it)| r.string(it, &format!("{ak}[{i}]")))
                     .collect(),
             }
         }
@@ -834,40 +940,75 @@ fn read_rule(
     };
     let events = match fm.get("events") {
         None => None,
-        Some(e) => {
-            let ek = format!("{fk}.events");
-            r.list(e, &ek).map(|items| {
-                let mut out = Vec::new();
-                for (i, it) in items.iter().enumerate() {
-                    let ik = format!("{ek}[{i}]");
-                    let Some(s) = r.string(it, &ik) else { continue };
-                    match Event::parse(&s) {
-                        Some(ev) => out.push(ev),
-                        None => r.problem(
-                            it.line,
-                            &ik,
-                            format!(
-                                "unknown event {s:?}; use {}",
-                                Event::ALL.map(|e| e.name()).join(", ")
-                            ),
-                        ),
-                    }
-                }
-                if items.is_empty() {
-                    r.problem(e.line, &ek, "empty: the rule could never match");
-                }
-                out
-            })
-        }
+        Some(e) => read_events(r, e, &format!("{fk}.events")),
     };
     Some(RuleConfig {
         line: n.line,
+        name,
+        owner,
         actions: actions?,
         function_name: fname,
         args,
         function: function?,
         events,
     })
+}
+
+/// `filter.events`. mail2alert tested `event.name in events`
+/// (plugin/gocd.py:223): with a list, membership of the exact upper-case
+/// name; with a string, Python's substring test, so `events: BREAKS`
+/// means BREAKS and `events: "BREAKS, FIXED"` both (no event name is part
+/// of another).
+fn read_events(r: &mut Reader, e: &Node, ek: &str) -> Option<Vec<Event>> {
+    let names = |events: &[Event]| {
+        let n: Vec<_> = events.iter().map(|e| e.name()).collect();
+        format!("[{}]", n.join(", "))
+    };
+    match &e.kind {
+        Kind::Scalar { .. } if !e.is_null() => {
+            let s = r.string(e, ek)?;
+            let found: Vec<Event> = Event::ALL
+                .into_iter()
+                .filter(|ev| s.contains(ev.name()))
+                .collect();
+            r.oddity(
+                e.line,
+                ek,
+                format!(
+                    "a string, not a list: matched as mail2alert matched it (by substring), i.e. {}",
+                    names(&found)
+                ),
+            );
+            Some(found)
+        }
+        _ => {
+            let items = r.list(e, ek)?;
+            let mut out = Vec::new();
+            for (i, it) in items.iter().enumerate() {
+                let ik = format!("{ek}[{i}]");
+                let Some(s) = r.string(it, &ik) else { continue };
+                match Event::parse(&s) {
+                    Some(ev) => out.push(ev),
+                    None => r.oddity(
+                        it.line,
+                        &ik,
+                        format!(
+                            "unknown event {s:?}: never matches (as in mail2alert); the events are {}",
+                            Event::ALL.map(|e| e.name()).join(", ")
+                        ),
+                    ),
+                }
+            }
+            if out.is_empty() {
+                r.oddity(
+                    e.line,
+                    ek,
+                    "no known event: the rule never matches (as in mail2alert)",
+                );
+            }
+            Some(out)
+        }
+    }
 }
 
 /// A mapping with its keys as strings (duplicates reported).
@@ -889,12 +1030,23 @@ impl<'n> MapView<'n> {
 pub struct Reader<'e> {
     file: String,
     problems: Vec<RouteConfigProblem>,
+    oddities: Vec<RouteConfigProblem>,
     env: &'e dyn Fn(&str) -> Option<String>,
 }
 
 impl Reader<'_> {
     pub fn problem(&mut self, line: usize, key: &str, reason: impl Into<String>) {
         self.problems.push(RouteConfigProblem {
+            file: self.file.clone(),
+            line: Some(line),
+            key: key.to_string(),
+            reason: reason.into(),
+        });
+    }
+
+    /// Something mail2alert ran with: accepted, and one WARN.
+    pub fn oddity(&mut self, line: usize, key: &str, reason: impl Into<String>) {
+        self.oddities.push(RouteConfigProblem {
             file: self.file.clone(),
             line: Some(line),
             key: key.to_string(),
@@ -920,18 +1072,48 @@ impl Reader<'_> {
                 self.problem(k.line, key, "keys must be plain strings");
                 continue;
             };
-            if view.entries.iter().any(|e| e.0 == name) {
-                self.problem(k.line, &join(key, name), "given twice");
-                continue;
+            if let Some(i) = view.entries.iter().position(|e| e.0 == name) {
+                // PyYAML keeps the last one.
+                self.oddity(
+                    k.line,
+                    &join(key, name),
+                    format!(
+                        "given twice; the last one counts (as in mail2alert), line {} is ignored",
+                        view.entries[i].1.line
+                    ),
+                );
+                view.entries.remove(i);
             }
             view.entries.push((name, k, v));
         }
         Some(view)
     }
 
-    /// Unknown keys are errors, with a hint when one is close to a known
-    /// key (`event` → `events`).
+    /// Unknown keys in mail2alert's part of the file are ignored, as
+    /// mail2alert ignored them, with a WARN and a hint when one is close
+    /// to a known key (`event` → `events`: that rule then matches every
+    /// event, as it did in mail2alert).
     pub fn known_keys(&mut self, m: &MapView<'_>, key: &str, known: &[&str]) {
+        for (name, k, _) in &m.entries {
+            if !known.contains(name) {
+                let hint = known
+                    .iter()
+                    .find(|c| close(name, c))
+                    .map(|c| format!("; did you mean `{c}`?"))
+                    .unwrap_or_else(|| format!("; known here: {}", known.join(", ")));
+                self.oddity(
+                    k.line,
+                    &join(key, name),
+                    format!("unknown key, ignored (as by mail2alert){hint}"),
+                );
+            }
+        }
+    }
+
+    /// Unknown keys in our own sections (`mailgend:`, the `remote-smtp`
+    /// mapping) are errors: mail2alert never read these, so nothing runs
+    /// with them yet.
+    pub fn known_keys_strict(&mut self, m: &MapView<'_>, key: &str, known: &[&str]) {
         for (name, k, _) in &m.entries {
             if !known.contains(name) {
                 let hint = known
@@ -959,20 +1141,19 @@ impl Reader<'_> {
     }
 
     /// A scalar with `$NAME` / `${NAME}` replaced from the environment (as
-    /// mail2alert does); an unset variable is a problem naming it.
+    /// mail2alert did); an unset variable stays as it is written, with a
+    /// WARN naming it (never its neighbourhood: it may be in a password).
     pub fn string(&mut self, n: &Node, key: &str) -> Option<String> {
         let s = self.literal_string(n, key)?;
-        match expand_env(&s, self.env) {
-            Ok(v) => Some(v),
-            Err(var) => {
-                self.problem(
-                    n.line,
-                    key,
-                    format!("environment variable ${var} is not set"),
-                );
-                None
-            }
+        let (v, unset) = expand_env(&s, self.env);
+        for var in unset {
+            self.oddity(
+                n.line,
+                key,
+                format!("environment variable ${var} is not set; kept as the text `${var}` (as by mail2alert)"),
+            );
         }
+        Some(v)
     }
 
     pub fn literal_string(&mut self, n: &Node, key: &str) -> Option<String> {
@@ -1082,44 +1263,48 @@ fn close(a: &str, b: &str) -> bool {
     d[a.len()][b.len()] <= 1
 }
 
-/// Replaces `$NAME` and `${NAME}`; `$` not followed by a name stays.
-/// Returns the first unset variable's name as the error.
-fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+/// Python's `os.path.expandvars` (posixpath), which mail2alert applied
+/// to every string (config.py:4,27,37): `$NAME` (NAME of ASCII letters,
+/// digits, `_`) and `${ANYTHING}` are replaced when set and left as
+/// written when not; any other `$` stays. A replacement is not expanded
+/// again. Returns the text and the names that were not set.
+pub fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> (String, Vec<String>) {
     let mut out = String::with_capacity(s.len());
+    let mut unset = Vec::new();
     let mut rest = s;
     while let Some(i) = rest.find('$') {
         out.push_str(&rest[..i]);
         let after = &rest[i + 1..];
         let (name, consumed) = if let Some(b) = after.strip_prefix('{') {
             match b.find('}') {
-                Some(j) if is_var_name(&b[..j]) => (&b[..j], j + 2),
-                _ => ("", 0),
+                Some(j) => (&b[..j], j + 2),
+                None => ("", 0),
             }
         } else {
             let len = after
-                .char_indices()
-                .find(|&(k, c)| {
-                    !(c == '_' || c.is_ascii_alphanumeric()) || (k == 0 && c.is_ascii_digit())
-                })
-                .map_or(after.len(), |(k, _)| k);
+                .find(|c: char| !(c == '_' || c.is_ascii_alphanumeric()))
+                .unwrap_or(after.len());
             (&after[..len], len)
         };
-        if name.is_empty() {
+        if consumed == 0 || (name.is_empty() && !after.starts_with('{')) {
             out.push('$');
             rest = after;
             continue;
         }
-        out.push_str(&env(name).ok_or_else(|| name.to_string())?);
+        match env(name) {
+            Some(v) => out.push_str(&v),
+            None => {
+                out.push('$');
+                out.push_str(&after[..consumed]);
+                if !name.is_empty() && !unset.iter().any(|u| u == name) {
+                    unset.push(name.to_string());
+                }
+            }
+        }
         rest = &after[consumed..];
     }
     out.push_str(rest);
-    Ok(out)
-}
-
-fn is_var_name(s: &str) -> bool {
-    !s.is_empty()
-        && !s.starts_with(|c: char| c.is_ascii_digit())
-        && s.chars().all(|c| c == '_' || c.is_ascii_alphanumeric())
+    (out, unset)
 }
 
 #[cfg(test)]
@@ -1132,13 +1317,23 @@ mod tests {
             "GOUSER" => Some("olle".to_string()),
             _ => None,
         };
-        assert_eq!(expand_env("$GOUSER", &env).unwrap(), "olle");
+        let ok = |s: &str| expand_env(s, &env).0;
+        // As Python's os.path.expandvars (config.py:4).
+        assert_eq!(ok("$GOUSER"), "olle");
+        assert_eq!(ok("a${GOUSER}b"), "aolleb");
+        assert_eq!(ok("x$ y$"), "x$ y$");
+        assert_eq!(ok("(.+)-release.*$"), "(.+)-release.*$");
+        assert_eq!(ok("pa$$word"), "pa$$word");
+        assert_eq!(ok("$GOUSER$GOUSER"), "olleolle");
+        assert_eq!(ok("${}"), "${}");
+        assert_eq!(ok("${GOUSER"), "${GOUSER");
         assert_eq!(
-            expand_env("a${GOUSER}b", &env).unwrap(),
-            "aollEb".replace("E", "e")
+            expand_env("$GOPASS:${NOPE}x", &env),
+            (
+                "$GOPASS:${NOPE}x".to_string(),
+                vec!["GOPASS".into(), "NOPE".into()]
+            )
         );
-        assert_eq!(expand_env("x$ y$", &env).unwrap(), "x$ y$");
-        assert_eq!(expand_env("$GOPASS", &env).unwrap_err(), "GOPASS");
     }
 
     #[test]

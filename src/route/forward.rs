@@ -66,6 +66,13 @@ pub trait PostSlack: Send + Sync + 'static {
 /// side is tested and benchmarked on its own).
 pub trait Decide: Send + Sync + 'static {
     fn route<'a>(&'a self, message: &'a Inbound) -> BoxFuture<'a, Routing>;
+
+    /// Why the decision must wait (a manager does not know enough yet, see
+    /// `Manager::holds`); the message is then held in the spool and
+    /// routed by the worker later.
+    fn holds(&self, _message: &Inbound) -> Option<String> {
+        None
+    }
 }
 
 /// The outbound side: relay, Slack, concurrency bound.
@@ -174,7 +181,7 @@ impl Forwarder {
                         state: State::Pending,
                         ..
                     } => Outcome::Slack(self.slack(channel, style, text).await),
-                    Job::Slack { .. } => Outcome::Nothing,
+                    Job::Slack { .. } | Job::Route { .. } => Outcome::Nothing,
                 }
             }
         });
@@ -338,6 +345,52 @@ pub fn entry_for(message: &Inbound, routing: &Routing) -> Entry {
     }
 }
 
+/// A spool entry for a message whose routing must wait: the message
+/// itself and one pending [`Job::Route`].
+pub fn held_entry(message: &Inbound) -> Entry {
+    Entry {
+        received: chrono::Utc::now(),
+        peer: message.envelope.peer.to_string(),
+        envelope_from: message.envelope.mail_from.clone(),
+        envelope_to: message.envelope.rcpt_to.clone(),
+        jobs: vec![Job::Route {
+            body: 0,
+            state: State::Pending,
+        }],
+        attempts: 0,
+        bodies: vec![message.data.clone()],
+    }
+}
+
+/// Replaces the pending [`Job::Route`] of a held entry by the jobs of the
+/// decision (marking it done), sharing bodies where they are the same.
+pub fn decide_held(entry: &mut Entry, message: &Inbound, routing: &Routing) {
+    let decided = entry_for(message, routing);
+    let offset = entry.bodies.len();
+    entry.bodies.extend(decided.bodies);
+    for job in decided.jobs {
+        entry.jobs.push(match job {
+            Job::Mail {
+                mail_from,
+                body,
+                recipients,
+                bounce,
+            } => Job::Mail {
+                mail_from,
+                body: body + offset,
+                recipients,
+                bounce,
+            },
+            other => other,
+        });
+    }
+    for job in &mut entry.jobs {
+        if let Job::Route { state, .. } = job {
+            *state = State::Done;
+        }
+    }
+}
+
 /// Adds a bounce job for the recipients that failed for good and have not
 /// been reported yet (marking them reported). No bounce for the null
 /// sender or for a failed bounce; those are only logged.
@@ -414,10 +467,15 @@ impl Queue {
         self.backlog.load(std::sync::atomic::Ordering::SeqCst) > 0
     }
 
-    /// Stores an entry durably and wakes the worker.
-    pub async fn store(self: &Arc<Self>, entry: Entry) -> Result<String, super::spool::SpoolError> {
+    /// Stores an entry durably under `id` and wakes the worker.
+    pub async fn store(
+        self: &Arc<Self>,
+        id: &str,
+        entry: Entry,
+    ) -> Result<String, super::spool::SpoolError> {
         let q = self.clone();
-        let id = tokio::task::spawn_blocking(move || q.spool.store(&entry))
+        let id = id.to_string();
+        let id = tokio::task::spawn_blocking(move || q.spool.store_as(&id, &entry).map(|()| id))
             .await
             .expect("spool write panicked")?;
         self.backlog
@@ -449,10 +507,23 @@ async fn dispatch(
     queue: &Arc<Queue>,
     message: Inbound,
 ) -> Reply {
-    let routing = router.route(&message).await;
     let env = &message.envelope;
     let from = env.mail_from.as_deref().unwrap_or("<>");
     let size = message.data.len();
+    let id = message.id.clone().unwrap_or_else(super::spool::new_id);
+    if let Some(why) = router.holds(&message) {
+        return match queue.store(&id, held_entry(&message)).await {
+            Ok(id) => {
+                info!(peer = %env.peer, from, rcpt = ?env.rcpt_to, size, spool_id = %id, "held: {why}");
+                Reply::new(250, format!("2.0.0 Ok: queued as {id}"))
+            }
+            Err(e) => {
+                error!("cannot spool a message: {e}");
+                Reply::new(451, "4.3.0 Cannot queue the message now, try again later")
+            }
+        };
+    }
+    let routing = router.route(&message).await;
     let trace = routing.trace.join("; ");
     if routing.deliveries.is_empty() && routing.slack.is_empty() {
         info!(peer = %env.peer, from, rcpt = ?env.rcpt_to, size, "dropped: {trace}");
@@ -461,7 +532,7 @@ async fn dispatch(
     let mut entry = entry_for(&message, &routing);
     if queue.has_backlog() {
         // Keep arrival order behind what is waiting.
-        return match queue.store(entry).await {
+        return match queue.store(&id, entry).await {
             Ok(id) => {
                 info!(peer = %env.peer, from, rcpt = ?env.rcpt_to, size, spool_id = %id, "queued behind earlier mail: {trace}");
                 Reply::new(250, format!("2.0.0 Ok: queued as {id}"))
@@ -496,7 +567,7 @@ async fn dispatch(
         info!(peer = %env.peer, from, rcpt = ?env.rcpt_to, size, "forwarded in part: {trace}");
         return Reply::new(250, "2.0.0 Ok: forwarded in part (see the router's log)");
     }
-    match queue.store(entry).await {
+    match queue.store(&id, entry).await {
         Ok(id) => {
             for (what, why) in &attempt.temporary {
                 warn!(spool_id = %id, recipient = %what, "will retry: {why}");

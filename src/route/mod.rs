@@ -25,12 +25,16 @@ pub struct Envelope {
     pub rcpt_to: Vec<String>,
 }
 
-/// A received message: envelope plus the DATA bytes exactly as received
-/// (dot-unstuffed, CRLF line ends as on the wire, 8-bit untouched).
+/// A received message: envelope plus the DATA bytes as received
+/// (dot-unstuffed, CRLF line ends as on the wire, 8-bit untouched) after
+/// our `Received:` line.
 #[derive(Debug, Clone)]
 pub struct Inbound {
     pub envelope: Envelope,
     pub data: Arc<Vec<u8>>,
+    /// The id it was received under (named in our `Received:` line; the
+    /// spool stores it under this id). `None` for `--explain`.
+    pub id: Option<String>,
 }
 
 /// One outbound SMTP transaction the router decided on.

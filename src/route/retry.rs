@@ -10,6 +10,11 @@
 //! the message again. Permanent refusals become a bounce to the envelope
 //! sender (itself a job of the same entry) and an ERROR; an entry that
 //! cannot be read is moved to `bad/` with an ERROR.
+//!
+//! A *held* entry (a message whose manager did not know enough to decide
+//! yet, see `Manager::holds`) is routed here by the current router as
+//! soon as the manager no longer holds it, and then delivered like any
+//! other; until then it is looked at again every [`HELD_POLL`].
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -20,8 +25,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use super::forward::{add_bounce, Forwarder, Queue};
-use super::spool::{Entry, SpoolError};
+use super::forward::{add_bounce, decide_held, Decide, Forwarder, Queue};
+use super::spool::{Entry, Job, SpoolError, State};
+use super::{Envelope, Inbound};
+
+/// How often a held entry is looked at while its manager still holds it.
+pub const HELD_POLL: Duration = Duration::from_millis(250);
 
 /// Longest wait between two attempts of one entry.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(600);
@@ -45,6 +54,7 @@ async fn blocking<T: Send + 'static>(
 pub async fn run(
     queue: Arc<Queue>,
     forward: watch::Receiver<Arc<Forwarder>>,
+    router: watch::Receiver<Arc<dyn Decide>>,
     mut stop: watch::Receiver<bool>,
 ) {
     // id → when it is due.
@@ -80,11 +90,12 @@ pub async fn run(
             .map(|(id, _)| id.clone())
             .collect();
         let fw = forward.borrow().clone();
+        let decide = router.borrow().clone();
         for id in ready {
             if *stop.borrow() {
                 return;
             }
-            let (pass, delivered) = deliver(&queue, &fw, &id).await;
+            let (pass, delivered) = deliver(&queue, &fw, &*decide, &id).await;
             if delivered {
                 let now = Instant::now();
                 for id in relay_waiting.drain() {
@@ -149,15 +160,45 @@ enum Pass {
 }
 
 /// One attempt at one entry; also whether anything was delivered.
-async fn deliver(queue: &Arc<Queue>, forward: &Forwarder, id: &str) -> (Pass, bool) {
+async fn deliver(
+    queue: &Arc<Queue>,
+    forward: &Forwarder,
+    router: &dyn Decide,
+    id: &str,
+) -> (Pass, bool) {
     let mut delivered = false;
-    let pass = attempt_entry(queue, forward, id, &mut delivered).await;
+    let pass = attempt_entry(queue, forward, router, id, &mut delivered).await;
     (pass, delivered)
+}
+
+/// The message of a held entry, as it was received; `None` when the
+/// entry is not held (its routing is decided).
+fn held_message(entry: &Entry, id: &str) -> Option<Inbound> {
+    let body = entry.jobs.iter().find_map(|j| match j {
+        Job::Route {
+            body,
+            state: State::Pending,
+        } => Some(*body),
+        _ => None,
+    })?;
+    Some(Inbound {
+        envelope: Envelope {
+            peer: entry
+                .peer
+                .parse()
+                .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+            mail_from: entry.envelope_from.clone(),
+            rcpt_to: entry.envelope_to.clone(),
+        },
+        data: entry.bodies[body].clone(),
+        id: Some(id.to_string()),
+    })
 }
 
 async fn attempt_entry(
     queue: &Arc<Queue>,
     forward: &Forwarder,
+    router: &dyn Decide,
     id: &str,
     delivered: &mut bool,
 ) -> Pass {
@@ -184,6 +225,21 @@ async fn attempt_entry(
             return Pass::SpoolTrouble;
         }
     };
+    if let Some(msg) = held_message(&entry, id) {
+        if let Some(why) = router.holds(&msg) {
+            debug!(spool_id = %id, "still held: {why}");
+            return Pass::Later(HELD_POLL, false);
+        }
+        let routing = router.route(&msg).await;
+        info!(
+            spool_id = %id,
+            from = entry.envelope_from.as_deref().unwrap_or("<>"),
+            rcpt = ?entry.envelope_to,
+            "held message routed: {}",
+            routing.trace.join("; ")
+        );
+        decide_held(&mut entry, &msg, &routing);
+    }
     entry.attempts += 1;
     let attempt = forward.attempt(&mut entry).await;
     *delivered = attempt.done > 0;

@@ -9,7 +9,11 @@
 //! Differences from mail2alert, on purpose: recipients the manager did
 //! not want (a message to the GoCD address *and* a person) still get the
 //! original message; a null sender never becomes `From: <>`; each address
-//! gets one copy however many rules name it.
+//! gets one copy however many rules name it. `messages-we-want` is
+//! compared exactly, as mail2alert compared it (plugin/mail.py:42-45);
+//! with `case-insensitive`, a message taken only thanks to that option
+//! still reaches its own recipients, as mail2alert would have passed it
+//! on (server.py:110-112), so the option never loses mail.
 
 use std::sync::{Arc, Mutex};
 
@@ -28,6 +32,8 @@ use crate::route::{Delivery, Envelope, Inbound, Routing, SlackPost};
 /// The running decision side. Send + Sync; share it behind an `Arc`.
 pub struct Router {
     managers: Vec<Arc<dyn Manager>>,
+    /// `mailgend.case-insensitive`.
+    case_insensitive: bool,
     /// Per manager (same order): messages it took; `None` without metrics.
     routed: Vec<Option<prometheus_client::metrics::counter::Counter>>,
     metrics: Option<Arc<RouteMetrics>>,
@@ -99,6 +105,7 @@ impl Router {
         };
         Ok(Router {
             managers,
+            case_insensitive: cfg.server.case_insensitive,
             routed,
             metrics,
             slack,
@@ -133,6 +140,27 @@ impl Router {
         }
     }
 
+    /// The manager that wants a message: index, manager, and whether it
+    /// wants it only thanks to `case-insensitive`.
+    fn wanting(&self, env: &Envelope) -> Option<(usize, &Arc<dyn Manager>, bool)> {
+        self.managers.iter().enumerate().find_map(|(i, m)| {
+            match wants(&m.config().wanted, env, self.case_insensitive)? {
+                Match::Exact => Some((i, m, false)),
+                Match::IgnoringCase => Some((i, m, true)),
+            }
+        })
+    }
+
+    /// Why this message must not be routed yet (see `Manager::holds`).
+    pub fn holds(&self, msg: &Inbound) -> Option<String> {
+        if msg.envelope.rcpt_to.is_empty() {
+            return None;
+        }
+        let (i, m, _) = self.wanting(&msg.envelope)?;
+        m.holds()
+            .map(|why| format!("manager {} (managers[{i}]): {why}", m.config().name))
+    }
+
     /// Decides what happens to one received message.
     pub async fn route(&self, msg: &Inbound) -> Routing {
         let env = &msg.envelope;
@@ -145,12 +173,8 @@ impl Router {
                 ..Routing::default()
             };
         }
-        let found = self
-            .managers
-            .iter()
-            .enumerate()
-            .find(|(_, m)| wants(&m.config().wanted, env));
-        let Some((index, manager)) = found else {
+        let found = self.wanting(env);
+        let Some((index, manager, by_case)) = found else {
             self.count(RouteMetrics::forwarded_unchanged);
             trace.push("no manager wants it: passed on unchanged".into());
             return Routing {
@@ -168,12 +192,17 @@ impl Router {
         }
         let cfg = manager.config();
         trace.push(format!(
-            "manager {} (managers[{index}], line {}) wants it: {}",
+            "manager {} (managers[{index}], line {}) wants it: {}{}",
             cfg.name,
             cfg.line,
             match &cfg.wanted {
                 Wanted::To(a) => format!("sent to {a}"),
                 Wanted::From(a) => format!("sent from {a}"),
+            },
+            if by_case {
+                " (ignoring case: case-insensitive)"
+            } else {
+                ""
             }
         ));
         let subject = decode_subject(&msg.data);
@@ -231,13 +260,20 @@ impl Router {
             });
         }
         // Recipients the manager did not ask for keep the original, unless
-        // a rule already sends them the rewritten copy.
-        if let Wanted::To(wanted) = &cfg.wanted {
+        // a rule already sends them the rewritten copy. A message taken
+        // only by ignoring case keeps all its recipients: mail2alert would
+        // have passed it on to them unchanged.
+        let not_taken = |r: &String| match &cfg.wanted {
+            Wanted::To(wanted) if !by_case => !same_address(r, wanted, self.case_insensitive),
+            Wanted::From(_) if !by_case => false,
+            _ => true,
+        };
+        {
             let others: Vec<String> = mailto::union(
                 env.rcpt_to
                     .iter()
-                    .filter(|r| !same_address(r, wanted))
-                    .filter(|r| !recipients.iter().any(|x| same_address(x, r)))
+                    .filter(|r| not_taken(r))
+                    .filter(|r| !recipients.iter().any(|x| same_address(x, r, true)))
                     .map(String::as_str),
             );
             if !others.is_empty() {
@@ -299,23 +335,43 @@ pub fn rule_matches(rule: &RuleConfig, facts: &Facts) -> Verdict {
     rule.function.check(facts)
 }
 
-fn wants(w: &Wanted, env: &Envelope) -> bool {
-    match w {
-        Wanted::To(a) => env.rcpt_to.iter().any(|r| same_address(r, a)),
-        Wanted::From(a) => env.mail_from.as_deref().is_some_and(|f| same_address(f, a)),
+enum Match {
+    Exact,
+    IgnoringCase,
+}
+
+/// Whether a manager wants a message: `to:` is one of the envelope
+/// recipients, `from:` is the envelope sender, exactly as mail2alert
+/// compared them (plugin/mail.py:42-45), or ignoring case when
+/// `case_insensitive`.
+fn wants(w: &Wanted, env: &Envelope, case_insensitive: bool) -> Option<Match> {
+    let candidates: Vec<&str> = match w {
+        Wanted::To(_) => env.rcpt_to.iter().map(String::as_str).collect(),
+        Wanted::From(_) => env.mail_from.as_deref().into_iter().collect(),
+    };
+    let (Wanted::To(a) | Wanted::From(a)) = w;
+    if candidates.iter().any(|c| same_address(c, a, false)) {
+        Some(Match::Exact)
+    } else if case_insensitive && candidates.iter().any(|c| same_address(c, a, true)) {
+        Some(Match::IgnoringCase)
+    } else {
+        None
     }
 }
 
-/// Addresses compare case-insensitively (as operators expect, although
-/// only the domain is case-insensitive by the RFC); `<…>` is ignored.
-fn same_address(a: &str, b: &str) -> bool {
+/// Address comparison; `<…>` around either is ignored.
+fn same_address(a: &str, b: &str, ignore_case: bool) -> bool {
     let strip = |s: &str| {
         s.trim()
             .trim_start_matches('<')
             .trim_end_matches('>')
             .to_string()
     };
-    strip(a).to_lowercase() == strip(b).to_lowercase()
+    if ignore_case {
+        strip(a).to_lowercase() == strip(b).to_lowercase()
+    } else {
+        strip(a) == strip(b)
+    }
 }
 
 /// The Subject header, unfolded and RFC 2047-decoded; empty when missing

@@ -69,6 +69,12 @@ impl Reply {
 /// after the client's final `.`; the client waits for the reply.
 pub trait Accept: Send + Sync + 'static {
     fn accept(&self, message: Inbound) -> BoxFuture<'static, Reply>;
+
+    /// The id a received message is known by (in its `Received:` line, the
+    /// log, and the spool if it is stored there).
+    fn new_id(&self) -> String {
+        crate::route::spool::new_id()
+    }
 }
 
 /// What a session runs with; replaced as a whole by a reload. A session

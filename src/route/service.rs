@@ -71,6 +71,10 @@ impl Decide for Router {
     fn route<'a>(&'a self, message: &'a Inbound) -> BoxFuture<'a, Routing> {
         Box::pin(Router::route(self, message))
     }
+
+    fn holds(&self, message: &Inbound) -> Option<String> {
+        Router::holds(self, message)
+    }
 }
 
 /// The configured Slack client as the forwarder's poster.
@@ -315,6 +319,14 @@ impl Exposition for Scrape {
     }
 }
 
+/// One WARN per oddity of the file (what mail2alert ran with and we run
+/// with the same way; `--check --strict` refuses them).
+fn warn_oddities(cfg: &RouteConfig) {
+    for w in &cfg.warnings {
+        warn!("configuration accepted as mail2alert accepted it: {w}");
+    }
+}
+
 /// Runs the router until SIGTERM/SIGINT.
 pub async fn run(path: &Path) -> Result<(), RouteServiceError> {
     let signals = Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(RouteServiceError::Signals)?;
@@ -322,6 +334,7 @@ pub async fn run(path: &Path) -> Result<(), RouteServiceError> {
     let mut signals = signals.fuse();
 
     let cfg = config::load(path)?;
+    warn_oddities(&cfg);
     let spool = Spool::open(&cfg.server.spool_dir)?;
     let waiting = spool.list()?.len();
     let queue = Arc::new(Queue::new(spool, waiting));
@@ -348,7 +361,13 @@ pub async fn run(path: &Path) -> Result<(), RouteServiceError> {
     let mut listening = Listening::start(server, session_rx.clone(), open.clone());
     // Listeners given up by a reload, finishing their sessions.
     let mut draining: JoinSet<()> = JoinSet::new();
-    let worker = tokio::spawn(retry::run(queue.clone(), forward_rx, stop_rx.clone()));
+    let (router_tx, router_rx) = watch::channel(current.router.clone() as Arc<dyn Decide>);
+    let worker = tokio::spawn(retry::run(
+        queue.clone(),
+        forward_rx,
+        router_rx,
+        stop_rx.clone(),
+    ));
 
     let status = |addr: SocketAddr, g: &Generation| {
         format!(
@@ -383,6 +402,7 @@ pub async fn run(path: &Path) -> Result<(), RouteServiceError> {
                         let old = std::mem::replace(&mut current, next.generation);
                         session_tx.send_replace(current.session.clone());
                         forward_tx.send_replace(current.forward.clone());
+                        router_tx.send_replace(current.router.clone() as Arc<dyn Decide>);
                         *scrape.router.lock().expect("not poisoned") = current.router.clone();
                         if let Some(server) = next.server {
                             let moved = std::mem::replace(
@@ -464,6 +484,7 @@ async fn reload(
     metrics: &Arc<RouteMetrics>,
 ) -> Result<Reloaded, RouteServiceError> {
     let cfg = config::load(path)?;
+    warn_oddities(&cfg);
     if cfg.server.spool_dir != current.cfg.server.spool_dir {
         warn!(
             "the spool directory changed; it takes effect only after a restart \

@@ -84,13 +84,16 @@ pub enum Job {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// The message (body `body`) still has to be routed: it was held
+    /// because a manager did not know enough yet (GoCD's first answer).
+    Route { body: usize, state: State },
 }
 
 impl Job {
     pub fn is_pending(&self) -> bool {
         match self {
             Job::Mail { recipients, .. } => recipients.iter().any(|r| r.state == State::Pending),
-            Job::Slack { state, .. } => *state == State::Pending,
+            Job::Slack { state, .. } | Job::Route { state, .. } => *state == State::Pending,
         }
     }
 }
@@ -166,7 +169,7 @@ impl Entry {
             return Err(format!("{} bytes after the last message body", data.len()));
         }
         for job in &entry.jobs {
-            if let Job::Mail { body, .. } = job {
+            if let Job::Mail { body, .. } | Job::Route { body, .. } = job {
                 if *body >= entry.bodies.len() {
                     return Err(format!("a job names message body {body}, which is missing"));
                 }
@@ -180,7 +183,18 @@ impl Entry {
 #[derive(Debug)]
 pub struct Spool {
     dir: PathBuf,
-    counter: AtomicU64,
+}
+
+/// A new entry id: arrival time in nanoseconds since the epoch, a counter
+/// and the process id, so ids sort by arrival and never collide.
+pub fn new_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{:020}-{:08}-{}",
+        Utc::now().timestamp_nanos_opt().unwrap_or_default(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        std::process::id()
+    )
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
@@ -206,7 +220,6 @@ impl Spool {
         }
         let spool = Spool {
             dir: dir.to_path_buf(),
-            counter: AtomicU64::new(0),
         };
         let tmp = dir.join("tmp");
         for e in fs::read_dir(&tmp).map_err(io_err(&tmp))? {
@@ -254,15 +267,14 @@ impl Spool {
 
     /// Stores a new entry durably; returns its id.
     pub fn store(&self, entry: &Entry) -> Result<String, SpoolError> {
-        let now = Utc::now();
-        let id = format!(
-            "{:020}-{:08}-{}",
-            now.timestamp_nanos_opt().unwrap_or_default(),
-            self.counter.fetch_add(1, Ordering::Relaxed),
-            std::process::id()
-        );
+        let id = new_id();
         self.write(&id, entry)?;
         Ok(id)
+    }
+
+    /// Stores a new entry durably under `id` (from [`new_id`]).
+    pub fn store_as(&self, id: &str, entry: &Entry) -> Result<(), SpoolError> {
+        self.write(id, entry)
     }
 
     /// Replaces an entry (recorded progress) durably.

@@ -24,6 +24,18 @@ pub fn parse_address(s: &str) -> Result<String, String> {
     Ok(r.address().to_string())
 }
 
+/// A local part without a domain (`mailto:ops`): letters, digits and the
+/// atom characters of RFC 5322 only, so it is safe in `RCPT TO:<…>`.
+pub fn bare_local_part(s: &str) -> Option<&str> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || "!#$&'*+-/=^_`{|}~.".contains(c);
+    (!s.is_empty()
+        && s.len() <= 64
+        && s.chars().all(ok)
+        && !s.starts_with('.')
+        && !s.ends_with('.'))
+    .then_some(s)
+}
+
 /// Merges recipient lists: each address once, compared case-insensitively,
 /// first spelling and order kept.
 pub fn union<'a>(addresses: impl IntoIterator<Item = &'a str>) -> Vec<String> {

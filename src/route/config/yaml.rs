@@ -1,6 +1,12 @@
 //! A YAML document as a tree whose every node knows its line, so that a
 //! problem found while validating (not only a syntax error) can name
 //! `file:line`. Built from yaml-rust2's marked parser events.
+//!
+//! YAML 1.1 merge keys (`<<: *defaults`, `<<: [*a, *b]`), which PyYAML and
+//! so mail2alert's loader resolve and yaml-rust2 does not, are resolved
+//! here when a mapping ends: merged entries keep the lines where they were
+//! written, keys given in the mapping itself win, and among several merged
+//! mappings the earlier wins.
 
 use std::collections::HashMap;
 
@@ -115,7 +121,7 @@ impl MarkedEventReceiver for Builder {
                     Some(Open::Map(line, entries, _, anchor)) => (
                         Node {
                             line,
-                            kind: Kind::Map(entries),
+                            kind: Kind::Map(merge_keys(entries)),
                         },
                         anchor,
                     ),
@@ -138,6 +144,48 @@ impl MarkedEventReceiver for Builder {
             _ => {}
         }
     }
+}
+
+fn is_merge_key(k: &Node) -> bool {
+    matches!(&k.kind, Kind::Scalar { value, plain: true } if value == "<<")
+}
+
+/// Resolves `<<` entries of one mapping (see the module comment). A `<<`
+/// whose value is not a mapping or a list of mappings stays as a key, and
+/// the reader reports it as unknown.
+fn merge_keys(entries: Vec<(Node, Node)>) -> Vec<(Node, Node)> {
+    if !entries.iter().any(|(k, _)| is_merge_key(k)) {
+        return entries;
+    }
+    let mut own = Vec::new();
+    let mut merged: Vec<(Node, Node)> = Vec::new();
+    let add = |merged: &mut Vec<(Node, Node)>, from: &[(Node, Node)]| {
+        for (k, v) in from {
+            if !merged.iter().any(|(m, _)| m.kind == k.kind) {
+                merged.push((k.clone(), v.clone()));
+            }
+        }
+    };
+    for (k, v) in entries {
+        if !is_merge_key(&k) {
+            own.push((k, v));
+            continue;
+        }
+        match &v.kind {
+            Kind::Map(from) => add(&mut merged, from),
+            Kind::Seq(items) if items.iter().all(|i| matches!(i.kind, Kind::Map(_))) => {
+                for i in items {
+                    if let Kind::Map(from) = &i.kind {
+                        add(&mut merged, from);
+                    }
+                }
+            }
+            _ => own.push((k, v)),
+        }
+    }
+    merged.retain(|(k, _)| !own.iter().any(|(o, _)| o.kind == k.kind));
+    merged.extend(own);
+    merged
 }
 
 /// Parses one YAML document. An empty file is a null node.
@@ -191,6 +239,24 @@ mod tests {
     fn syntax_error_has_line() {
         let e = parse("a: 1\nb: [1, 2\nc: 3\n").unwrap_err();
         assert!(e.line >= 2, "{e:?}");
+    }
+
+    #[test]
+    fn merge_keys_as_pyyaml() {
+        let n = parse("d: &d {a: 1, b: 2}\ne: &e\n  b: 3\n  c: 4\nx:\n  <<: [*d, *e]\n  a: 9\n")
+            .unwrap();
+        let Kind::Map(entries) = &n.kind else {
+            panic!()
+        };
+        let Kind::Map(x) = &entries[2].1.kind else {
+            panic!()
+        };
+        let got: Vec<(&str, &str, usize)> = x
+            .iter()
+            .map(|(k, v)| (k.scalar().unwrap(), v.scalar().unwrap(), v.line))
+            .collect();
+        // Own keys win, the earlier merged mapping wins, lines kept.
+        assert_eq!(got, [("b", "2", 1), ("c", "4", 4), ("a", "9", 7)]);
     }
 
     #[test]

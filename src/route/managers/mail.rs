@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 
 use super::{Manager, ManagerSpec};
-use crate::route::config::{ManagerConfig, ManagerSettings, MapView, Reader};
+use crate::route::config::{ManagerConfig, ManagerSettings, MapView, Reader, RuleConfig};
 use crate::route::rules::Facts;
 
 pub const SPEC: ManagerSpec = ManagerSpec {
@@ -17,7 +17,7 @@ pub const SPEC: ManagerSpec = ManagerSpec {
     build,
 };
 
-fn parse(_r: &mut Reader, _m: &MapView<'_>, _k: &str) -> ManagerSettings {
+fn parse(_r: &mut Reader, _m: &MapView<'_>, _k: &str, _rules: &[RuleConfig]) -> ManagerSettings {
     ManagerSettings::Mail
 }
 

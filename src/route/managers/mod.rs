@@ -16,7 +16,7 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::route::config::{ManagerConfig, ManagerSettings, MapView, Reader};
+use crate::route::config::{ManagerConfig, ManagerSettings, MapView, Reader, RuleConfig};
 use crate::route::metrics::RouteMetrics;
 use crate::route::rules::Facts;
 
@@ -32,6 +32,14 @@ pub trait Manager: Send + Sync {
 
     /// The GoCD data source, for managers that have one (status, metrics).
     fn gocd(&self) -> Option<&Arc<gocd::GocdSource>> {
+        None
+    }
+
+    /// Why the mail this manager wants must not be decided on yet (GoCD
+    /// has not answered since start); `None` when it may. Held mail waits
+    /// in the spool and is routed once this says `None`; a manager bounds
+    /// how long it says so.
+    fn holds(&self) -> Option<String> {
         None
     }
 
@@ -57,8 +65,9 @@ pub struct ManagerSpec {
     pub extra_keys: &'static [&'static str],
     /// Whether rule filters may have `events:`.
     pub has_events: bool,
-    /// Reads the manager's own keys; problems go to the reader.
-    pub parse: fn(&mut Reader, &MapView<'_>, &str) -> ManagerSettings,
+    /// Reads the manager's own keys (knowing its rules); problems go to
+    /// the reader.
+    pub parse: fn(&mut Reader, &MapView<'_>, &str, &[RuleConfig]) -> ManagerSettings,
     /// Builds the running manager; the error (e.g. no TLS backend) is the
     /// reason it cannot run.
     pub build: BuildFn,

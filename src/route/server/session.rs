@@ -409,7 +409,9 @@ impl Session {
                     self.reply("503 5.5.1 Nested MAIL command");
                 } else if self.cfg.settings.auth.is_some() && !self.authed {
                     self.reply("530 5.7.0 Authentication required");
-                } else if self.messages >= self.cfg.settings.max_messages_per_connection {
+                } else if self.cfg.settings.max_messages_per_connection > 0
+                    && self.messages >= self.cfg.settings.max_messages_per_connection
+                {
                     self.reply("421 4.7.0 Too many messages on this connection, reconnect");
                     return Ok(Next::Close);
                 } else if size.is_some_and(|n| n > max) {
@@ -512,19 +514,66 @@ impl Session {
                 return Ok(Next::Close);
             }
         };
+        let hops = received_count(&data);
+        if hops >= self.cfg.settings.max_received {
+            // A mail loop (or a very long path): as Postfix's
+            // hopcount_limit, refused before anything else looks at it.
+            self.cfg.metrics.message_replied(554);
+            warn!(peer = %self.peer, hops, "refused a message with too many Received: lines (mail loop?)");
+            self.reply(&format!(
+                "554 5.4.6 Too many hops ({hops} Received: lines; limit {})",
+                self.cfg.settings.max_received
+            ));
+            return Ok(Next::Continue);
+        }
+        let id = self.cfg.accept.new_id();
+        let mut stamped = self.received_line(&id, &txn.rcpt_to).into_bytes();
+        stamped.extend_from_slice(&data);
         let inbound = Inbound {
             envelope: Envelope {
                 peer: self.peer,
                 mail_from: txn.mail_from,
                 rcpt_to: txn.rcpt_to,
             },
-            data: Arc::new(data),
+            data: Arc::new(stamped),
+            id: Some(id),
         };
         let reply = self.cfg.accept.accept(inbound).await;
         self.cfg.metrics.message_replied(reply.code);
         self.messages += 1;
         self.reply(&reply.line());
         Ok(Next::Continue)
+    }
+
+    /// Our trace field (RFC 5321 §4.4): who gave us the message, by
+    /// which protocol, under which id (the spool id, also in our log),
+    /// for whom when there is one recipient, and when.
+    fn received_line(&self, id: &str, rcpt_to: &[String]) -> String {
+        let helo = self
+            .helo
+            .as_deref()
+            .filter(|h| h.chars().all(|c| c.is_ascii_graphic()))
+            .unwrap_or("unknown");
+        let ip = match self.peer.ip() {
+            std::net::IpAddr::V4(a) => a.to_string(),
+            std::net::IpAddr::V6(a) => format!("IPv6:{a}"),
+        };
+        // RFC 3848 protocol names.
+        let with = match (self.tls_active, self.authed) {
+            (false, false) => "ESMTP",
+            (true, false) => "ESMTPS",
+            (false, true) => "ESMTPA",
+            (true, true) => "ESMTPSA",
+        };
+        let for_clause = match rcpt_to {
+            [one] => format!("\r\n\tfor <{one}>"),
+            _ => String::new(),
+        };
+        format!(
+            "Received: from {helo} ([{ip}])\r\n\tby {} (mailgend route) with {with} id {id}{for_clause};\r\n\t{}\r\n",
+            self.cfg.hostname,
+            chrono::Utc::now().to_rfc2822()
+        )
     }
 
     async fn starttls(&mut self) -> io::Result<Next> {
@@ -705,6 +754,20 @@ impl Session {
 }
 
 /// Base64 of an AUTH response (`=` is the empty initial response).
+/// `Received:` fields in the header block (up to the first empty line).
+fn received_count(data: &[u8]) -> usize {
+    let mut n = 0;
+    for line in data.split(|&b| b == b'\n') {
+        if line == b"\r" || line.is_empty() {
+            break;
+        }
+        if line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:") {
+            n += 1;
+        }
+    }
+    n
+}
+
 fn decode(s: &str) -> Option<Vec<u8>> {
     if s == "=" {
         return Some(Vec::new());

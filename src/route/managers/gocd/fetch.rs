@@ -101,6 +101,10 @@ impl GocdSource {
             .user_agent(concat!("mailgend/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("cannot set up an HTTP client for GoCD: {}", error_chain(&e)))?;
+        if settings.url.is_empty() {
+            // Nothing to ask: the "first answer" is there at once.
+            knowledge.first_attempt.send_replace(true);
+        }
         Ok(GocdSource {
             settings,
             http,
@@ -169,6 +173,11 @@ impl GocdSource {
         self.settings
             .startup_wait
             .saturating_sub(self.knowledge.created.elapsed())
+    }
+
+    /// Whether the first fetch attempt (groups and cctray.xml) is over.
+    pub fn first_attempt_done(&self) -> bool {
+        *self.knowledge.first_attempt.borrow()
     }
 
     /// Waits until the first fetch attempt is over, at most `limit`.
@@ -247,6 +256,9 @@ impl GocdSource {
 
     /// Refreshes every `refresh_interval` until `shutdown` turns true.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        if self.settings.url.is_empty() {
+            return;
+        }
         loop {
             let started = Instant::now();
             tokio::select! {
@@ -359,9 +371,10 @@ pub fn parse_groups(text: &str) -> Result<PipelineGroups, String> {
     Ok(PipelineGroups::new(groups))
 }
 
-/// Each pipeline's state from its most recent `<Project>` entry
-/// (`name="pipeline :: stage[ :: job]"`, `lastBuildStatus`,
-/// `lastBuildTime`).
+/// Each stage's state, keyed `pipeline/stage`, from the `<Project
+/// name="pipeline :: stage">` entries (`lastBuildStatus`,
+/// `lastBuildTime`); job entries (`pipeline :: stage :: job`) are skipped,
+/// as mail2alert skipped them (plugin/gocd.py:139-143).
 pub fn parse_cctray(text: &str) -> Result<HashMap<String, BuildState>, String> {
     use quick_xml::events::Event as X;
     let mut reader = quick_xml::Reader::from_str(text);
@@ -396,14 +409,20 @@ pub fn parse_cctray(text: &str) -> Result<HashMap<String, BuildState>, String> {
                 let (Some(name), Some(status)) = (name, status) else {
                     continue;
                 };
-                let pipeline = name.split("::").next().unwrap_or("").trim().to_string();
-                if pipeline.is_empty() {
+                let parts: Vec<&str> = name.split("::").map(str::trim).collect();
+                // mail2alert failed on an entry without a stage (IndexError,
+                // ending the seeding); such an entry is skipped here.
+                let [pipeline, stage] = parts.as_slice() else {
+                    continue;
+                };
+                if pipeline.is_empty() || stage.is_empty() {
                     continue;
                 }
+                let key = format!("{pipeline}/{stage}");
                 // ISO 8601 times in one format compare as strings.
-                let newer = latest.get(&pipeline).is_none_or(|(t, _)| time > *t);
+                let newer = latest.get(&key).is_none_or(|(t, _)| time > *t);
                 if newer {
-                    latest.insert(pipeline, (time, BuildState::from_cctray(&status)));
+                    latest.insert(key, (time, BuildState::from_cctray(&status)));
                 }
             }
             _ => {}
@@ -436,7 +455,7 @@ mod tests {
     }
 
     #[test]
-    fn cctray_latest_entry_wins() {
+    fn cctray_per_stage_jobs_skipped() {
         let xml = r#"<?xml version="1.0"?><Projects>
 <Project name="p :: build" lastBuildStatus="Success" lastBuildTime="2024-01-02T10:00:00Z" activity="Sleeping"/>
 <Project name="p :: test" lastBuildStatus="Failure" lastBuildTime="2024-01-02T11:00:00Z" activity="Sleeping"/>
@@ -444,8 +463,11 @@ mod tests {
 <Project name="q :: build" lastBuildStatus="Unknown" lastBuildTime="2024-01-02T10:00:00Z"/>
 </Projects>"#;
         let s = parse_cctray(xml).unwrap();
-        assert_eq!(s.get("p"), Some(&BuildState::Failing));
-        assert_eq!(s.get("q"), None);
+        assert_eq!(s.get("p/build"), Some(&BuildState::Passing));
+        assert_eq!(s.get("p/test"), Some(&BuildState::Failing));
+        assert_eq!(s.get("p"), None);
+        assert_eq!(s.get("q/build"), None);
+        assert_eq!(s.len(), 2);
         assert!(parse_cctray("<html/>").is_err());
     }
 }

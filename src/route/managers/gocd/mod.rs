@@ -3,9 +3,10 @@
 //! pipeline's history (FIXED/BREAKS), and gives its rules GoCD's pipeline
 //! groups, refreshed in the background ([`fetch::GocdSource`]).
 //!
-//! Mail never waits on GoCD beyond `startup-wait` after start, and then
-//! only for a rule that needs group data; `pipelines.any` rules work while
-//! GoCD is down.
+//! Until GoCD's first answer (cctray.xml and the groups, either way),
+//! the mail this manager wants is held in the spool, at most
+//! `startup-wait` after start ([`Manager::holds`]); afterwards nothing
+//! waits, and `pipelines.any` rules work while GoCD is down.
 //!
 //! A reload builds new managers; one whose GoCD (url, user, passwd) is the
 //! same as a replaced manager's takes over that source's
@@ -25,7 +26,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{BuildContext, Manager, ManagerSpec};
-use crate::route::config::{ManagerConfig, ManagerSettings, MapView, Reader};
+use crate::route::config::{ManagerConfig, ManagerSettings, MapView, Reader, RuleConfig};
 use crate::route::rules::{Facts, Verdict};
 
 pub use fetch::GocdSource;
@@ -103,7 +104,8 @@ impl PipelineGroups {
 /// The gocd manager's own keys.
 #[derive(Clone, PartialEq, Eq)]
 pub struct GocdSettings {
-    /// `url`: GoCD's base URL, e.g. `https://gocd.example.org/go`.
+    /// `url`: GoCD's base URL, e.g. `https://gocd.example.org/go`; empty
+    /// when not given (only `pipelines.any` rules: nothing is fetched).
     pub url: String,
     pub user: Option<String>,
     pub passwd: Option<String>,
@@ -111,8 +113,8 @@ pub struct GocdSettings {
     pub refresh_interval: Duration,
     /// `timeout`: per HTTP request to GoCD.
     pub timeout: Duration,
-    /// `startup-wait`: how long a message needing group data waits for
-    /// GoCD's first answer after start.
+    /// `startup-wait`: how long after start the manager's mail is held
+    /// for GoCD's first answer.
     pub startup_wait: Duration,
 }
 
@@ -143,20 +145,63 @@ pub const SPEC: ManagerSpec = ManagerSpec {
     build,
 };
 
-fn parse(r: &mut Reader, m: &MapView<'_>, k: &str) -> ManagerSettings {
+fn parse(r: &mut Reader, m: &MapView<'_>, k: &str, rules: &[RuleConfig]) -> ManagerSettings {
     let key = |s: &str| format!("{k}.{s}");
-    let url = r.required_string(m, k, "url").unwrap_or_default();
-    if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+    let url = match m.get("url") {
+        Some(n) if !n.is_null() => r.string(n, &key("url")).unwrap_or_default(),
+        _ => String::new(),
+    };
+    let url_line = m.get("url").map_or(m.line(), |n| n.line);
+    if url.trim().is_empty() {
+        match rules.iter().find(|r| r.function.needs_groups()) {
+            // mail2alert failed on every message such a rule looked at
+            // (plugin/gocd.py:98-102, 326-330).
+            Some(rule) => r.problem(
+                url_line,
+                &key("url"),
+                format!(
+                    "missing, but the rule at line {} ({}) needs GoCD's pipeline groups",
+                    rule.line, rule.function_name
+                ),
+            ),
+            // plugin/gocd.py:122-126: without url no cctray.xml, so no
+            // stage history: FIXED/BREAKS come only from the mail seen.
+            None => r.oddity(
+                url_line,
+                &key("url"),
+                "missing: no GoCD to ask; FIXED/BREAKS are judged from the mail seen since start (as by mail2alert)",
+            ),
+        }
+    } else if !(url.starts_with("http://") || url.starts_with("https://")) {
         r.problem(
-            m.get("url").map_or(m.line(), |n| n.line),
+            url_line,
             &key("url"),
             format!("{url:?} is not an http(s) URL"),
         );
     }
-    let user = m.get("user").and_then(|n| r.string(n, &key("user")));
-    let passwd = m.get("passwd").and_then(|n| r.string(n, &key("passwd")));
+    let user = m
+        .get("user")
+        .filter(|n| !n.is_null())
+        .and_then(|n| r.string(n, &key("user")));
+    let mut passwd = m
+        .get("passwd")
+        .filter(|n| !n.is_null())
+        .and_then(|n| r.string(n, &key("passwd")));
     if passwd.is_some() && user.is_none() {
-        r.problem(m.line(), &key("user"), "passwd given without user");
+        // plugin/gocd.py:84-91: without user, GoCD is asked anonymously.
+        r.oddity(
+            m.line(),
+            &key("passwd"),
+            "given without user: ignored, GoCD is asked anonymously (as by mail2alert)",
+        );
+        passwd = None;
+    }
+    if user.is_some() && passwd.is_none() {
+        r.oddity(
+            m.line(),
+            &key("user"),
+            "given without passwd: GoCD is asked with an empty password (mail2alert could not ask at all)",
+        );
     }
     let secs = |r: &mut Reader, name: &str, min: f64, max: f64, default: f64| {
         m.get(name)
@@ -166,7 +211,9 @@ fn parse(r: &mut Reader, m: &MapView<'_>, k: &str) -> ManagerSettings {
     // mail2alert re-read the groups when older than 30 s.
     let refresh_interval = secs(r, "refresh-interval", 0.1, 86400.0, 30.0);
     let timeout = secs(r, "timeout", 0.1, 300.0, 10.0);
-    let startup_wait = secs(r, "startup-wait", 0.0, 60.0, 3.0);
+    // Long enough for a slow GoCD's first answer (its own `timeout` is
+    // 10 s): held mail waits at most this long after start.
+    let startup_wait = secs(r, "startup-wait", 0.0, 3600.0, 60.0);
     ManagerSettings::Gocd(GocdSettings {
         url,
         user,
@@ -249,19 +296,41 @@ impl Manager for GocdManager {
         Some(&self.source)
     }
 
+    fn holds(&self) -> Option<String> {
+        // mail2alert read cctray.xml before it answered SMTP
+        // (server.py:139-145): no GoCD mail was judged without the
+        // stages' last results. We listen at once and hold the mail this
+        // manager wants instead, until GoCD's first answer (either way)
+        // or the end of startup-wait.
+        if self.source.first_attempt_done() {
+            return None;
+        }
+        let left = self.source.startup_wait_left();
+        (!left.is_zero()).then(|| {
+            format!(
+                "GoCD at {} has not answered yet (held for at most {:?} more)",
+                self.source.settings().url,
+                left
+            )
+        })
+    }
+
     fn facts<'a>(&'a self, subject: String, trace: &'a mut Vec<String>) -> BoxFuture<'a, Facts> {
         Box::pin(async move {
-            let mut groups = self.source.groups();
-            if groups.is_none() && self.needs_groups {
-                let limit = self.source.startup_wait_left();
-                if !self.source.wait_first_attempt(limit).await {
-                    trace.push(format!(
-                        "GoCD has not answered within startup-wait ({:?})",
-                        self.source.settings().startup_wait
-                    ));
-                }
-                groups = self.source.groups();
+            if !self.source.first_attempt_done() {
+                tracing::warn!(
+                    url = %self.source.settings().url,
+                    subject = %subject,
+                    "GoCD mail routed before GoCD's first answer (startup-wait is over): \
+                     FIXED/BREAKS and group rules judged without it"
+                );
+                trace.push(format!(
+                    "GoCD has not answered within startup-wait ({:?}): routed without its \
+                     pipeline groups and stage results",
+                    self.source.settings().startup_wait
+                ));
             }
+            let groups = self.source.groups();
             if groups.is_none() && self.needs_groups {
                 trace.push("no GoCD pipeline groups yet: group rules cannot match".into());
             }
@@ -270,22 +339,36 @@ impl Manager for GocdManager {
                     trace.push("subject is not a GoCD stage notification".into());
                     (None, None)
                 }
-                Some((p, None)) => {
-                    trace.push(format!("pipeline {p}, no known event in the subject"));
-                    (Some(p), None)
+                Some(run @ subject::StageRun { event: None, .. }) => {
+                    trace.push(format!(
+                        "pipeline {}, stage {}, no known event in the subject",
+                        run.pipeline, run.stage
+                    ));
+                    (Some(run.pipeline), None)
                 }
-                Some((p, Some(ev))) => {
-                    let corrected = self.source.advance(&p, ev);
+                Some(
+                    run @ subject::StageRun {
+                        event: Some(ev), ..
+                    },
+                ) => {
+                    let corrected = self.source.advance(&run.key(), ev);
                     if corrected == ev {
-                        trace.push(format!("pipeline {p}, event {}", ev.name()));
+                        trace.push(format!(
+                            "pipeline {}, stage {}, event {}",
+                            run.pipeline,
+                            run.stage,
+                            ev.name()
+                        ));
                     } else {
                         trace.push(format!(
-                            "pipeline {p}, event {} (GoCD said {}; corrected by the pipeline's last state)",
+                            "pipeline {}, stage {}, event {} (GoCD said {}; corrected by the stage's last result)",
+                            run.pipeline,
+                            run.stage,
                             corrected.name(),
                             ev.name()
                         ));
                     }
-                    (Some(p), Some(corrected))
+                    (Some(run.pipeline), Some(corrected))
                 }
             };
             Facts {

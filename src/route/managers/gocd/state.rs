@@ -1,8 +1,10 @@
-//! Each pipeline's last known result, so that a pass after a failure is
+//! Each stage's last known result, so that a pass after a failure is
 //! reported as FIXED and a failure after a pass as BREAKS even when GoCD's
-//! own mail said only "passed"/"failed" (it judges per stage, we per
-//! pipeline, as mail2alert did). Seeded from cctray.xml, then advanced by
-//! every message.
+//! own mail said only "passed"/"failed". Kept per `pipeline/stage`, as
+//! GoCD judges and as mail2alert kept it (plugin/gocd.py:382-405): a
+//! pipeline whose `build` passes while its `test` keeps failing is neither
+//! FIXED nor BROKEN on every run. Seeded from the `P :: S` entries of
+//! cctray.xml, then advanced by every message.
 
 use std::collections::HashMap;
 
@@ -25,27 +27,28 @@ impl BuildState {
     }
 }
 
-/// Pipeline name (lower-cased: GoCD names are case-insensitive) → state.
+/// `pipeline/stage` (lower-cased: GoCD names are case-insensitive) → state.
 #[derive(Debug, Default)]
 pub struct StateTable {
     states: HashMap<String, BuildState>,
 }
 
 impl StateTable {
-    pub fn get(&self, pipeline: &str) -> Option<BuildState> {
-        self.states.get(&pipeline.to_lowercase()).copied()
+    /// The state of `key` (`pipeline/stage`).
+    pub fn get(&self, key: &str) -> Option<BuildState> {
+        self.states.get(&key.to_lowercase()).copied()
     }
 
-    /// Seeds a pipeline's state unless a message already set it (a message
+    /// Seeds a stage's state unless a message already set it (a message
     /// is newer than any cctray fetch that raced with it).
-    pub fn seed(&mut self, pipeline: &str, state: BuildState) {
-        self.states.entry(pipeline.to_lowercase()).or_insert(state);
+    pub fn seed(&mut self, key: &str, state: BuildState) {
+        self.states.entry(key.to_lowercase()).or_insert(state);
     }
 
-    /// Corrects `event` by the pipeline's history and records the result.
-    /// Returns the event to act on.
-    pub fn advance(&mut self, pipeline: &str, event: Event) -> Event {
-        let key = pipeline.to_lowercase();
+    /// Corrects `event` by the stage's history (`key` is `pipeline/stage`)
+    /// and records the result. Returns the event to act on.
+    pub fn advance(&mut self, key: &str, event: Event) -> Event {
+        let key = key.to_lowercase();
         let prev = self.states.get(&key).copied();
         let corrected = correct(prev, event);
         match corrected {
@@ -56,7 +59,8 @@ impl StateTable {
                 self.states.insert(key, BuildState::Failing);
             }
             // A cancelled run says nothing about pass or fail: keep the
-            // previous state (mail2alert forgot it, losing the next FIXED).
+            // previous state (mail2alert forgot it, plugin/gocd.py:291,405,
+            // so the next pass after a failure was not FIXED).
             Event::Cancelled => {}
         }
         corrected
@@ -89,15 +93,18 @@ mod tests {
     #[test]
     fn fixed_and_breaks() {
         let mut t = StateTable::default();
-        assert_eq!(t.advance("p", Event::Passes), Event::Passes);
-        assert_eq!(t.advance("p", Event::Fails), Event::Breaks);
-        assert_eq!(t.advance("P", Event::Fails), Event::Fails);
-        assert_eq!(t.advance("p", Event::Cancelled), Event::Cancelled);
-        assert_eq!(t.advance("p", Event::Passes), Event::Fixed);
-        assert_eq!(t.advance("p", Event::Fixed), Event::Fixed);
-        t.seed("p", BuildState::Failing);
+        assert_eq!(t.advance("p/s", Event::Passes), Event::Passes);
+        assert_eq!(t.advance("p/s", Event::Fails), Event::Breaks);
+        assert_eq!(t.advance("P/S", Event::Fails), Event::Fails);
+        assert_eq!(t.advance("p/s", Event::Cancelled), Event::Cancelled);
+        assert_eq!(t.advance("p/s", Event::Passes), Event::Fixed);
+        assert_eq!(t.advance("p/s", Event::Fixed), Event::Fixed);
+        // Another stage of the same pipeline has its own history.
+        assert_eq!(t.advance("p/t", Event::Fails), Event::Fails);
+        assert_eq!(t.advance("p/s", Event::Passes), Event::Passes);
+        t.seed("p/s", BuildState::Failing);
         assert_eq!(
-            t.get("p"),
+            t.get("p/s"),
             Some(BuildState::Passing),
             "seed never overrides"
         );
