@@ -1278,3 +1278,70 @@ async fn one_long_lived_sender_is_never_cut_off() {
     assert_eq!(got.len(), 1200);
     assert_eq!(s.route.stop(), Some(0));
 }
+
+/// After a SIGHUP that points the gocd manager at another GoCD, nothing
+/// learnt from the old one holds: its mail is held again until the new
+/// GoCD has answered, then judged by the new GoCD's stage history.
+#[tokio::test]
+async fn after_sighup_to_another_gocd_mail_is_held_until_it_answers() {
+    const GROUPS: &str = r#"[{"name":"my-group","pipelines":[{"name":"ppp"}]}]"#;
+    const FAILING: &str = r#"<?xml version="1.0"?><Projects>
+<Project name="ppp :: build" lastBuildStatus="Failure" lastBuildTime="2026-12-01T10:00:00Z" activity="Sleeping" lastBuildLabel="12" webUrl="http://ci/go"/>
+</Projects>"#;
+    const PASSING: &str = r#"<?xml version="1.0"?><Projects>
+<Project name="ppp :: build" lastBuildStatus="Success" lastBuildTime="2026-12-01T10:00:00Z" activity="Sleeping" lastBuildLabel="12" webUrl="http://ci/go"/>
+</Projects>"#;
+    let fast = slow_gocd(Duration::ZERO, PASSING, GROUPS);
+    let slow = slow_gocd(Duration::from_secs(5), FAILING, GROUPS);
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SmtpSink::start();
+    let port = free_port();
+    let with_gocd = |gocd: u16| {
+        config_text(port, sink.port(), &dir.path().join("spool"), "").replace(
+            "mailgend:\n",
+            &format!(
+                "- name: gocd
+  url: http://127.0.0.1:{gocd}/go
+  timeout: 30
+  messages-we-want:
+    to: mail2alert@example.org
+  rules:
+  - actions: [mailto:fixed@example.net]
+    filter: {{function: pipelines.any, events: [FIXED]}}
+  - actions: [mailto:passes@example.net]
+    filter: {{function: pipelines.any, events: [PASSES]}}
+mailgend:\n"
+            ),
+        )
+    };
+    let config = dir.path().join("configuration.yml");
+    std::fs::write(&config, with_gocd(fast)).unwrap();
+    let route = Route::start(dir.path(), port);
+    let passed = b"Subject: Stage [ppp/13/build/1] passed\r\n\r\nx\r\n";
+    // The first GoCD says build was passing: PASSES.
+    assert_eq!(
+        python_send(port, "go@example.org", &["mail2alert@example.org"], passed),
+        "{}"
+    );
+    let got = sink.wait_for_async(1, WAIT).await;
+    assert_eq!(
+        got[0].rcpt_to,
+        vec!["passes@example.net"],
+        "{}",
+        route.log()
+    );
+    std::fs::write(&config, with_gocd(slow)).unwrap();
+    let reloaded = Instant::now();
+    route.signal("HUP");
+    route.wait_log("configuration reloaded", 1);
+    assert_eq!(
+        python_send(port, "go@example.org", &["mail2alert@example.org"], passed),
+        "{}"
+    );
+    route.wait_log("held: manager gocd", 1);
+    // The new GoCD says build was failing: FIXED, once it has answered.
+    let got = sink.wait_for_async(2, Duration::from_secs(40)).await;
+    assert!(reloaded.elapsed() >= Duration::from_secs(5));
+    assert_eq!(got[1].rcpt_to, vec!["fixed@example.net"], "{}", route.log());
+    assert_eq!(route.stop(), Some(0));
+}
