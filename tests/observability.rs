@@ -382,6 +382,11 @@ fn parse_response(raw: &[u8]) -> Response {
     }
 }
 
+async fn get_accept(addr: SocketAddr, path: &str, accept: &str) -> Response {
+    let raw = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n");
+    parse_response(&exchange(addr, raw.as_bytes()).await.unwrap())
+}
+
 async fn get(addr: SocketAddr, method: &str, path: &str) -> Response {
     let raw = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: test\r\n\r\n");
     parse_response(&exchange(addr, raw.as_bytes()).await.unwrap())
@@ -453,12 +458,30 @@ async fn metrics_endpoint_serves_current_values() {
     m.observe_send(Duration::from_millis(30));
     let busy = m.worker_busy();
 
+    // No Accept header: the classic text format.
     let r = get(server.addr, "GET", "/metrics").await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.headers["content-type"], metrics::CONTENT_TYPE);
+    assert_eq!(r.headers["content-type"], metrics::TEXT_CONTENT_TYPE);
     assert_eq!(r.headers["content-length"], r.body.len().to_string());
     assert_eq!(r.headers["connection"], "close");
+    assert!(
+        r.body.contains("# HELP mailgend_mails_sent_total "),
+        "{}",
+        r.body
+    );
+    assert!(!r.body.contains("# EOF"), "{}", r.body);
+    // What Prometheus asks for: OpenMetrics.
+    let r = get_accept(
+        server.addr,
+        "/metrics",
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;\
+         q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-type"], metrics::CONTENT_TYPE);
     assert!(r.body.contains("# HELP mailgend_mails_sent "), "{}", r.body);
+    assert!(r.body.ends_with("# EOF\n"));
     assert!(r
         .body
         .contains("# TYPE mailgend_send_duration_seconds histogram"));
@@ -506,7 +529,7 @@ async fn metrics_endpoint_serves_current_values() {
     );
     let text = String::from_utf8(out.stdout).unwrap();
     let (body, trailer) = text.rsplit_once('\n').unwrap();
-    assert_eq!(trailer, format!("200 {}", metrics::CONTENT_TYPE));
+    assert_eq!(trailer, format!("200 {}", metrics::TEXT_CONTENT_TYPE));
     let v = metrics::parse_exposition(body);
     assert_eq!(v["mailgend_mails_sent_total"], 4.0);
 

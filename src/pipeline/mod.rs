@@ -672,6 +672,13 @@ async fn deliver(
 /// connection broke without a reply.
 async fn record_refusal(p: &Pipeline, side: &Client, rest: &[i64], source: &SmtpError) {
     p.metrics.smtp_error();
+    // A 5xx is about this mail (recipient, policy): the relay works.
+    if !matches!(
+        source,
+        SmtpError::Permanent(_) | SmtpError::Address { .. } | SmtpError::Config(_)
+    ) {
+        p.metrics.set_smtp_relay_ok(false);
+    }
     if source.delivery_unknown() {
         p.metrics.mail_failed(FailReason::InDoubt);
     }
@@ -698,6 +705,7 @@ async fn record_refusal(p: &Pipeline, side: &Client, rest: &[i64], source: &Smtp
 /// Metrics and the INFO line operators grep for, once SMTP accepted `s`.
 fn note_accepted(p: &Pipeline, group: &Group, s: &Send<'_>, opts: RunOptions) {
     p.metrics.mail_sent();
+    p.metrics.set_smtp_relay_ok(true);
     if let Ok(latency) = (Utc::now() - group.inserted_at).to_std() {
         p.metrics.observe_insert_to_smtp(latency);
     }
