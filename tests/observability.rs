@@ -336,6 +336,19 @@ fn journald_gets_structured_fields_and_priorities() {
         "no field prefix: {e:?}"
     );
 
+    // What `journalctl -p err` selects (PRIORITY 0..=3), the replacement
+    // for intelmq-mailgen's `grep ERROR` (docs/migration.md, "Log
+    // monitors"): exactly the ERROR event; `-p warning` adds the WARN one.
+    let selected = |max: u8| -> Vec<&str> {
+        records
+            .iter()
+            .filter(|r| r["PRIORITY"].parse::<u8>().unwrap() <= max)
+            .map(|r| r["MESSAGE"].as_str())
+            .collect()
+    };
+    assert_eq!(selected(3), ["sending failed"]);
+    assert_eq!(selected(4), ["sending failed", "a warning"]);
+
     assert_eq!(records[1]["MESSAGE"], "a warning");
     assert_eq!(records[1]["PRIORITY"], "4");
     assert_eq!(records[2]["MESSAGE"], "an info line");
