@@ -653,6 +653,69 @@ async fn shutdown_ends_serve_even_with_a_client_hanging() {
     assert!(TcpStream::connect(addr).await.is_err());
 }
 
+/// The endpoint listens before the database is reachable: a service that
+/// waits for PostgreSQL says so on /metrics instead of vanishing.
+#[tokio::test]
+async fn metrics_answer_while_the_database_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db_port, metrics_port) = {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        (
+            a.local_addr().unwrap().port(),
+            b.local_addr().unwrap().port(),
+        )
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = serde_json::json!({
+        "database": {"event": {"name": "intelmq-events", "username": "nobody",
+            "password": "x", "host": "127.0.0.1", "port": db_port}},
+        "template_dir": root.join("config/templates"),
+        "script_directory": root.join("config/formats"),
+        "sender": "CERT <cert@example.org>",
+        "smtp": {"host": "127.0.0.1", "port": 1},
+        "openpgp": {"always_sign": false},
+        "mailgend": {"metrics_listen": format!("127.0.0.1:{metrics_port}")}
+    });
+    let path = dir.path().join("intelmq-mailgen.conf");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let log = dir.path().join("log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mailgend"))
+        .arg("-c")
+        .arg(&path)
+        .arg("run")
+        .env("HOME", dir.path())
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("MAILGEND_LOG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let v = loop {
+        if let Ok(raw) = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await {
+            let v = metrics::parse_exposition(&parse_response(&raw).body);
+            if v.get("mailgend_db_errors_total").is_some_and(|n| *n >= 1.0) {
+                break v;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no scrape showing the database error:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(v["mailgend_up"], 0.0);
+    assert_eq!(v["mailgend_database_up"], 0.0);
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("database unreachable"),);
+}
+
 // ---------------------------------------------------------------- systemd
 
 fn unit_text() -> String {

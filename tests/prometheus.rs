@@ -743,6 +743,35 @@ scrape_configs:
         "{alert:#}"
     );
 
+    // The waiting group shows as overdue, growing.
+    api.series(
+        "mailgend_oldest_due_group_age_seconds > 1",
+        Duration::from_secs(20),
+    )
+    .await;
+
+    // A refused reload: counted, and MailgendReloadFailed fires.
+    env.write_format("50broken.toml", "[[format]]\nnmae = \"x\"\n");
+    svc.signal("HUP");
+    svc.wait_for_log("configuration reload refused", Duration::from_secs(10));
+    let alert = wait_for(
+        "MailgendReloadFailed firing",
+        Duration::from_secs(30),
+        || async {
+            firing(
+                &api.get("/api/v1/alerts", &[]).await?,
+                "MailgendReloadFailed",
+            )
+        },
+    )
+    .await;
+    println!("firing: {alert:#}");
+    api.series(
+        "mailgend_config_reloads_total{result=\"failed\"} == 1",
+        Duration::from_secs(10),
+    )
+    .await;
+
     // The receiver is back: the waiting mail goes out, nothing was lost.
     env.sink.resume().unwrap();
     let got = env.sink.wait_for_async(3, Duration::from_secs(90)).await;
