@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
+use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -114,6 +115,12 @@ pub struct Metrics {
     in_doubt_mails: Gauge,
     workers_busy: Gauge,
     config_reload_timestamp: Gauge<f64, AtomicU64>,
+    /// `result` ok, failed.
+    config_reloads: [Counter; 2],
+    config_last_reload_ok: Gauge,
+    database_up: Gauge,
+    smtp_relay_ok: Gauge,
+    overdue: Gauge<f64, AtomicU64>,
     up: Gauge,
     send_duration: Histogram,
     insert_to_smtp: Histogram,
@@ -204,6 +211,41 @@ impl Metrics {
             Unit::Seconds,
             config_reload_timestamp.clone(),
         );
+        let reloads = Family::<ReasonLabels, Counter>::default();
+        let config_reloads =
+            ["ok", "failed"].map(|r| reloads.get_or_create_owned(&[("result", r)]));
+        registry.register(
+            "mailgend_config_reloads",
+            "SIGHUP reloads, by result (failed: the previous configuration stays in force)",
+            reloads,
+        );
+        let config_last_reload_ok = Gauge::default();
+        config_last_reload_ok.set(1);
+        registry.register(
+            "mailgend_config_last_reload_successful",
+            "1 when the last (re)load of the configuration succeeded, 0 when the last reload was refused",
+            config_last_reload_ok.clone(),
+        );
+        let database_up = Gauge::default();
+        registry.register(
+            "mailgend_database_up",
+            "1 while the last attempt to reach the database succeeded, 0 while it is unreachable or queries fail",
+            database_up.clone(),
+        );
+        let smtp_relay_ok = Gauge::default();
+        smtp_relay_ok.set(1);
+        registry.register(
+            "mailgend_smtp_relay_ok",
+            "0 after the SMTP relay could not be reached, answered 4xx or broke the connection; 1 again once it accepts a mail (1 before the first attempt)",
+            smtp_relay_ok.clone(),
+        );
+        let overdue = Gauge::<f64, AtomicU64>::default();
+        registry.register_with_unit(
+            "mailgend_oldest_due_group_age",
+            "How long the group that has been due longest has waited without being sent (0 when none waits)",
+            Unit::Seconds,
+            overdue.clone(),
+        );
         let up = Gauge::default();
         registry.register(
             "mailgend_up",
@@ -226,6 +268,8 @@ impl Metrics {
             insert_to_smtp.clone(),
         );
 
+        register_build_info_and_process(&mut registry, "notifier");
+
         Metrics {
             registry,
             mails_sent,
@@ -239,6 +283,11 @@ impl Metrics {
             in_doubt_mails,
             workers_busy,
             config_reload_timestamp,
+            config_reloads,
+            config_last_reload_ok,
+            database_up,
+            smtp_relay_ok,
+            overdue,
             up,
             send_duration,
             insert_to_smtp,
@@ -324,6 +373,32 @@ impl Metrics {
         self.config_reload_timestamp.set(now);
     }
 
+    /// Records a SIGHUP reload: `ok` (the new configuration is in force) or
+    /// refused (the previous one stays).
+    pub fn config_reload(&self, ok: bool) {
+        self.config_reloads[usize::from(!ok)].inc();
+        self.config_last_reload_ok.set(i64::from(ok));
+        if ok {
+            self.config_reloaded();
+        }
+    }
+
+    /// Whether the database answered the last connection attempt or query.
+    pub fn set_database_up(&self, up: bool) {
+        self.database_up.set(i64::from(up));
+    }
+
+    /// Whether the relay took the last mail (`false`: unreachable, 4xx,
+    /// connection broken; a 5xx for one recipient says nothing about it).
+    pub fn set_smtp_relay_ok(&self, ok: bool) {
+        self.smtp_relay_ok.set(i64::from(ok));
+    }
+
+    /// How long the group due longest has waited unsent.
+    pub fn set_oldest_due_group_age(&self, d: Duration) {
+        self.overdue.set(d.as_secs_f64());
+    }
+
     /// Sets `mailgend_up` (1 = ready, 0 = starting, stopping or unable to
     /// work, e.g. the database is gone).
     pub fn set_up(&self, up: bool) {
@@ -355,8 +430,265 @@ impl Drop for WorkerBusy {
     }
 }
 
-/// The content type of [`Metrics::render`]'s output.
+/// The content type of [`Metrics::render`]'s output (OpenMetrics 1.0).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The content type of the classic Prometheus text format (0.0.4), served
+/// to clients that do not ask for OpenMetrics ([`to_classic_text`]).
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The exposition formats `/metrics` offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 text ([`CONTENT_TYPE`]): what Prometheus asks for.
+    OpenMetrics,
+    /// The classic Prometheus text format 0.0.4 ([`TEXT_CONTENT_TYPE`]):
+    /// what `curl`, `promtool check metrics` and older scrapers read.
+    Classic,
+}
+
+impl Format {
+    /// Chooses by the request's `Accept` header, as Prometheus' own client
+    /// libraries do: OpenMetrics only when the client names it (with a
+    /// q-value above 0 and not below the one it gives `text/plain`);
+    /// everything else, a missing header and `*/*` included, gets the
+    /// classic format, which every Prometheus tool reads.
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let Some(accept) = accept else {
+            return Format::Classic;
+        };
+        let (mut om, mut text) = (None::<f64>, None::<f64>);
+        for range in accept.split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("").to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .and_then(|(_, v)| v.trim().parse::<f64>().ok())
+                .unwrap_or(1.0);
+            let slot = match media.as_str() {
+                "application/openmetrics-text" => &mut om,
+                "text/plain" => &mut text,
+                _ => continue,
+            };
+            *slot = Some(slot.map_or(q, |old: f64| old.max(q)));
+        }
+        match om {
+            Some(q) if q > 0.0 && q >= text.unwrap_or(0.0) => Format::OpenMetrics,
+            _ => Format::Classic,
+        }
+    }
+
+    /// The `Content-Type` of a page in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => CONTENT_TYPE,
+            Format::Classic => TEXT_CONTENT_TYPE,
+        }
+    }
+}
+
+/// Rewrites an OpenMetrics page as written by `prometheus-client` into the
+/// classic text format: a counter family's `# HELP`/`# TYPE` name gets the
+/// `_total` its samples carry (OpenMetrics names the family without it,
+/// the classic format names it like its samples, and `promtool check
+/// metrics` reports "no help text" otherwise), `unknown` becomes
+/// `untyped`, and `# UNIT` and `# EOF` (unknown to the classic format) go.
+/// Samples are the same in both formats for the types used here (counter,
+/// gauge, histogram; no exemplars, no `_created`).
+pub fn to_classic_text(openmetrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some((name, kind)) = rest.split_once(' ') {
+                if kind == "counter" {
+                    counters.insert(name.to_string());
+                }
+            }
+        }
+    }
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let comment = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find(|p| line.starts_with(p));
+        match comment {
+            Some(prefix) => {
+                let rest = &line[prefix.len()..];
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(name) && !name.ends_with("_total") {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(if prefix == "# TYPE " && tail == "unknown" {
+                    "untyped"
+                } else {
+                    tail
+                });
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// The version of this build, from Cargo.toml.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Registers what both daemons export besides their own series:
+/// `mailgend_build_info{version,daemon} 1` (joins in queries show which
+/// version runs where; a restart shows as a change of
+/// `process_start_time_seconds`) and Prometheus' standard `process_*`
+/// families, read from `/proc/self` at scrape time.
+pub fn register_build_info_and_process(registry: &mut Registry, daemon: &'static str) {
+    let info = Family::<[(&'static str, &'static str); 2], Gauge>::default();
+    info.get_or_create(&[("version", VERSION), ("daemon", daemon)])
+        .set(1);
+    registry.register(
+        "mailgend_build_info",
+        "Always 1; the labels say which version of mailgend runs and which daemon this is",
+        info,
+    );
+    registry.register_collector(Box::new(ProcessCollector));
+}
+
+/// Prometheus' standard process metrics (the names client_golang and
+/// client_python use, so existing dashboards and alerts work): CPU time,
+/// resident and virtual memory, open and maximum file descriptors, start
+/// time. `prometheus-client` has no such collector, hence this small
+/// reader of `/proc/self` (Linux only; elsewhere the families are absent).
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// One reading of `/proc/self`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessStats {
+    pub cpu_seconds: f64,
+    pub resident_bytes: u64,
+    pub virtual_bytes: u64,
+    pub start_time_seconds: f64,
+    pub open_fds: u64,
+    pub max_fds: u64,
+}
+
+impl ProcessStats {
+    /// Reads the current process's figures; `None` where `/proc` is not
+    /// Linux's.
+    pub fn read() -> Option<ProcessStats> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let boot = std::fs::read_to_string("/proc/stat").ok()?;
+        // SAFETY: sysconf and getrlimit only read process-wide settings.
+        let (ticks, page, max_fds) = unsafe {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                lim.rlim_cur
+            } else {
+                0
+            };
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+                max,
+            )
+        };
+        if ticks <= 0 || page <= 0 {
+            return None;
+        }
+        let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+        Self::parse(&stat, &boot, ticks as f64, page as u64, open_fds, max_fds)
+    }
+
+    /// The parsing part of [`ProcessStats::read`]: `stat` is
+    /// `/proc/self/stat`, `boot` `/proc/stat` (for `btime`).
+    fn parse(
+        stat: &str,
+        boot: &str,
+        ticks: f64,
+        page: u64,
+        open_fds: u64,
+        max_fds: u64,
+    ) -> Option<ProcessStats> {
+        // The command name (field 2) is in parentheses and may hold spaces
+        // and parentheses itself: the fields proper start after the last ')'.
+        let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+        // proc(5) numbers fields from 1; fields[0] is field 3 (state).
+        let field = |n: usize| -> Option<u64> { fields.get(n - 3)?.parse().ok() };
+        let btime: u64 = boot
+            .lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(ProcessStats {
+            cpu_seconds: (field(14)? + field(15)?) as f64 / ticks,
+            start_time_seconds: btime as f64 + field(22)? as f64 / ticks,
+            virtual_bytes: field(23)?,
+            resident_bytes: field(24)? * page,
+            open_fds,
+            max_fds,
+        })
+    }
+}
+
+impl prometheus_client::collector::Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let Some(s) = ProcessStats::read() else {
+            return Ok(());
+        };
+        let cpu = ConstCounter::new(s.cpu_seconds);
+        cpu.encode(encoder.encode_descriptor(
+            // `_total` is added by the encoder.
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds",
+            None,
+            cpu.metric_type(),
+        )?)?;
+        let gauges: [(&str, &str, f64); 5] = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                s.resident_bytes as f64,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                s.virtual_bytes as f64,
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                s.start_time_seconds,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors",
+                s.open_fds as f64,
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                s.max_fds as f64,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let g = ConstGauge::new(value);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        Ok(())
+    }
+}
 
 /// Reads an exposition page (OpenMetrics or Prometheus text) into
 /// `series → value`, where a series is the metric name with its labels as
@@ -436,7 +768,8 @@ impl Default for ServeLimits {
 /// Rendering may do a little I/O first (the router counts its spool
 /// directory at scrape time), hence a future.
 pub trait Exposition: Send + Sync + 'static {
-    /// The page, in the format named by [`CONTENT_TYPE`].
+    /// The page in the OpenMetrics format ([`CONTENT_TYPE`]); the server
+    /// converts it for clients that want the classic one.
     fn render(&self) -> BoxFuture<'_, String>;
 }
 
@@ -579,12 +912,17 @@ async fn handle<M: Exposition + ?Sized>(
     let path = target.split('?').next().unwrap_or(target);
     match path {
         "/metrics" => {
-            let body = metrics.render().await;
+            let format = Format::negotiate(header(&head, "accept"));
+            let page = metrics.render().await;
+            let body = match format {
+                Format::OpenMetrics => page,
+                Format::Classic => to_classic_text(&page),
+            };
             respond(
                 &mut stream,
                 200,
                 "OK",
-                CONTENT_TYPE,
+                format.content_type(),
                 body.as_bytes(),
                 with_body,
             )
@@ -642,6 +980,15 @@ async fn read_head(stream: &mut TcpStream, max: usize) -> Result<String, ConnErr
             return Err(ConnError::TooLarge(max));
         }
     }
+}
+
+/// The value of header `name` (lower case) in a request head; the first
+/// one when repeated.
+fn header<'h>(head: &'h str, name: &str) -> Option<&'h str> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -721,9 +1068,21 @@ mod tests {
             "mailgend_in_doubt_mails",
             "mailgend_workers_busy",
             "mailgend_config_reload_timestamp_seconds",
+            "mailgend_config_reloads",
+            "mailgend_config_last_reload_successful",
+            "mailgend_database_up",
+            "mailgend_smtp_relay_ok",
+            "mailgend_oldest_due_group_age_seconds",
             "mailgend_up",
             "mailgend_send_duration_seconds",
             "mailgend_insert_to_smtp_seconds",
+            "mailgend_build_info",
+            "process_cpu_seconds",
+            "process_resident_memory_bytes",
+            "process_virtual_memory_bytes",
+            "process_start_time_seconds",
+            "process_open_fds",
+            "process_max_fds",
         ] {
             assert!(page.contains(&format!("# HELP {name} ")), "HELP {name}");
             assert!(page.contains(&format!("# TYPE {name} ")), "TYPE {name}");
@@ -751,9 +1110,42 @@ mod tests {
             "mailgend_send_duration_seconds_bucket{le=\"60.0\"}",
             "mailgend_send_duration_seconds_bucket{le=\"+Inf\"}",
             "mailgend_insert_to_smtp_seconds_count",
+            "mailgend_config_reloads_total{result=\"ok\"}",
+            "mailgend_config_reloads_total{result=\"failed\"}",
+            "mailgend_database_up",
+            "mailgend_oldest_due_group_age_seconds",
         ] {
             assert_eq!(v.get(series), Some(&0.0), "{series} at 0 in\n{page}");
         }
+        assert_eq!(v["mailgend_config_last_reload_successful"], 1.0);
+        assert_eq!(v["mailgend_smtp_relay_ok"], 1.0);
+        assert_eq!(
+            v[&format!("mailgend_build_info{{version=\"{VERSION}\",daemon=\"notifier\"}}")],
+            1.0
+        );
+        // This very process: it holds files open and started after 2020
+        // and not in the future. CPU time counts in clock ticks (10 ms):
+        // burn until one is on the clock, then it must show.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut x = 0u64;
+        while ProcessStats::read().unwrap().cpu_seconds == 0.0 {
+            assert!(std::time::Instant::now() < deadline, "no CPU time counted");
+            for i in 0..100_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+        }
+        let v = parse_exposition(&m.render());
+        assert!(v["process_cpu_seconds_total"] > 0.0, "{page}");
+        assert!(v["process_resident_memory_bytes"] > 1e6);
+        assert!(v["process_virtual_memory_bytes"] >= v["process_resident_memory_bytes"]);
+        assert!(v["process_open_fds"] >= 3.0);
+        assert!(v["process_max_fds"] >= v["process_open_fds"]);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let start = v["process_start_time_seconds"];
+        assert!(start > 1.6e9 && start <= now + 1.0, "{start} vs {now}");
         assert!(page.ends_with("# EOF\n"));
     }
 
@@ -776,6 +1168,10 @@ mod tests {
         m.config_reloaded();
         m.observe_send(Duration::from_millis(7));
         m.observe_insert_to_smtp(Duration::from_secs(120));
+        m.set_database_up(true);
+        m.set_oldest_due_group_age(Duration::from_millis(2500));
+        m.config_reload(false);
+        m.set_smtp_relay_ok(false);
         let busy = (m.worker_busy(), m.worker_busy());
         let v = parse_exposition(&m.render());
         assert_eq!(v["mailgend_mails_sent_total"], 2.0);
@@ -790,6 +1186,12 @@ mod tests {
         assert_eq!(v["mailgend_due_groups"], 3.0);
         assert_eq!(v["mailgend_in_doubt_mails"], 1.0);
         assert_eq!(v["mailgend_up"], 1.0);
+        assert_eq!(v["mailgend_database_up"], 1.0);
+        assert_eq!(v["mailgend_smtp_relay_ok"], 0.0);
+        assert_eq!(v["mailgend_oldest_due_group_age_seconds"], 2.5);
+        assert_eq!(v["mailgend_config_reloads_total{result=\"failed\"}"], 1.0);
+        assert_eq!(v["mailgend_config_reloads_total{result=\"ok\"}"], 0.0);
+        assert_eq!(v["mailgend_config_last_reload_successful"], 0.0);
         assert_eq!(v["mailgend_workers_busy"], 2.0);
         assert!(v["mailgend_config_reload_timestamp_seconds"] > 1.7e9);
         assert_eq!(
@@ -808,8 +1210,111 @@ mod tests {
             1.0
         );
         drop(busy);
+        let before = v["mailgend_config_reload_timestamp_seconds"];
+        m.config_reload(true);
         let v = parse_exposition(&m.render());
         assert_eq!(v["mailgend_workers_busy"], 0.0);
+        assert_eq!(v["mailgend_config_reloads_total{result=\"ok\"}"], 1.0);
+        assert_eq!(v["mailgend_config_last_reload_successful"], 1.0);
+        assert!(v["mailgend_config_reload_timestamp_seconds"] >= before);
+    }
+
+    #[test]
+    fn accept_header_negotiation() {
+        use Format::*;
+        // What Prometheus 2.x sends.
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                          version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prometheus)), OpenMetrics);
+        assert_eq!(
+            Format::negotiate(Some("Application/OpenMetrics-Text; version=1.0.0")),
+            OpenMetrics
+        );
+        // curl, reqwest, browsers, no header, a classic-only scraper.
+        for accept in [
+            Some("*/*"),
+            None,
+            Some("text/html,application/xhtml+xml,*/*;q=0.8"),
+            Some("text/plain;version=0.0.4;q=1,*/*;q=0.1"),
+            Some("text/plain, application/openmetrics-text;q=0.5"),
+            Some("application/openmetrics-text;q=0"),
+            Some("application/openmetrics-text;q=bogus;;,"),
+        ] {
+            let want = if accept == Some("application/openmetrics-text;q=bogus;;,") {
+                // An unparsable q counts as 1, as if none were given.
+                OpenMetrics
+            } else {
+                Classic
+            };
+            assert_eq!(Format::negotiate(accept), want, "{accept:?}");
+        }
+        assert_eq!(OpenMetrics.content_type(), CONTENT_TYPE);
+        assert!(Classic
+            .content_type()
+            .starts_with("text/plain; version=0.0.4"));
+    }
+
+    #[test]
+    fn classic_text_names_counter_families_like_their_samples() {
+        let m = Metrics::new();
+        m.mail_sent();
+        let om = m.render();
+        assert!(om.contains("# TYPE mailgend_mails_sent counter\n"), "{om}");
+        assert!(om.contains("# UNIT mailgend_send_duration_seconds seconds\n"));
+        let text = to_classic_text(&om);
+        assert!(
+            text.contains("# HELP mailgend_mails_sent_total Mails accepted"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE mailgend_mails_sent_total counter\n"));
+        assert!(text.contains("# TYPE process_cpu_seconds_total counter\n"));
+        assert!(text.contains("# TYPE mailgend_send_duration_seconds histogram\n"));
+        assert!(text.contains("# TYPE mailgend_up gauge\n"));
+        assert!(
+            !text.contains("# UNIT") && !text.contains("# EOF"),
+            "{text}"
+        );
+        assert!(text.ends_with('\n'));
+        // The samples are the same.
+        assert_eq!(parse_exposition(&text), parse_exposition(&om));
+        assert_eq!(
+            to_classic_text("# TYPE x unknown\nx 1\n# EOF\n"),
+            "# TYPE x untyped\nx 1\n"
+        );
+    }
+
+    #[test]
+    fn proc_stat_parsing() {
+        // A command name with spaces and parentheses; values from a real
+        // /proc/self/stat, fields 14/15 (utime/stime) 250/50 ticks, 22
+        // (starttime) 1000 ticks after boot, 23 vsize, 24 rss pages.
+        let stat = "4242 (my (odd) name) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 50 0 0 \
+                    20 0 7 0 1000 123456789 2048 18446744073709551615 1 1 0 0 0 0 0 4096 \
+                    0 0 0 0 17 1 0 0 0 0 0";
+        let boot = "cpu  1 2 3\nbtime 1700000000\nprocesses 5\n";
+        let s = ProcessStats::parse(stat, boot, 100.0, 4096, 9, 1024).unwrap();
+        assert_eq!(s.cpu_seconds, 3.0);
+        assert_eq!(s.start_time_seconds, 1_700_000_010.0);
+        assert_eq!(s.virtual_bytes, 123_456_789);
+        assert_eq!(s.resident_bytes, 2048 * 4096);
+        assert_eq!((s.open_fds, s.max_fds), (9, 1024));
+        assert_eq!(
+            ProcessStats::parse("garbage", boot, 100.0, 4096, 0, 0),
+            None
+        );
+        assert_eq!(
+            ProcessStats::parse(stat, "cpu 1\n", 100.0, 4096, 0, 0),
+            None
+        );
+        assert!(ProcessStats::read().is_some(), "this is Linux");
+    }
+
+    #[test]
+    fn header_lookup() {
+        let head = "GET /metrics HTTP/1.1\r\nHost: x\r\nACCEPT:  text/plain \r\nAccept: b";
+        assert_eq!(header(head, "accept"), Some("text/plain"));
+        assert_eq!(header(head, "user-agent"), None);
+        assert_eq!(header("GET /accept: x HTTP/1.1", "get /accept"), None);
     }
 
     #[test]

@@ -97,21 +97,9 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
     let pipeline = load_pipeline(config.clone(), metrics.clone()).await?;
     let current: Current = Arc::new(RwLock::new(pipeline));
 
-    // The database, with backoff: PostgreSQL may start after us.
-    let mut sched = connect_with_backoff(&config, &metrics, &mut signals).await?;
-    let Some(sched_client) = sched.take() else {
-        info!("stopped before the database was reachable");
-        return Ok(());
-    };
-    let mut sched_client = sched_client;
-    let migrated: bool = sched_client
-        .query_one("SELECT to_regclass('mailgend.outbox') IS NOT NULL", &[])
-        .await?
-        .get(0);
-    if !migrated {
-        return Err(ServiceError::NotMigrated);
-    }
-
+    // The endpoint before the database: while PostgreSQL is away at start,
+    // scrapes show mailgend_up 0 and mailgend_database_up 0 rather than no
+    // target at all.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(addr) = config.service.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -128,6 +116,21 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
                 error!("metrics endpoint stopped: {e}");
             }
         });
+    }
+
+    // The database, with backoff: PostgreSQL may start after us.
+    let mut sched = connect_with_backoff(&config, &metrics, &mut signals).await?;
+    let Some(sched_client) = sched.take() else {
+        info!("stopped before the database was reachable");
+        return Ok(());
+    };
+    let mut sched_client = sched_client;
+    let migrated: bool = sched_client
+        .query_one("SELECT to_regclass('mailgend.outbox') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !migrated {
+        return Err(ServiceError::NotMigrated);
     }
 
     let (wake_tx, mut wake_rx) = mpsc::channel(4);
@@ -155,6 +158,12 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
     // may have joined them, so their completion calls for a rescan.
     let mut seen_in_flight: HashSet<GroupKey> = HashSet::new();
     let mut hold: HashMap<GroupKey, HoldOff> = HashMap::new();
+    // When each group was first dispatched since it last became due (for a
+    // new group: when it was found; for a postponed one: when its wait
+    // ended). Sending, postponing or handing it to another instance or the
+    // operator ends the entry; failing keeps it, so its age says how late
+    // the mail is (`mailgend_oldest_due_group_age_seconds`).
+    let mut due_since: HashMap<GroupKey, Instant> = HashMap::new();
     let mut scan_wanted = true;
     let mut db_backoff = Duration::from_secs(1);
     let sweep = config.service.sweep_interval;
@@ -174,6 +183,7 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
                     Ok(c) => sched_client = c,
                     Err(e) => {
                         metrics.db_error();
+                        metrics.set_database_up(false);
                         warn!("database unreachable: {e}; retrying in {db_backoff:?}");
                         retry_db_at = Some(Instant::now() + db_backoff);
                         db_backoff = (db_backoff * 2).min(Duration::from_secs(30));
@@ -183,6 +193,16 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
             if !sched_client.is_closed() {
                 match scan(&sched_client, &p, &in_flight, &mut hold, &metrics).await {
                     Ok((groups, busy)) => {
+                        metrics.set_database_up(true);
+                        // Forget groups that are no longer pending (sent,
+                        // possibly by another instance).
+                        let pending: HashSet<&GroupKey> = groups
+                            .iter()
+                            .map(|g| &g.key)
+                            .chain(&busy)
+                            .chain(hold.keys())
+                            .collect();
+                        due_since.retain(|k, _| pending.contains(k));
                         if Instant::now() >= next_purge {
                             // Records of mails sent more than 30 days ago.
                             match crate::outbox::purge(&sched_client, 30).await {
@@ -201,6 +221,7 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
                     }
                     Err(e) => {
                         metrics.db_error();
+                        metrics.set_database_up(false);
                         warn!(
                             "scanning pending directives failed: {e}; retrying in {db_backoff:?}"
                         );
@@ -219,11 +240,20 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
                 continue;
             }
             in_flight.insert(group.key.clone());
+            due_since
+                .entry(group.key.clone())
+                .or_insert_with(Instant::now);
             if job_tx.send(group).await.is_err() {
                 break;
             }
         }
         metrics.set_due_groups((queue.len() + in_flight.len()) as i64);
+        metrics.set_oldest_due_group_age(
+            due_since
+                .values()
+                .min()
+                .map_or(Duration::ZERO, |t| t.elapsed()),
+        );
 
         // The next moment something becomes due: computed, not polled.
         let now = Instant::now();
@@ -246,6 +276,9 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
             }
             Some(done) = done_rx.recv() => {
                 in_flight.remove(&done.key);
+                if done.result.is_ok() {
+                    due_since.remove(&done.key);
+                }
                 if seen_in_flight.remove(&done.key) {
                     scan_wanted = true;
                 }
@@ -327,9 +360,13 @@ async fn connect_with_backoff(
     let mut delay = Duration::from_secs(1);
     loop {
         match db::connect(&config.database).await {
-            Ok(c) => return Ok(Some(c)),
+            Ok(c) => {
+                metrics.set_database_up(true);
+                return Ok(Some(c));
+            }
             Err(e) => {
                 metrics.db_error();
+                metrics.set_database_up(false);
                 warn!("database unreachable: {e}; retrying in {delay:?}");
                 systemd::status(&format!("waiting for the database: {e}"));
             }
@@ -589,11 +626,12 @@ async fn reload(source: &ConfigSource, current: &Current, metrics: &Arc<Metrics>
         Ok(p) => {
             crate::logging::set_level(&p.config.logging_level, 0);
             *current.write().unwrap_or_else(|e| e.into_inner()) = p;
-            metrics.config_reloaded();
+            metrics.config_reload(true);
             info!("configuration reloaded");
             systemd::ready("sending; configuration reloaded");
         }
         Err(e) => {
+            metrics.config_reload(false);
             error!("configuration reload refused, the previous configuration stays in force: {e}");
             systemd::ready("sending; last reload refused (see log)");
         }

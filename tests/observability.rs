@@ -336,6 +336,19 @@ fn journald_gets_structured_fields_and_priorities() {
         "no field prefix: {e:?}"
     );
 
+    // What `journalctl -p err` selects (PRIORITY 0..=3), the replacement
+    // for intelmq-mailgen's `grep ERROR` (docs/migration.md, "Log
+    // monitors"): exactly the ERROR event; `-p warning` adds the WARN one.
+    let selected = |max: u8| -> Vec<&str> {
+        records
+            .iter()
+            .filter(|r| r["PRIORITY"].parse::<u8>().unwrap() <= max)
+            .map(|r| r["MESSAGE"].as_str())
+            .collect()
+    };
+    assert_eq!(selected(3), ["sending failed"]);
+    assert_eq!(selected(4), ["sending failed", "a warning"]);
+
     assert_eq!(records[1]["MESSAGE"], "a warning");
     assert_eq!(records[1]["PRIORITY"], "4");
     assert_eq!(records[2]["MESSAGE"], "an info line");
@@ -380,6 +393,11 @@ fn parse_response(raw: &[u8]) -> Response {
         headers,
         body: body.to_string(),
     }
+}
+
+async fn get_accept(addr: SocketAddr, path: &str, accept: &str) -> Response {
+    let raw = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n");
+    parse_response(&exchange(addr, raw.as_bytes()).await.unwrap())
 }
 
 async fn get(addr: SocketAddr, method: &str, path: &str) -> Response {
@@ -453,12 +471,30 @@ async fn metrics_endpoint_serves_current_values() {
     m.observe_send(Duration::from_millis(30));
     let busy = m.worker_busy();
 
+    // No Accept header: the classic text format.
     let r = get(server.addr, "GET", "/metrics").await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.headers["content-type"], metrics::CONTENT_TYPE);
+    assert_eq!(r.headers["content-type"], metrics::TEXT_CONTENT_TYPE);
     assert_eq!(r.headers["content-length"], r.body.len().to_string());
     assert_eq!(r.headers["connection"], "close");
+    assert!(
+        r.body.contains("# HELP mailgend_mails_sent_total "),
+        "{}",
+        r.body
+    );
+    assert!(!r.body.contains("# EOF"), "{}", r.body);
+    // What Prometheus asks for: OpenMetrics.
+    let r = get_accept(
+        server.addr,
+        "/metrics",
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;\
+         q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["content-type"], metrics::CONTENT_TYPE);
     assert!(r.body.contains("# HELP mailgend_mails_sent "), "{}", r.body);
+    assert!(r.body.ends_with("# EOF\n"));
     assert!(r
         .body
         .contains("# TYPE mailgend_send_duration_seconds histogram"));
@@ -506,7 +542,7 @@ async fn metrics_endpoint_serves_current_values() {
     );
     let text = String::from_utf8(out.stdout).unwrap();
     let (body, trailer) = text.rsplit_once('\n').unwrap();
-    assert_eq!(trailer, format!("200 {}", metrics::CONTENT_TYPE));
+    assert_eq!(trailer, format!("200 {}", metrics::TEXT_CONTENT_TYPE));
     let v = metrics::parse_exposition(body);
     assert_eq!(v["mailgend_mails_sent_total"], 4.0);
 
@@ -615,6 +651,69 @@ async fn shutdown_ends_serve_even_with_a_client_hanging() {
         .unwrap_or(0);
     assert_eq!(n, 0);
     assert!(TcpStream::connect(addr).await.is_err());
+}
+
+/// The endpoint listens before the database is reachable: a service that
+/// waits for PostgreSQL says so on /metrics instead of vanishing.
+#[tokio::test]
+async fn metrics_answer_while_the_database_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db_port, metrics_port) = {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        (
+            a.local_addr().unwrap().port(),
+            b.local_addr().unwrap().port(),
+        )
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = serde_json::json!({
+        "database": {"event": {"name": "intelmq-events", "username": "nobody",
+            "password": "x", "host": "127.0.0.1", "port": db_port}},
+        "template_dir": root.join("config/templates"),
+        "script_directory": root.join("config/formats"),
+        "sender": "CERT <cert@example.org>",
+        "smtp": {"host": "127.0.0.1", "port": 1},
+        "openpgp": {"always_sign": false},
+        "mailgend": {"metrics_listen": format!("127.0.0.1:{metrics_port}")}
+    });
+    let path = dir.path().join("intelmq-mailgen.conf");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let log = dir.path().join("log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mailgend"))
+        .arg("-c")
+        .arg(&path)
+        .arg("run")
+        .env("HOME", dir.path())
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("MAILGEND_LOG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let v = loop {
+        if let Ok(raw) = exchange(addr, b"GET /metrics HTTP/1.1\r\n\r\n").await {
+            let v = metrics::parse_exposition(&parse_response(&raw).body);
+            if v.get("mailgend_db_errors_total").is_some_and(|n| *n >= 1.0) {
+                break v;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no scrape showing the database error:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(v["mailgend_up"], 0.0);
+    assert_eq!(v["mailgend_database_up"], 0.0);
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("database unreachable"),);
 }
 
 // ---------------------------------------------------------------- systemd

@@ -302,7 +302,8 @@ async fn scrape(port: u16) -> BTreeMap<String, f64> {
         .expect("the metrics endpoint answers");
     assert_eq!(resp.status().as_u16(), 200);
     let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
-    assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+    // reqwest sends `Accept: */*`: the classic text format.
+    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
     parse_exposition(&resp.text().await.unwrap())
 }
 
@@ -506,13 +507,13 @@ mailgend:
         ("mailgend_route_messages_forwarded_unchanged_total", 3.0),
         ("mailgend_route_messages_dropped_total", 1.0),
         // a) 2 + b) 1 + d) 1 + f) 1 + the bounce 1
-        ("mailgend_route_relay_delivered_total", 6.0),
+        ("mailgend_route_relay_recipients_delivered_total", 6.0),
         (
-            "mailgend_route_relay_failures_total{kind=\"permanent\"}",
+            "mailgend_route_relay_recipient_failures_total{kind=\"permanent\"}",
             2.0,
         ),
         (
-            "mailgend_route_relay_failures_total{kind=\"temporary\"}",
+            "mailgend_route_relay_recipient_failures_total{kind=\"temporary\"}",
             0.0,
         ),
         ("mailgend_route_slack_posts_total{result=\"ok\"}", 1.0),
@@ -561,7 +562,7 @@ mailgend:
     assert!(
         get(
             &v,
-            "mailgend_route_relay_failures_total{kind=\"temporary\"}"
+            "mailgend_route_relay_recipient_failures_total{kind=\"temporary\"}"
         ) >= 1.0
     );
     // A Slack post that fails for good is counted too.

@@ -678,6 +678,13 @@ async fn deliver(
 /// broke after the end of its data was written.
 async fn record_refusal(p: &Pipeline, side: &Client, rest: &[i64], source: &SmtpError) {
     p.metrics.smtp_error();
+    // A 5xx is about this mail (recipient, policy): the relay works.
+    if !matches!(
+        source,
+        SmtpError::Permanent(_) | SmtpError::Address { .. } | SmtpError::Config(_)
+    ) {
+        p.metrics.set_smtp_relay_ok(false);
+    }
     if source.delivery_unknown() {
         p.metrics.mail_failed(FailReason::InDoubt);
     }
@@ -731,6 +738,7 @@ fn note_accepted(
         );
     }
     p.metrics.mail_sent();
+    p.metrics.set_smtp_relay_ok(true);
     if let Ok(latency) = (Utc::now() - group.inserted_at).to_std() {
         p.metrics.observe_insert_to_smtp(latency);
     }

@@ -74,6 +74,7 @@ pub struct RouteMetrics {
     gocd_fetches: Family<Vec<(&'static str, String)>, Counter>,
     /// `result` ok, failed.
     reloads: [Counter; 2],
+    last_reload_ok: Gauge,
     spool_messages: Gauge,
     spool_oldest_age: Gaugef,
     gocd_last_success_age: Family<ManagerLabels, Gaugef>,
@@ -142,13 +143,13 @@ impl RouteMetrics {
         );
         let relay_delivered = counter(
             &mut r,
-            "mailgend_route_relay_delivered",
+            "mailgend_route_relay_recipients_delivered",
             "Recipients accepted by remote-smtp (at once or from the spool)",
         );
         let failures_family = Family::<Vec<(&'static str, String)>, Counter>::default();
         let relay_failures = labelled(&failures_family, "kind", ["temporary", "permanent"]);
         r.register(
-            "mailgend_route_relay_failures",
+            "mailgend_route_relay_recipient_failures",
             "Recipients remote-smtp did not accept in one attempt, by kind (temporary: retried; permanent: bounced)",
             failures_family,
         );
@@ -176,6 +177,13 @@ impl RouteMetrics {
             "mailgend_route_config_reloads",
             "SIGHUP reloads, by result (failed: the previous configuration stays)",
             reloads_family,
+        );
+        let last_reload_ok = Gauge::default();
+        last_reload_ok.set(1);
+        r.register(
+            "mailgend_route_config_last_reload_successful",
+            "1 when the last (re)load of the configuration succeeded, 0 when the last reload was refused",
+            last_reload_ok.clone(),
         );
         let spool_messages = Gauge::default();
         r.register(
@@ -209,6 +217,7 @@ impl RouteMetrics {
             "Inbound SMTP connections open now (max-connections is the limit)",
             connections_open.clone(),
         );
+        crate::metrics::register_build_info_and_process(&mut r, "router");
         RouteMetrics {
             registry: r,
             received,
@@ -223,6 +232,7 @@ impl RouteMetrics {
             slack_posts,
             gocd_fetches,
             reloads,
+            last_reload_ok,
             spool_messages,
             spool_oldest_age,
             gocd_last_success_age,
@@ -275,6 +285,7 @@ impl RouteMetrics {
 
     pub fn reload(&self, ok: bool) {
         self.reloads[usize::from(!ok)].inc();
+        self.last_reload_ok.set(i64::from(ok));
     }
 
     /// The fetch counters of a gocd manager (created at 0 so the first
@@ -342,13 +353,29 @@ mod tests {
         for s in [
             "mailgend_route_messages_received_total",
             "mailgend_route_messages_refused_total{class=\"4xx\"}",
-            "mailgend_route_relay_failures_total{kind=\"permanent\"}",
+            "mailgend_route_relay_recipient_failures_total{kind=\"permanent\"}",
             "mailgend_route_slack_posts_total{result=\"failed\"}",
             "mailgend_route_spool_oldest_age_seconds",
             "mailgend_route_connections_open",
+            "mailgend_route_relay_recipients_delivered_total",
         ] {
             assert_eq!(v.get(s), Some(&0.0), "{s}");
         }
+        assert_eq!(v["mailgend_route_config_last_reload_successful"], 1.0);
+        assert!(v
+            .keys()
+            .any(|k| k.starts_with("mailgend_build_info{") && k.contains("daemon=\"router\"")));
+        assert!(v.contains_key("process_resident_memory_bytes"));
+        m.reload(false);
+        let v = parse_exposition(&m.render());
+        assert_eq!(v["mailgend_route_config_last_reload_successful"], 0.0);
+        assert_eq!(
+            v["mailgend_route_config_reloads_total{result=\"failed\"}"],
+            1.0
+        );
+        m.reload(true);
+        let v = parse_exposition(&m.render());
+        assert_eq!(v["mailgend_route_config_last_reload_successful"], 1.0);
         m.message_replied(250);
         m.message_replied(451);
         m.message_replied(554);
