@@ -135,7 +135,7 @@ pub struct ServiceConfig {
     /// Groups rendered, signed and sent concurrently.
     pub workers: usize,
     /// What to do with a mail whose delivery is in doubt after a crash.
-    pub in_doubt: crate::outbox::InDoubtPolicy,
+    pub in_doubt: crate::notify::outbox::InDoubtPolicy,
     /// How long SIGTERM waits for groups in flight before abandoning them
     /// (they stay pending).
     pub shutdown_deadline: Duration,
@@ -754,14 +754,14 @@ impl Config {
             ],
         );
         let in_doubt = match r.string("mailgend.in_doubt").as_deref() {
-            None | Some("resend") => crate::outbox::InDoubtPolicy::Resend,
-            Some("hold") => crate::outbox::InDoubtPolicy::Hold,
+            None | Some("resend") => crate::notify::outbox::InDoubtPolicy::Resend,
+            Some("hold") => crate::notify::outbox::InDoubtPolicy::Hold,
             Some(other) => {
                 r.problem(
                     "mailgend.in_doubt",
                     format!("unknown value {other:?}; use \"resend\" or \"hold\""),
                 );
-                crate::outbox::InDoubtPolicy::Resend
+                crate::notify::outbox::InDoubtPolicy::Resend
             }
         };
         let metrics_listen = match r.string("mailgend.metrics_listen") {

@@ -25,10 +25,10 @@ use std::fmt;
 use chrono::{DateTime, Utc};
 use tokio_postgres::GenericClient;
 
-use crate::db::{self, Session};
+use crate::notify::db::{self, Session};
 
-use crate::directive::DirectiveId;
-use crate::ticket::Ticket;
+use crate::notify::directive::DirectiveId;
+use crate::notify::ticket::Ticket;
 
 /// What the service does with a mail whose delivery is in doubt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
