@@ -5,15 +5,15 @@
 //! draws them in full):
 //!
 //! ```text
-//! notifier (notify/)                                         PostgreSQL
-//!   directives ─→ decide (format) ─→ events ─→ render ─→ ticket   │
-//!     ─→ mail ─→ sign ─→ OUTBOX row `sending` (committed) ◀────────┤
-//!     ─→ send (SMTP) ─→ mark sent + outbox `accepted` (one COMMIT) ┘
+//! notifier (notify/)
+//!   directives ─→ decide (format) ─→ events ─→ render ─→ ticket ─→ mail
+//!     ─→ sign ─→ OUTBOX row `sending`, committed on its own (durable intent)
+//!     ─→ send (SMTP) ─→ mark sent + outbox row `accepted`: one COMMIT
 //!
 //! router (route/)
-//!   SMTP in ─→ managers ─→ rules ─→ actions
-//!     ─→ SPOOL file (fsync, rename, fsync dir) ─→ "250" to the client
-//!     ─→ forward (SMTP out, Slack) ─→ spool entry removed (fsync)
+//!   SMTP in ─→ managers ─→ rules ─→ actions ─→ forward (SMTP out, Slack)
+//!     at once; what failed for now ─→ SPOOL file (fsync, rename, fsync
+//!     dir) ─→ only then "250" to the client ─→ retry worker ─→ removed
 //! ```
 //!
 //! The folders:
