@@ -22,12 +22,13 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 use tokio_postgres::{Client, IsolationLevel, Transaction};
 
+use crate::config::InDoubtPolicy;
 use crate::notify::db;
 use crate::notify::directive::{self, DirectiveId, EventId, Group};
 use crate::notify::event::{EventColumns, EventError};
 use crate::notify::format::{DataLocation, Decision, Plan, RenderContext};
 use crate::notify::mail::{self, BuiltMail, MailContext, Notification};
-use crate::notify::outbox::{self, InDoubtPolicy, OpenMail, State};
+use crate::notify::outbox::{self, OpenMail, State};
 use crate::notify::pipeline::Pipeline;
 use crate::notify::ticket::{self, Ticket};
 

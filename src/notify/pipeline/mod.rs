@@ -19,13 +19,14 @@ use tokio_postgres::{Client, Transaction};
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
+use crate::config::InDoubtPolicy;
 use crate::metrics::{FailReason, Metrics};
 use crate::notify::db;
 use crate::notify::directive::{self, Claim, DirectiveId, Group};
 use crate::notify::event::{EventColumns, EventError};
 use crate::notify::format::{Decision, FormatSet, RenderContext};
 use crate::notify::mail::{self, BuiltMail, MailContext, Notification};
-use crate::notify::outbox::{self, InDoubtPolicy};
+use crate::notify::outbox;
 use crate::notify::render::template::TemplateStore;
 use crate::notify::sent;
 use crate::notify::signature::Signer;
