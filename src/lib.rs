@@ -22,8 +22,9 @@
 //!   them, the service (`mailgend run`) and the database access.
 //! - [`route`]: the router; its `mod.rs` draws its path.
 //! - [`cli`]: the operator commands that are more than a call into a
-//!   daemon (`send` review, `preview`, `status`/`in-doubt`, `demo`,
-//!   `bench`); argument parsing and the rest of dispatch are in `main.rs`.
+//!   daemon (`send` review, `preview`, `status`/`in-doubt`,
+//!   `check-config`, `demo`, `bench`); argument parsing and the rest of
+//!   dispatch are in `main.rs`.
 //! - [`shared`]: what both daemons use (outbound SMTP).
 //! - [`sandbox`]: throw-away PostgreSQL, SMTP receiver and event feed for
 //!   the tests, `demo` and `bench`; never used by the daemons.
