@@ -11,7 +11,7 @@
 //!   signature, which is what the fast path does.
 //! - `sequoia-keypair-stream`: stock sequoia, the committed test key as a
 //!   `KeyPair`, sequoia's streaming `Signer` (detached, armoured).
-//! - `mailgend-sign-detached`: `mailgend::signature::Signer::sign_detached`
+//! - `mailgend-sign-detached`: `mailgend::notify::signature::Signer::sign_detached`
 //!   with the committed key: SHA-256 over the message, packet, armour.
 //!
 //! The message is a ~6 KB mail body. `BENCH_RUNS` rounds (default 5) run
@@ -27,7 +27,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use mailgend::signature::{SignBackend, Signer};
+use mailgend::notify::signature::{SignBackend, Signer};
 use openssl::hash::{hash, MessageDigest};
 use openssl::pkey::{PKey, Private};
 use openssl::pkey_ctx::PkeyCtx;

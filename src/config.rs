@@ -129,13 +129,36 @@ pub struct OpenPgpConfig {
     pub key_file: Option<PathBuf>,
 }
 
+/// What the service does with a mail whose delivery is in doubt (the
+/// outbox's `sending` rows a crash left behind, see `notify::outbox`).
+/// Defined here, not in the outbox, so that config imports nothing of the
+/// notifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InDoubtPolicy {
+    /// Send the stored message again: same bytes, same Message-Id, same
+    /// ticket, so recipients' ticket systems can deduplicate. Logged at WARN.
+    Resend,
+    /// Keep the group pending and untouched until an operator runs
+    /// `mailgend in-doubt release|mark-sent|discard`.
+    Hold,
+}
+
+impl fmt::Display for InDoubtPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            InDoubtPolicy::Resend => "resend",
+            InDoubtPolicy::Hold => "hold",
+        })
+    }
+}
+
 /// mailgend's own runtime settings (section `mailgend`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
     /// Groups rendered, signed and sent concurrently.
     pub workers: usize,
     /// What to do with a mail whose delivery is in doubt after a crash.
-    pub in_doubt: crate::outbox::InDoubtPolicy,
+    pub in_doubt: InDoubtPolicy,
     /// How long SIGTERM waits for groups in flight before abandoning them
     /// (they stay pending).
     pub shutdown_deadline: Duration,
@@ -754,14 +777,14 @@ impl Config {
             ],
         );
         let in_doubt = match r.string("mailgend.in_doubt").as_deref() {
-            None | Some("resend") => crate::outbox::InDoubtPolicy::Resend,
-            Some("hold") => crate::outbox::InDoubtPolicy::Hold,
+            None | Some("resend") => InDoubtPolicy::Resend,
+            Some("hold") => InDoubtPolicy::Hold,
             Some(other) => {
                 r.problem(
                     "mailgend.in_doubt",
                     format!("unknown value {other:?}; use \"resend\" or \"hold\""),
                 );
-                crate::outbox::InDoubtPolicy::Resend
+                InDoubtPolicy::Resend
             }
         };
         let metrics_listen = match r.string("mailgend.metrics_listen") {

@@ -1,45 +1,47 @@
-//! mailgend: an always-on replacement for IntelMQ Mailgen's `intelmqcbmail`.
+//! mailgend: an always-on replacement for IntelMQ Mailgen's `intelmqcbmail`
+//! (the notifier) and for mail2alert (the router, `mailgend route`).
 //!
-//! The notification data path, module by module:
+//! Two data paths, each with one durable hand-off (docs/architecture.md
+//! draws them in full):
 //!
 //! ```text
-//! config ─┐
-//! directive (pending rows → groups) → format (which mails, or postpone)
-//!   → event (load the group's event rows) → template + table (render)
-//!   → ticket (number) → mail (MIME) → signature (PGP/MIME) → smtp (send)
-//!   → sent (mark the group's directives sent)
+//! notifier (notify/)
+//!   directives ─→ decide (format) ─→ events ─→ render ─→ ticket ─→ mail
+//!     ─→ sign ─→ OUTBOX row `sending`, committed on its own (durable intent)
+//!     ─→ send (SMTP) ─→ mark sent + outbox row `accepted`: one COMMIT
+//!
+//! router (route/)
+//!   SMTP in ─→ managers ─→ rules ─→ actions ─→ forward (SMTP out, Slack)
+//!     at once; what failed for now ─→ SPOOL file (fsync, rename, fsync
+//!     dir) ─→ only then "250" to the client ─→ retry worker ─→ removed
 //! ```
 //!
-//! `pipeline` drives one group through that path and one run over all
-//! groups (`pipeline::batch`: small groups together, one statement per
-//! step); `migrate` owns the database objects; `sandbox` brings up the
-//! throw-away PostgreSQL and SMTP receiver used by `demo`, the tests and
-//! the benchmarks.
+//! The folders:
+//! - [`notify`]: the notifier, one module per stage in path order, the
+//!   pipeline that drives a group (or a batch of small groups) through
+//!   them, the service (`mailgend run`) and the database access.
+//! - [`route`]: the router; its `mod.rs` draws its path.
+//! - [`cli`]: the operator commands that are more than a call into a
+//!   daemon (`send` review, `preview`, `status`/`in-doubt`,
+//!   `check-config`, `demo`, `bench`); argument parsing and the rest of
+//!   dispatch are in `main.rs`.
+//! - [`shared`]: what both daemons use (outbound SMTP).
+//! - [`sandbox`]: throw-away PostgreSQL, SMTP receiver and event feed for
+//!   the tests, `demo` and `bench`; never used by the daemons.
+//!
+//! Still at the top level, to be moved in a later step:
+//! [`config`] (the notifier's configuration, with the SMTP section the
+//! router shares), and [`metrics`], [`logging`] and [`systemd`], which
+//! both daemons use and which belong in `shared/`: `metrics` and `logging`
+//! are being changed on another branch right now, and `logging` names
+//! `crate::systemd`, so the three move together after that work is merged.
 
-pub mod bench;
+pub mod cli;
 pub mod config;
-pub mod db;
-pub mod demo;
-pub mod directive;
-pub mod event;
-pub mod format;
 pub mod logging;
-pub mod mail;
 pub mod metrics;
-pub mod migrate;
-pub mod outbox;
-pub mod pipeline;
-pub mod preview;
-pub mod review;
+pub mod notify;
 pub mod route;
 pub mod sandbox;
-pub mod sent;
-pub mod service;
-pub mod signature;
-pub mod smtp;
-pub mod status;
+pub mod shared;
 pub mod systemd;
-pub mod table;
-pub mod template;
-pub mod ticket;
-pub mod wakeup;

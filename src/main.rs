@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use tracing::{error, info, warn};
 
 use mailgend::config::{Config, ConfigSource};
-use mailgend::pipeline::{self, Pipeline, RunOptions};
+use mailgend::notify::pipeline::{self, Pipeline, RunOptions};
 
 #[derive(Parser)]
 #[command(
@@ -283,7 +283,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !all {
                 let mut input = tokio::io::BufReader::new(tokio::io::stdin());
                 let mut out = std::io::stdout();
-                let total = mailgend::review::run(
+                let total = mailgend::cli::review::run(
                     pipeline,
                     opts,
                     (*batch_size).max(1),
@@ -321,8 +321,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             attachments,
             fail_on_error,
         } => {
-            use mailgend::directive::{DirectiveId, EventId};
-            use mailgend::preview;
+            use mailgend::cli::preview;
+            use mailgend::notify::directive::{DirectiveId, EventId};
             let config = load_config(&cli)?;
             let pipeline = Pipeline::load(config).context("loading formats, templates and key")?;
             let filter = preview::PreviewFilter {
@@ -365,8 +365,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: DbCommand::Migrate,
         } => {
             let config = load_config(&cli)?;
-            let mut client = mailgend::db::connect(&config.database).await?;
-            let report = mailgend::migrate::migrate(&mut client).await?;
+            let mut client = mailgend::notify::db::connect(&config.database).await?;
+            let report = mailgend::notify::db::migrate::migrate(&mut client).await?;
             for (v, name) in &report.applied {
                 println!("applied migration {v:04} {name}");
             }
@@ -378,7 +378,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::CheckConfig => Ok(check_config(&cli)),
+        Command::CheckConfig => {
+            init_logging("WARNING", cli.verbose);
+            Ok(mailgend::cli::check_config::run(&source(&cli)))
+        }
         #[cfg(not(feature = "dev-tools"))]
         Command::NotInThisBuild { .. } => {
             eprintln!(
@@ -409,7 +412,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "unsigned" => vec![false],
                 _ => vec![false, true],
             };
-            mailgend::bench::run(mailgend::bench::BenchOptions {
+            mailgend::cli::bench::run(mailgend::cli::bench::BenchOptions {
                 events: events.clone(),
                 runs: (*runs).max(1),
                 signed,
@@ -424,29 +427,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Run => {
             let config = load_config(&cli)?;
-            mailgend::service::run(source(&cli), config).await?;
+            mailgend::notify::service::run(source(&cli), config).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status => {
             let config = load_config(&cli)?;
-            let client = mailgend::db::connect(&config.database).await?;
-            print!("{}", mailgend::status::report(&client, &config).await?);
+            let client = mailgend::notify::db::connect(&config.database).await?;
+            print!("{}", mailgend::cli::status::report(&client, &config).await?);
             Ok(ExitCode::SUCCESS)
         }
         Command::InDoubt { command } => {
             let config = load_config(&cli)?;
-            let mut client = mailgend::db::connect(&config.database).await?;
-            use mailgend::status::InDoubtAction as A;
+            let mut client = mailgend::notify::db::connect(&config.database).await?;
+            use mailgend::cli::status::InDoubtAction as A;
             let out = match command {
-                InDoubtCommand::List => mailgend::status::in_doubt_list(&client).await?,
+                InDoubtCommand::List => mailgend::cli::status::in_doubt_list(&client).await?,
                 InDoubtCommand::Release { ids } => {
-                    mailgend::status::in_doubt_act(&mut client, ids, A::Release).await?
+                    mailgend::cli::status::in_doubt_act(&mut client, ids, A::Release).await?
                 }
                 InDoubtCommand::MarkSent { ids } => {
-                    mailgend::status::in_doubt_act(&mut client, ids, A::MarkSent).await?
+                    mailgend::cli::status::in_doubt_act(&mut client, ids, A::MarkSent).await?
                 }
                 InDoubtCommand::Discard { ids } => {
-                    mailgend::status::in_doubt_act(&mut client, ids, A::Discard).await?
+                    mailgend::cli::status::in_doubt_act(&mut client, ids, A::Discard).await?
                 }
             };
             print!("{out}");
@@ -503,76 +506,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo { events, maildir } => {
             // The demo prints its own story; per-mail log lines only with -v.
             init_logging("WARNING", cli.verbose);
-            mailgend::demo::run(*events, maildir.clone()).await?;
+            mailgend::cli::demo::run(*events, maildir.clone()).await?;
             Ok(ExitCode::SUCCESS)
         }
-    }
-}
-
-/// Reports every problem at once; exit 1 when there is any.
-fn check_config(cli: &Cli) -> ExitCode {
-    init_logging("WARNING", cli.verbose);
-    let mut problems: Vec<String> = Vec::new();
-    let config = match Config::load(&source(cli)) {
-        Ok(c) => c,
-        Err(e) => {
-            for p in e.0 {
-                println!("ERROR {p}");
-            }
-            return ExitCode::from(1);
-        }
-    };
-    for p in &config.unknown_keys {
-        println!("WARNING {p}");
-    }
-    // Not problems for mailgend: what would keep a rollback to
-    // intelmqcbmail from working with these files (docs/config.md).
-    for p in &config.rollback_problems {
-        println!("WARNING {p}");
-    }
-    match mailgend::format::FormatSet::load(&config.script_directory, &config) {
-        Ok(formats) => {
-            if !formats.python_scripts().is_empty() {
-                println!(
-                    "WARNING Python format scripts are ignored: {}",
-                    formats
-                        .python_scripts()
-                        .iter()
-                        .map(|p| p.display().to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            }
-            match mailgend::template::TemplateStore::new(&config.template_dir) {
-                Ok(store) => problems.extend(formats.check_templates(&store)),
-                Err(e) => problems.push(format!("template_dir: {e}")),
-            }
-        }
-        Err(e) => problems.push(e.to_string()),
-    }
-    if config.openpgp.always_sign {
-        if let Err(e) = pipeline::load_signer(&config) {
-            problems.push(format!("openpgp: {e}"));
-        }
-    }
-    if let Err(e) = mailgend::smtp::Outbound::new(&config.smtp, 1) {
-        problems.push(format!("smtp: {e}"));
-    }
-    if problems.is_empty() {
-        println!(
-            "configuration OK ({})",
-            config
-                .files
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(" + ")
-        );
-        ExitCode::SUCCESS
-    } else {
-        for p in problems {
-            println!("ERROR {p}");
-        }
-        ExitCode::from(1)
     }
 }

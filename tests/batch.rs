@@ -8,13 +8,13 @@ mod common;
 use std::collections::HashMap;
 
 use common::{directive, event_fields, TestEnv};
-use mailgend::directive::{self, DirectiveId, Group};
-use mailgend::event::EventColumns;
-use mailgend::outbox;
-use mailgend::pipeline::{batch, Connections, GroupError, GroupOutcome, RunOptions};
+use mailgend::notify::directive::{self, DirectiveId, Group};
+use mailgend::notify::event::EventColumns;
+use mailgend::notify::outbox;
+use mailgend::notify::pipeline::{batch, Connections, GroupError, GroupOutcome, RunOptions};
+use mailgend::notify::ticket::Ticket;
 use mailgend::sandbox::smtp_sink::Scope;
 use mailgend::sandbox::{Failure, Fault, Stage};
-use mailgend::ticket::Ticket;
 use serde_json::json;
 
 async fn insert_groups(env: &TestEnv, asns: std::ops::Range<i64>) {

@@ -6,9 +6,9 @@ mod common;
 
 use chrono::NaiveDate;
 use common::{directive, event_fields, EnvOptions, TestEnv};
-use mailgend::directive::{claim, pending_groups, Claim};
+use mailgend::notify::directive::{claim, pending_groups, Claim};
+use mailgend::notify::ticket::{self, TicketError};
 use mailgend::sandbox::ExtraType;
-use mailgend::ticket::{self, TicketError};
 use serde_json::json;
 
 #[tokio::test]
@@ -18,14 +18,21 @@ async fn migrate_is_idempotent_and_creates_the_mailgen_objects() {
     // Second run: nothing to do. Third run with our bookkeeping removed, as
     // on a database where intelmq-mailgen's SQL created the objects before:
     // every statement must accept what exists.
-    let report = mailgend::migrate::migrate(&mut client).await.unwrap();
+    let report = mailgend::notify::db::migrate::migrate(&mut client)
+        .await
+        .unwrap();
     assert!(report.applied.is_empty(), "{report:?}");
     client
         .batch_execute("DELETE FROM mailgend.schema_migrations")
         .await
         .unwrap();
-    let report = mailgend::migrate::migrate(&mut client).await.unwrap();
-    assert_eq!(report.applied.len(), mailgend::migrate::MIGRATIONS.len());
+    let report = mailgend::notify::db::migrate::migrate(&mut client)
+        .await
+        .unwrap();
+    assert_eq!(
+        report.applied.len(),
+        mailgend::notify::db::migrate::MIGRATIONS.len()
+    );
 
     let one_row: i64 = client
         .query_one("SELECT count(*) FROM ticket_day", &[])
@@ -100,7 +107,9 @@ async fn migrate_refuses_a_database_without_events() {
     .await;
     let mut client = env.client().await;
     client.batch_execute("DROP TABLE events").await.unwrap();
-    let err = mailgend::migrate::migrate(&mut client).await.unwrap_err();
+    let err = mailgend::notify::db::migrate::migrate(&mut client)
+        .await
+        .unwrap_err();
     assert!(
         err.to_string().contains("\"events\" does not exist"),
         "{err}"
@@ -378,8 +387,8 @@ async fn tickets_restart_each_day_and_refuse_a_future_day() {
 async fn committed_draws_roll_over_once_and_then_take_the_fast_path() {
     let env = TestEnv::new().await;
     let mut client = env.client().await;
-    let cache = mailgend::db::StatementCache::default();
-    let tail = |t: &[mailgend::ticket::Ticket]| -> Vec<String> {
+    let cache = mailgend::notify::db::StatementCache::default();
+    let tail = |t: &[mailgend::notify::ticket::Ticket]| -> Vec<String> {
         t.iter().map(|t| t.as_str()[9..].to_string()).collect()
     };
     // ticket_day is 2016-01-01: the slow path restarts the day.
@@ -422,8 +431,8 @@ async fn committed_draws_roll_over_once_and_then_take_the_fast_path() {
 /// `extra` and no `extra`, with `extra` as json and as jsonb.
 #[tokio::test]
 async fn extra_keys_load_like_the_whole_object() {
-    use mailgend::directive::EventId;
-    use mailgend::event::EventColumns;
+    use mailgend::notify::directive::EventId;
+    use mailgend::notify::event::EventColumns;
     for extra in [ExtraType::Jsonb, ExtraType::Json] {
         let env = TestEnv::with(EnvOptions {
             extra,
@@ -609,7 +618,9 @@ async fn objects_belong_to_eventdb_owner_and_definer_functions_have_a_search_pat
         )
         .await
         .unwrap();
-    let report = mailgend::migrate::migrate(&mut client).await.unwrap();
+    let report = mailgend::notify::db::migrate::migrate(&mut client)
+        .await
+        .unwrap();
     assert!(report.applied.is_empty(), "{report:?}");
     check(&client).await;
 }

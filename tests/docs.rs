@@ -545,7 +545,8 @@ fn log_messages() -> Vec<(String, String)> {
             .unwrap()
             .to_string_lossy()
             .to_string();
-        if rel.starts_with("src/sandbox/") || rel == "src/bench.rs" || rel == "src/demo.rs" {
+        if rel.starts_with("src/sandbox/") || rel == "src/cli/bench.rs" || rel == "src/cli/demo.rs"
+        {
             continue;
         }
         let text = std::fs::read_to_string(&f).unwrap();

@@ -15,12 +15,14 @@ use chrono::{DateTime, Duration, NaiveDate, TimeZone, Utc};
 use serde_json::{json, Value};
 
 use mailgend::config::Config;
-use mailgend::directive::{AggregateIdentifier, DirectiveId, EventId, Group, GroupKey};
-use mailgend::event::{Event, FieldValue};
-use mailgend::format::{DataLocation, Decision, FormatSet, Plan, RenderContext, RenderError};
-use mailgend::table::{json_text, python_float_repr, Column, TableFormat};
-use mailgend::template::{Template, TemplateError, TemplateStore};
-use mailgend::ticket::Ticket;
+use mailgend::notify::directive::{AggregateIdentifier, DirectiveId, EventId, Group, GroupKey};
+use mailgend::notify::event::{Event, FieldValue};
+use mailgend::notify::format::{
+    DataLocation, Decision, FormatSet, Plan, RenderContext, RenderError,
+};
+use mailgend::notify::render::table::{json_text, python_float_repr, Column, TableFormat};
+use mailgend::notify::render::template::{Template, TemplateError, TemplateStore};
+use mailgend::notify::ticket::Ticket;
 
 // ---------------------------------------------------------------------------
 // helpers
@@ -174,7 +176,7 @@ fn format_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     d
 }
 
-fn load(dir: &Path) -> Result<FormatSet, mailgend::format::FormatLoadError> {
+fn load(dir: &Path) -> Result<FormatSet, mailgend::notify::format::FormatLoadError> {
     let config = config_for(&shipped_templates(), dir, json!({}));
     FormatSet::load(dir, &config)
 }

@@ -20,13 +20,13 @@ mod common;
 use std::process::Command;
 
 use common::{directive, event_fields, TestEnv};
-use mailgend::directive::{self as dir, Group};
-use mailgend::event::EventColumns;
-use mailgend::outbox::{self, State};
-use mailgend::pipeline::{self, batch, Connections, GroupError, GroupOutcome, RunOptions};
+use mailgend::notify::directive::{self as dir, Group};
+use mailgend::notify::event::EventColumns;
+use mailgend::notify::outbox::{self, State};
+use mailgend::notify::pipeline::{self, batch, Connections, GroupError, GroupOutcome, RunOptions};
 use mailgend::sandbox::smtp_sink::{Failure, Fault, Scope, SinkOptions, Stage};
 use mailgend::sandbox::SmtpSink;
-use mailgend::smtp::SmtpError;
+use mailgend::shared::smtp::SmtpError;
 use serde_json::json;
 
 /// The internationalised recipient: its local part cannot be converted to
@@ -717,7 +717,7 @@ async fn scripted_relay(after: AfterData) -> u16 {
 #[tokio::test]
 async fn a_mail_is_in_doubt_only_once_its_end_was_written() {
     use mailgend::config::{SmtpConfig, SmtpTls};
-    use mailgend::smtp::Outbound;
+    use mailgend::shared::smtp::Outbound;
     // Large enough to outlast the kernel's buffers (4 kB receive buffer
     // on the relay, at most 4 MB send buffer here).
     let mut message =

@@ -17,12 +17,12 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use chrono::{DateTime, TimeZone, Utc};
-use mailgend::mail::{
+use mailgend::notify::mail::{
     build, build_with_id, build_with_signer, encode_text_qp, parse_recipient, qp_body_encode,
     subject_header, AddressError, Attachment, BuiltMail, MailContext, MailError, Notification,
 };
-use mailgend::signature::{DetachedSignature, DetachedSigner, SignError};
-use mailgend::ticket::Ticket;
+use mailgend::notify::signature::{DetachedSignature, DetachedSigner, SignError};
+use mailgend::notify::ticket::Ticket;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;

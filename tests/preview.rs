@@ -8,8 +8,8 @@ mod common;
 use std::process::Command;
 
 use common::{directive, event_fields, qp_decode, TestEnv};
-use mailgend::directive::{DirectiveId, EventId};
-use mailgend::preview::{self, Outcome, PreviewFilter};
+use mailgend::cli::preview::{self, Outcome, PreviewFilter};
+use mailgend::notify::directive::{DirectiveId, EventId};
 use serde_json::{json, Value};
 
 /// Everything preview must leave alone.

@@ -8,7 +8,7 @@ mod common;
 use std::process::{Command, Stdio};
 
 use common::{directive, event_fields, TestEnv};
-use mailgend::pipeline::{self, RunOptions};
+use mailgend::notify::pipeline::{self, RunOptions};
 use rexpect::process::WaitStatus;
 use rexpect::session::{spawn_command, PtySession};
 use serde_json::json;
@@ -146,7 +146,7 @@ async fn every_choice_in_a_real_terminal() {
     // Meanwhile another mailgend sends group 5 (the page still shows it).
     let pl = env.pipeline().await;
     let client = env.client().await;
-    let g5: Vec<_> = mailgend::directive::pending_groups(&client, None)
+    let g5: Vec<_> = mailgend::notify::directive::pending_groups(&client, None)
         .await
         .unwrap()
         .into_iter()

@@ -306,7 +306,9 @@ async fn a_postgresql_restart_mid_run_loses_nothing() {
     let mut env = TestEnv::new().await;
     {
         let mut c = db.connect().await.unwrap();
-        mailgend::migrate::migrate(&mut c).await.unwrap();
+        mailgend::notify::db::migrate::migrate(&mut c)
+            .await
+            .unwrap();
     }
     env.config_json["database"]["event"] = json!({
         "name": db.name, "username": db.superuser, "host": db.host, "port": db.port});

@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use chrono::Utc;
-use mailgend::mail::{build, Attachment, BuiltMail, MailContext, Notification};
-use mailgend::signature::{SignBackend, SignError, Signer};
-use mailgend::ticket::Ticket;
+use mailgend::notify::mail::{build, Attachment, BuiltMail, MailContext, Notification};
+use mailgend::notify::signature::{SignBackend, SignError, Signer};
+use mailgend::notify::ticket::Ticket;
 use sequoia_openpgp as openpgp;
 
 use openpgp::cert::prelude::*;

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use mailgend::config::{SmtpConfig, SmtpTls};
-use mailgend::smtp::{Outbound, SmtpError};
+use mailgend::shared::smtp::{Outbound, SmtpError};
 
 struct Server {
     child: Child,

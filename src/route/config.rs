@@ -759,7 +759,7 @@ fn read_wanted(r: &mut Reader, n: &Node, k: &str) -> Option<Option<Wanted>> {
     let address = |r: &mut Reader, key: &str| -> Option<String> {
         let v = m.get(key)?;
         let s = r.string(v, &format!("{k}.{key}"))?;
-        match crate::mail::parse_recipient(&s) {
+        match crate::notify::mail::parse_recipient(&s) {
             Ok(a) if a.display_name().is_none() && !s.contains('<') => Some(s.trim().to_string()),
             _ => {
                 // mail2alert compared the text with the envelope as it was.

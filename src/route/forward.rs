@@ -29,7 +29,7 @@ use super::metrics::{FailureKind, RouteMetrics};
 use super::server::{Accept, Reply};
 use super::spool::{Entry, Job, Recipient, Spool, State};
 use super::{Inbound, Routing, SlackPost, SlackStyle};
-use crate::smtp::{Outbound, SmtpError};
+use crate::shared::smtp::{Outbound, SmtpError};
 
 /// Why a job did not get done.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -44,7 +44,7 @@ use super::server::{self, OpenConnections, Server, ServerError, SessionConfig};
 use super::spool::{Spool, SpoolError};
 use super::{retry, Inbound, Routing, SlackPost};
 use crate::metrics::Exposition;
-use crate::smtp::{Outbound, SmtpError};
+use crate::shared::smtp::{Outbound, SmtpError};
 use crate::systemd;
 
 /// How long SIGTERM waits for sessions in flight (systemd's
@@ -105,7 +105,7 @@ struct Generation {
 }
 
 fn hostname() -> String {
-    crate::smtp::host_name().unwrap_or_else(|| "localhost".to_string())
+    crate::shared::smtp::host_name().unwrap_or_else(|| "localhost".to_string())
 }
 
 /// Builds a generation from a loaded configuration (no sockets bound).

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use mailgend::config::Config;
-use mailgend::pipeline::{self, Pipeline, RunOptions, Summary};
+use mailgend::notify::pipeline::{self, Pipeline, RunOptions, Summary};
 use mailgend::sandbox::{ExtraType, PgCluster, SmtpSink, TestDb};
 use serde_json::{json, Value};
 use tokio_postgres::Client;
@@ -75,7 +75,7 @@ impl TestEnv {
             .expect("events table");
         if opts.migrate {
             let mut client = db.connect().await.unwrap();
-            mailgend::migrate::migrate(&mut client)
+            mailgend::notify::db::migrate::migrate(&mut client)
                 .await
                 .expect("db migrate");
         }

@@ -20,35 +20,13 @@
 //! ticket and Message-Id). Only a connection lost after the end of the
 //! data leaves it `sending`.
 
-use std::fmt;
-
 use chrono::{DateTime, Utc};
 use tokio_postgres::GenericClient;
 
-use crate::db::{self, Session};
+use crate::notify::db::{self, Session};
 
-use crate::directive::DirectiveId;
-use crate::ticket::Ticket;
-
-/// What the service does with a mail whose delivery is in doubt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InDoubtPolicy {
-    /// Send the stored message again: same bytes, same Message-Id, same
-    /// ticket, so recipients' ticket systems can deduplicate. Logged at WARN.
-    Resend,
-    /// Keep the group pending and untouched until an operator runs
-    /// `mailgend in-doubt release|mark-sent|discard`.
-    Hold,
-}
-
-impl fmt::Display for InDoubtPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            InDoubtPolicy::Resend => "resend",
-            InDoubtPolicy::Hold => "hold",
-        })
-    }
-}
+use crate::notify::directive::DirectiveId;
+use crate::notify::ticket::Ticket;
 
 /// The state of an outbox row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

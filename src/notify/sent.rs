@@ -5,10 +5,10 @@
 use chrono::{DateTime, Utc};
 use tokio_postgres::GenericClient;
 
-use crate::db::{self, Session};
+use crate::notify::db::{self, Session};
 
-use crate::directive::DirectiveId;
-use crate::ticket::Ticket;
+use crate::notify::directive::DirectiveId;
+use crate::notify::ticket::Ticket;
 
 /// Records that the mail with `ticket` went out at `sent_at` for the given
 /// directives. Runs in the caller's transaction, after SMTP accepted the

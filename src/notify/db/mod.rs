@@ -4,6 +4,9 @@
 //! opening connections with the session settings every query relies on
 //! (UTC time zone: ticket days and `sent_at` are UTC, as in the old tool).
 
+pub mod migrate;
+pub mod wakeup;
+
 use std::time::Duration;
 
 use tokio_postgres::{Client, NoTls};

@@ -28,12 +28,14 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, Utc};
 
 use crate::config::Config;
-use crate::directive::{EventId, Group, GroupKey};
-use crate::event::Event;
-use crate::mail::{Attachment, Notification};
-use crate::table::TableFormat;
-use crate::template::{Part, Substitutions, Template, TemplateError, TemplateStore, TemplateText};
-use crate::ticket::Ticket;
+use crate::notify::directive::{EventId, Group, GroupKey};
+use crate::notify::event::Event;
+use crate::notify::mail::{Attachment, Notification};
+use crate::notify::render::table::TableFormat;
+use crate::notify::render::template::{
+    Part, Substitutions, Template, TemplateError, TemplateStore, TemplateText,
+};
+use crate::notify::ticket::Ticket;
 
 /// The aggregate key the observation-age rule reads.
 pub const OBSERVATION_KEY: &str = "time.observation";

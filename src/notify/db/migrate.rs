@@ -13,24 +13,28 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (
         1,
         "intelmq_mailgen",
-        include_str!("../migrations/0001_intelmq_mailgen.sql"),
+        include_str!("../../../migrations/0001_intelmq_mailgen.sql"),
     ),
     (
         2,
         "mailgend_schema",
-        include_str!("../migrations/0002_mailgend_schema.sql"),
+        include_str!("../../../migrations/0002_mailgend_schema.sql"),
     ),
-    (3, "outbox", include_str!("../migrations/0003_outbox.sql")),
+    (
+        3,
+        "outbox",
+        include_str!("../../../migrations/0003_outbox.sql"),
+    ),
     (
         4,
         "outbox_group_index",
-        include_str!("../migrations/0004_outbox_group_index.sql"),
+        include_str!("../../../migrations/0004_outbox_group_index.sql"),
     ),
 ];
 
 /// Owners and SECURITY DEFINER search paths, re-applied after every run
 /// (see the file's header for why it is not a numbered migration).
-const OWNERS: &str = include_str!("../migrations/owners.sql");
+const OWNERS: &str = include_str!("../../../migrations/owners.sql");
 
 /// An arbitrary constant naming our advisory lock ("mailgend" in ASCII).
 const MIGRATE_LOCK: i64 = 0x6d61696c67656e64;

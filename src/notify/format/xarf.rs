@@ -10,8 +10,8 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value as Json;
 
-use crate::event::{Event, FieldValue};
-use crate::table::{field_text, json_text, python_float_repr};
+use crate::notify::event::{Event, FieldValue};
+use crate::notify::render::table::{field_text, json_text, python_float_repr};
 
 /// The keys pyxarf requires of every report, in the order we write them.
 pub(crate) const MANDATORY: &[&str] = &[

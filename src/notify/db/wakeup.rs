@@ -15,7 +15,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tracing::{debug, warn};
 
 use crate::config::DatabaseConfig;
-use crate::db;
+use crate::notify::db;
 
 /// The channel our trigger notifies.
 pub const CHANNEL: &str = "mailgend_directives";

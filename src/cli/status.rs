@@ -8,10 +8,10 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::{Client, GenericClient};
 
 use crate::config::Config;
-use crate::directive::{self, DirectiveId};
-use crate::format::{Decision, FormatSet};
-use crate::outbox::{self, State};
-use crate::sent;
+use crate::notify::directive::{self, DirectiveId};
+use crate::notify::format::{Decision, FormatSet};
+use crate::notify::outbox::{self, State};
+use crate::notify::sent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -20,7 +20,7 @@ pub enum StatusError {
     #[error(transparent)]
     Select(#[from] directive::SelectError),
     #[error(transparent)]
-    Ticket(#[from] crate::ticket::TicketError),
+    Ticket(#[from] crate::notify::ticket::TicketError),
     #[error("no open outbox row with id {0}")]
     NoSuchRow(i64),
     #[error("outbox row {id}: {reason}")]
@@ -121,7 +121,7 @@ pub async fn report(client: &Client, config: &Config) -> Result<String, StatusEr
         let _ = write!(out, "; last {} ago", age(now, last));
     }
     let _ = writeln!(out);
-    let next_ticket = crate::ticket::peek(client).await?;
+    let next_ticket = crate::notify::ticket::peek(client).await?;
     let _ = writeln!(out, "next ticket         {next_ticket}");
     if let Some(addr) = config.service.metrics_listen {
         let _ = writeln!(out, "metrics             http://{addr}/metrics");

@@ -201,7 +201,7 @@ async fn sink_ceiling() -> anyhow::Result<f64> {
         password: None,
         timeout: Duration::from_secs(30),
     };
-    let outbound = crate::smtp::Outbound::new(&cfg, 4)?;
+    let outbound = crate::shared::smtp::Outbound::new(&cfg, 4)?;
     let body = format!(
         "From: a@example.org\r\nTo: b@example.net\r\nSubject: x\r\n\r\n{}",
         "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\r\n".repeat(95)
@@ -246,7 +246,7 @@ async fn install(
     let db = cluster.create_database_async().await?;
     db.create_events_table(ExtraType::Jsonb).await?;
     let mut client = db.connect().await?;
-    crate::migrate::migrate(&mut client).await?;
+    crate::notify::db::migrate::migrate(&mut client).await?;
     let sink = SmtpSink::start_with(SinkOptions {
         headers_only: true,
         ..SinkOptions::default()

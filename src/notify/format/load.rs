@@ -14,8 +14,8 @@ use super::{
     Action, Computed, CopySpec, DataLocation, FormatLoadError, FormatProblem, LocationSpec,
     Matcher, Postpone, Rule, Scope, StrMatch, TemplateChoice,
 };
-use crate::table::{Column, TableFormat};
-use crate::template::{Part, Template, TemplateText};
+use crate::notify::render::table::{Column, TableFormat};
+use crate::notify::render::template::{Part, Template, TemplateText};
 
 pub(super) struct Loaded {
     pub files: Vec<PathBuf>,

@@ -52,7 +52,7 @@ pub enum TicketError {
     },
     #[error("table ticket_day must hold exactly one row")]
     NoTicketDay,
-    #[error("database error while drawing a ticket: {}", crate::db::describe(.0))]
+    #[error("database error while drawing a ticket: {}", crate::notify::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
 }
 
@@ -65,7 +65,7 @@ pub enum TicketError {
 /// many workers and instances draw concurrently.
 pub async fn draw_committed(
     client: &mut tokio_postgres::Client,
-    cache: Option<&crate::db::StatementCache>,
+    cache: Option<&crate::notify::db::StatementCache>,
     n: usize,
 ) -> Result<Vec<Ticket>, TicketError> {
     // Fast path, one autocommitted statement and no lock: when ticket_day
@@ -73,11 +73,11 @@ pub async fn draw_committed(
     // ticket_day's row lock until it commits, so this statement then still
     // reads the old day and takes the slow path below, which waits for it.
     if let Some(cache) = cache {
-        let session = crate::db::Cached {
+        let session = crate::notify::db::Cached {
             client: &*client,
             cache,
         };
-        let st = crate::db::prepare(
+        let st = crate::notify::db::prepare(
             &session,
             "SELECT (now() AT TIME ZONE 'UTC')::date, \
                     array(SELECT nextval('intelmq_ticket_seq') FROM generate_series(1, $1)) \
@@ -95,7 +95,7 @@ pub async fn draw_committed(
     let mut tickets = Vec::with_capacity(n);
     for _ in 0..n {
         tickets.push(match cache {
-            Some(cache) => draw(&crate::db::Cached { client: &tx, cache }).await?,
+            Some(cache) => draw(&crate::notify::db::Cached { client: &tx, cache }).await?,
             None => draw(&tx).await?,
         });
     }
@@ -105,11 +105,11 @@ pub async fn draw_committed(
 
 /// Draws the next ticket number inside the caller's transaction. Prefer
 /// [`draw_committed`]: see there why.
-pub async fn draw<S: crate::db::Session>(session: &S) -> Result<Ticket, TicketError> {
+pub async fn draw<S: crate::notify::db::Session>(session: &S) -> Result<Ticket, TicketError> {
     let client = session.client();
     // Lock ticket_day so two instances crossing midnight do not both
     // restart the sequence (the second restart would reuse numbers).
-    let st = crate::db::prepare(
+    let st = crate::notify::db::prepare(
         session,
         "SELECT (now() AT TIME ZONE 'UTC')::date, initialized_for_day \
          FROM ticket_day FOR UPDATE",
@@ -138,7 +138,7 @@ pub async fn draw<S: crate::db::Session>(session: &S) -> Result<Ticket, TicketEr
                 .await?;
         }
     }
-    let st = crate::db::prepare(session, "SELECT nextval('intelmq_ticket_seq')").await?;
+    let st = crate::notify::db::prepare(session, "SELECT nextval('intelmq_ticket_seq')").await?;
     let seq: i64 = client.query_one(&st, &[]).await?.get(0);
     Ok(Ticket::new(today, seq))
 }

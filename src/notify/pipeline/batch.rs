@@ -38,15 +38,15 @@ use super::{
     marked_directives, note_accepted, process_group, record_refusal, Connections, GroupError,
     GroupOutcome, Pipeline, RunOptions, Send, DIRECTIVE_BUDGET, IN_FLIGHT,
 };
-use crate::db;
-use crate::directive::{self, DirectiveId, EventId, Group};
-use crate::event::{Event, EventColumns, EventError};
-use crate::format::{Decision, Plan, RenderContext};
-use crate::mail::{self, BuiltMail, MailError, Notification};
-use crate::outbox;
-use crate::sent;
-use crate::smtp::SmtpError;
-use crate::ticket::{self, Ticket};
+use crate::notify::db;
+use crate::notify::directive::{self, DirectiveId, EventId, Group};
+use crate::notify::event::{Event, EventColumns, EventError};
+use crate::notify::format::{Decision, Plan, RenderContext};
+use crate::notify::mail::{self, BuiltMail, MailError, Notification};
+use crate::notify::outbox;
+use crate::notify::sent;
+use crate::notify::ticket::{self, Ticket};
+use crate::shared::smtp::SmtpError;
 
 /// Groups per batch: long enough to spread the per-statement cost, short
 /// enough that a `kill -9` leaves few mails in doubt.

@@ -19,18 +19,19 @@ use tokio_postgres::{Client, Transaction};
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
-use crate::db;
-use crate::directive::{self, Claim, DirectiveId, Group};
-use crate::event::{EventColumns, EventError};
-use crate::format::{Decision, FormatSet, RenderContext};
-use crate::mail::{self, BuiltMail, MailContext, Notification};
+use crate::config::InDoubtPolicy;
 use crate::metrics::{FailReason, Metrics};
-use crate::outbox::{self, InDoubtPolicy};
-use crate::sent;
-use crate::signature::Signer;
-use crate::smtp::{Outbound, RefusedRecipient, SmtpError};
-use crate::template::TemplateStore;
-use crate::ticket::{self, Ticket, TicketError};
+use crate::notify::db;
+use crate::notify::directive::{self, Claim, DirectiveId, Group};
+use crate::notify::event::{EventColumns, EventError};
+use crate::notify::format::{Decision, FormatSet, RenderContext};
+use crate::notify::mail::{self, BuiltMail, MailContext, Notification};
+use crate::notify::outbox;
+use crate::notify::render::template::TemplateStore;
+use crate::notify::sent;
+use crate::notify::signature::Signer;
+use crate::notify::ticket::{self, Ticket, TicketError};
+use crate::shared::smtp::{Outbound, RefusedRecipient, SmtpError};
 
 pub mod batch;
 
@@ -53,11 +54,11 @@ pub struct Pipeline {
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     #[error(transparent)]
-    Formats(#[from] crate::format::FormatLoadError),
+    Formats(#[from] crate::notify::format::FormatLoadError),
     #[error(transparent)]
-    Template(#[from] crate::template::TemplateError),
+    Template(#[from] crate::notify::render::template::TemplateError),
     #[error("signing key: {0}")]
-    Signer(#[from] crate::signature::SignError),
+    Signer(#[from] crate::notify::signature::SignError),
     #[error(transparent)]
     Smtp(#[from] SmtpError),
 }
@@ -115,12 +116,12 @@ impl Pipeline {
 /// `hostname:pid`, recorded with each outbox row so an operator can tell
 /// which instance wrote it.
 pub fn instance_name() -> String {
-    let host = crate::smtp::host_name().unwrap_or_else(|| "localhost".into());
+    let host = crate::shared::smtp::host_name().unwrap_or_else(|| "localhost".into());
     format!("{host}:{}", std::process::id())
 }
 
 /// Loads the signing key the way the configuration names it.
-pub fn load_signer(config: &Config) -> Result<Signer, crate::signature::SignError> {
+pub fn load_signer(config: &Config) -> Result<Signer, crate::notify::signature::SignError> {
     let pgp = &config.openpgp;
     match (&pgp.key_file, &pgp.gnupg_home) {
         // A key file signs as gpg would with the home's gpg.conf, if a
@@ -197,14 +198,14 @@ pub enum GroupError {
     Render {
         format: String,
         #[source]
-        source: crate::format::RenderError,
+        source: crate::notify::format::RenderError,
     },
     #[error("loading events: {0}")]
     Events(#[from] EventError),
     #[error(transparent)]
     Ticket(#[from] TicketError),
     #[error("building the mail: {0}")]
-    Mail(#[from] crate::mail::MailError),
+    Mail(#[from] crate::notify::mail::MailError),
     #[error("sending to {relay}: {source}")]
     Smtp {
         relay: String,

@@ -2,7 +2,7 @@
 //!
 //! Owns the main loop and its shutdown. The loop waits for whichever comes
 //! first: a database notification that directives were inserted
-//! ([`crate::wakeup`]), the moment the earliest postponed group becomes due
+//! ([`crate::notify::db::wakeup`]), the moment the earliest postponed group becomes due
 //! (computed from the formats' answers, not polled), a retry whose backoff
 //! ran out, the slow safety sweep, a signal, or the systemd watchdog tick.
 //! Then it rescans the pending groups and hands those not already in flight
@@ -31,13 +31,13 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, ConfigSource};
-use crate::db;
-use crate::directive::{self, Group, GroupKey};
-use crate::event::EventColumns;
 use crate::metrics::{FailReason, Metrics};
-use crate::pipeline::{self, Connections, GroupError, GroupOutcome, Pipeline, RunOptions};
+use crate::notify::db;
+use crate::notify::db::wakeup::{self, Wakeup};
+use crate::notify::directive::{self, Group, GroupKey};
+use crate::notify::event::EventColumns;
+use crate::notify::pipeline::{self, Connections, GroupError, GroupOutcome, Pipeline, RunOptions};
 use crate::systemd;
-use crate::wakeup::{self, Wakeup};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -205,7 +205,7 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
                         due_since.retain(|k, _| pending.contains(k));
                         if Instant::now() >= next_purge {
                             // Records of mails sent more than 30 days ago.
-                            match crate::outbox::purge(&sched_client, 30).await {
+                            match crate::notify::outbox::purge(&sched_client, 30).await {
                                 Ok(n) if n > 0 => debug!(rows = n, "purged old outbox records"),
                                 Ok(_) => {}
                                 Err(e) => warn!("purging old outbox records: {e}"),

@@ -69,8 +69,8 @@ use std::collections::VecDeque;
 use chrono::{DateTime, Local, SubsecRound, Utc};
 use rand::Rng;
 
-use crate::signature::{DetachedSignature, DetachedSigner, SignError, Signer};
-use crate::ticket::Ticket;
+use crate::notify::signature::{DetachedSignature, DetachedSigner, SignError, Signer};
+use crate::notify::ticket::Ticket;
 
 /// One mail a format decided to send, fully rendered but not yet MIME.
 #[derive(Debug, Clone, PartialEq)]
@@ -95,7 +95,7 @@ pub struct Notification {
     /// The events this mail reports on when it is not the whole group
     /// (X-ARF: one mail per event); it then marks only their directives,
     /// so each event keeps the ticket of its own mail. `None`: the group.
-    pub covers: Option<Vec<crate::directive::EventId>>,
+    pub covers: Option<Vec<crate::notify::directive::EventId>>,
 }
 
 /// A text part after the body.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-use crate::directive::EventId;
+use crate::notify::directive::EventId;
 
 /// One value of an event column, typed as PostgreSQL stored it.
 #[derive(Debug, Clone, PartialEq)]
@@ -196,7 +196,7 @@ impl EventColumns {
     /// Loads the events with the given ids (ascending by id), with only
     /// `columns` (plus `id`). `extra.KEY` loads only that key of `extra`
     /// (unless `extra` itself is among the columns).
-    pub async fn load<S: crate::db::Session>(
+    pub async fn load<S: crate::notify::db::Session>(
         &self,
         session: &S,
         ids: &[EventId],
@@ -252,7 +252,7 @@ impl EventColumns {
         }
         select.push_str(" FROM events WHERE id = ANY($1) ORDER BY id");
         let ids: Vec<i64> = ids.iter().map(|e| e.0).collect();
-        let st = crate::db::prepare(session, &select).await?;
+        let st = crate::notify::db::prepare(session, &select).await?;
         let rows = tokio_postgres::GenericClient::query(session.client(), &st, &[&ids]).await?;
         // Values are stored in column-name order; `slot[i]` is where the
         // i-th selected column goes.

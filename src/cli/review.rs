@@ -15,7 +15,7 @@
 //! operator saw are sent. The pipeline then claims each group's rows
 //! (`SKIP LOCKED`, still pending) in the group's transaction, so a group
 //! is never sent twice even if the other instance takes it in between.
-//! Viewing uses [`crate::preview`]: read-only, no ticket drawn.
+//! Viewing uses [`crate::cli::preview`]: read-only, no ticket drawn.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -25,11 +25,11 @@ use chrono::{DateTime, Utc};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 use tokio_postgres::IsolationLevel;
 
-use crate::db;
-use crate::directive::{self, DirectiveId, Group, GroupKey};
-use crate::format::{Decision, FormatSet};
-use crate::pipeline::{self, GroupError, GroupOutcome, Pipeline, RunOptions};
-use crate::preview;
+use crate::cli::preview;
+use crate::notify::db;
+use crate::notify::directive::{self, DirectiveId, Group, GroupKey};
+use crate::notify::format::{Decision, FormatSet};
+use crate::notify::pipeline::{self, GroupError, GroupOutcome, Pipeline, RunOptions};
 
 /// The prompt; the first four choices are intelmqcbmail's.
 pub const PROMPT: &str =
@@ -607,7 +607,7 @@ async fn send<W: std::io::Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::directive::{AggregateIdentifier, EventId};
+    use crate::notify::directive::{AggregateIdentifier, EventId};
     use chrono::TimeZone;
 
     fn group(i: i64) -> Group {

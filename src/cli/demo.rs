@@ -18,7 +18,7 @@ use chrono::{Duration, Utc};
 use serde_json::json;
 
 use crate::config::Config;
-use crate::pipeline::{self, Pipeline, RunOptions};
+use crate::notify::pipeline::{self, Pipeline, RunOptions};
 use crate::sandbox::{self, ExtraType, FeedParams, PgCluster, SinkOptions, SmtpSink};
 
 /// Where the shipped formats and templates are (the demo runs from the
@@ -47,7 +47,7 @@ pub async fn run(events: usize, maildir: Option<PathBuf>) -> anyhow::Result<()> 
     let db = cluster.create_database_async().await?;
     db.create_events_table(ExtraType::Jsonb).await?;
     let mut client = db.connect().await?;
-    let report = crate::migrate::migrate(&mut client).await?;
+    let report = crate::notify::db::migrate::migrate(&mut client).await?;
     println!(
         "    database {:?} on port {}; applied {} migrations",
         db.name,

@@ -150,7 +150,7 @@ SELECT d.recipient_address, d.template_name, d.notification_format,
 
 #[derive(Debug, thiserror::Error)]
 pub enum SelectError {
-    #[error("selecting pending directives failed: {}", crate::db::describe(.0))]
+    #[error("selecting pending directives failed: {}", crate::notify::db::describe(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("directive row with malformed aggregate_identifier {0:?}")]
     BadAggregate(String),
@@ -321,7 +321,7 @@ pub enum Claim {
 /// Locks the group's directives for the caller's transaction without
 /// waiting (`SKIP LOCKED`: another instance's lock is no error and leaves
 /// nothing in PostgreSQL's log).
-pub async fn claim<S: crate::db::Session>(
+pub async fn claim<S: crate::notify::db::Session>(
     tx: &S,
     group: &Group,
 ) -> Result<Claim, tokio_postgres::Error> {
@@ -330,13 +330,13 @@ pub async fn claim<S: crate::db::Session>(
 
 /// [`claim`], also returning the database's `now()` (the transaction's
 /// start), which the formats decide by: one round trip for both.
-pub async fn claim_at<S: crate::db::Session>(
+pub async fn claim_at<S: crate::notify::db::Session>(
     tx: &S,
     group: &Group,
 ) -> Result<(Claim, Option<DateTime<Utc>>), tokio_postgres::Error> {
     use tokio_postgres::GenericClient;
     let ids: Vec<i64> = group.directive_ids.iter().map(|d| d.0).collect();
-    let st = crate::db::prepare(
+    let st = crate::notify::db::prepare(
         tx,
         // `sent_id + 0`: not indexable on purpose. With statistics that
         // say few directives are pending (normal, until a feed's burst
@@ -360,7 +360,7 @@ pub async fn claim_at<S: crate::db::Session>(
 /// returns the ids this transaction now holds and the database's `now()`
 /// (`None` when it holds none). A group is claimed when all of its ids are
 /// among them.
-pub async fn claim_many<S: crate::db::Session>(
+pub async fn claim_many<S: crate::notify::db::Session>(
     tx: &S,
     ids: &[DirectiveId],
 ) -> Result<
@@ -373,7 +373,7 @@ pub async fn claim_many<S: crate::db::Session>(
     use tokio_postgres::GenericClient;
     let raw: Vec<i64> = ids.iter().map(|d| d.0).collect();
     // The same statement as claim_at's, so it shares the prepared plan.
-    let st = crate::db::prepare(
+    let st = crate::notify::db::prepare(
         tx,
         "SELECT id, now() FROM directives WHERE id = ANY($1) AND sent_id + 0 IS NULL \
          FOR UPDATE SKIP LOCKED",

@@ -11,7 +11,7 @@
 //! the database itself refuses any write, and every group is judged
 //! against one snapshot and one `now()`. No row is locked: a preview never
 //! delays a running `mailgend run`. Ticket numbers shown are the ones the
-//! next draws would give ([`crate::ticket::peek`]) if the groups were sent
+//! next draws would give ([`crate::notify::ticket::peek`]) if the groups were sent
 //! in the order shown and nobody else drew numbers meanwhile; Message-Id
 //! and Date are made anew when a mail is really sent.
 
@@ -22,14 +22,15 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 use tokio_postgres::{Client, IsolationLevel, Transaction};
 
-use crate::db;
-use crate::directive::{self, DirectiveId, EventId, Group};
-use crate::event::{EventColumns, EventError};
-use crate::format::{DataLocation, Decision, Plan, RenderContext};
-use crate::mail::{self, BuiltMail, MailContext, Notification};
-use crate::outbox::{self, InDoubtPolicy, OpenMail, State};
-use crate::pipeline::Pipeline;
-use crate::ticket::{self, Ticket};
+use crate::config::InDoubtPolicy;
+use crate::notify::db;
+use crate::notify::directive::{self, DirectiveId, EventId, Group};
+use crate::notify::event::{EventColumns, EventError};
+use crate::notify::format::{DataLocation, Decision, Plan, RenderContext};
+use crate::notify::mail::{self, BuiltMail, MailContext, Notification};
+use crate::notify::outbox::{self, OpenMail, State};
+use crate::notify::pipeline::Pipeline;
+use crate::notify::ticket::{self, Ticket};
 
 /// Which pending groups to preview. Empty fields do not filter. A group is
 /// shown whole when it contains any of the given directives or events,

@@ -13,7 +13,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value as Json;
 
-use crate::event::{Event, FieldValue};
+use crate::notify::event::{Event, FieldValue};
 
 /// One column of a table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -366,7 +366,7 @@ fn python_printable(c: char) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::directive::EventId;
+    use crate::notify::directive::EventId;
     use chrono::TimeZone;
     use serde_json::json;
 
