@@ -668,9 +668,19 @@ async fn shipped_shadowserver_group_waits_for_both_ages_then_goes_as_one_mail() 
     // A: the newest directive was inserted ~1 s after t0 with 5 s to go.
     let a = arrived("abuse@as64496.example.net");
     assert!(a >= Duration::from_millis(5500), "{a:?}");
-    // B: observed 2 h minus 9 s before t0.
+    // B: due 2 h after its observation time, which is written in whole
+    // seconds (so up to 1 s before `now - 2 h + 9 s`): not a moment before.
+    let due_b: std::time::SystemTime = (chrono::DateTime::parse_from_rfc3339(&obs_b).unwrap()
+        + chrono::Duration::hours(2))
+    .with_timezone(&chrono::Utc)
+    .into();
     let b = arrived("abuse@as64511.example.net");
-    assert!(b >= Duration::from_millis(8500), "{b:?}");
+    assert!(
+        t0_sys + b >= due_b,
+        "B arrived {b:?} after t0, before it was due ({:?} after t0)",
+        due_b.duration_since(t0_sys).unwrap_or_default()
+    );
+    assert!(b >= Duration::from_millis(7900), "{b:?}");
     // ONE mail per group, with all its events, and nothing more later.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mails = env.sink.messages();
