@@ -377,7 +377,9 @@ managers:
       function: pipelines.any
 mailgend:
   spool: {spool}
-  command-timeout: 5
+  # Long: the idle `raw` session must outlive the slow steps of a loaded
+  # machine, or it is timed out before connections_open is read.
+  command-timeout: 60
   metrics-listen: 127.0.0.1:{mport}
 ",
         sink = sink.port(),
