@@ -474,6 +474,19 @@ async fn malformed_sessions_get_clear_replies_and_the_server_keeps_serving() {
     let r = raw.reply().await;
     assert_eq!(code(&r), "554", "{r}");
     assert_eq!(raw.reply().await, "", "closed after the refusal");
+    // Bare CR likewise: a receiver that ends data at <CR>.<CR> would see
+    // a second, attacker-chosen transaction if we relayed these bytes.
+    let (mut raw, _) = Raw::connect(port).await;
+    assert_eq!(code(&raw.cmd("EHLO cr.test").await), "250");
+    assert_eq!(code(&raw.cmd("MAIL FROM:<a@example.org>").await), "250");
+    assert_eq!(code(&raw.cmd("RCPT TO:<b@example.net>").await), "250");
+    assert_eq!(code(&raw.cmd("DATA").await), "354");
+    raw.send(b"Subject: x\r\n\r\nsmuggle\r.\rMAIL FROM:<evil@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n\r\nspoofed\r\n.\r\n")
+        .await;
+    let r = raw.reply().await;
+    assert_eq!(code(&r), "554", "{r}");
+    assert!(r.contains("Bare CR or LF"), "{r}");
+    assert_eq!(raw.reply().await, "", "closed after the refusal");
 
     // Missing headers, no Subject, 8-bit non-UTF-8 body: accepted and
     // forwarded as they are.

@@ -9,11 +9,12 @@
 //! reply or the connection closes; nothing it sends can panic the task.
 //!
 //! Line ends: command lines may end in a bare LF (harmless, and some
-//! scripts do it). In message data a bare LF ends the session with a 554
-//! at once, as Postfix's `smtpd_forbid_bare_newline` does: where the data
-//! ends would be ambiguous, and that ambiguity is what SMTP smuggling
-//! uses (one server sees `<LF>.<LF>` as the end, the next does not), so no
-//! later byte of that connection can be trusted as a command. Only
+//! scripts do it). In message data a bare LF or a bare CR ends the session
+//! with a 554 at once, as Postfix's `smtpd_forbid_bare_newline` does:
+//! where the data ends would be ambiguous, and that ambiguity is what SMTP
+//! smuggling uses (one server sees `<LF>.<LF>` or `<CR>.<CR>` as the end,
+//! the next does not), so no later byte of that connection can be trusted
+//! as a command, and relaying such bytes would hand the ambiguity on. Only
 //! `<CR><LF>.<CR><LF>` ends the data.
 
 use std::io;
@@ -143,7 +144,8 @@ enum DataRead {
     Message(Vec<u8>),
     TooBig,
     LineTooLong,
-    BareLf,
+    /// A LF without CR, or a CR without LF.
+    BareLineEnd,
     Eof,
     Timeout,
 }
@@ -173,8 +175,10 @@ async fn read_data<R: AsyncBufRead + Unpin>(
             }
             LineRead::Line => {}
         }
-        if !line.ends_with(b"\r\n") {
-            return Ok(DataRead::BareLf);
+        // The line ends at its first LF, so a bare LF shows as a missing
+        // CR before it; a bare CR is one anywhere before the final CRLF.
+        if !line.ends_with(b"\r\n") || line[..line.len() - 2].contains(&b'\r') {
+            return Ok(DataRead::BareLineEnd);
         }
         if line == b".\r\n" {
             break;
@@ -505,11 +509,11 @@ impl Session {
                 ));
                 return Ok(Next::Continue);
             }
-            DataRead::BareLf => {
+            DataRead::BareLineEnd => {
                 // Where this data ends is ambiguous: hang up (see above).
                 self.cfg.metrics.message_replied(554);
                 self.reply(
-                    "554 5.5.2 Bare LF in message data; lines must end with CRLF. Closing connection",
+                    "554 5.5.2 Bare CR or LF in message data; lines must end with CRLF. Closing connection",
                 );
                 return Ok(Next::Close);
             }
@@ -832,9 +836,16 @@ mod tests {
     #[tokio::test]
     async fn data_refusals() {
         assert_eq!(data(b"0123456789\r\n.\r\n", 5).await, DataRead::TooBig);
-        assert_eq!(data(b"a\nb\r\n.\r\n", 100).await, DataRead::BareLf);
+        assert_eq!(data(b"a\nb\r\n.\r\n", 100).await, DataRead::BareLineEnd);
         // Refused at the first bare LF, before any "end" it may suggest.
-        assert_eq!(data(b"a\r\n.\nRSET\r\n", 100).await, DataRead::BareLf);
+        assert_eq!(data(b"a\r\n.\nRSET\r\n", 100).await, DataRead::BareLineEnd);
+        // Bare CR: inside a line, and the <CR>.<CR> "end" some relays see.
+        assert_eq!(data(b"a\rb\r\n.\r\n", 100).await, DataRead::BareLineEnd);
+        assert_eq!(
+            data(b"x\r\n\r.\rMAIL FROM:<e@x>\r\n.\r\n", 100).await,
+            DataRead::BareLineEnd
+        );
+        assert_eq!(data(b"a\r\r\n.\r\n", 100).await, DataRead::BareLineEnd);
         assert_eq!(data(b"a\r\nno end", 100).await, DataRead::Eof);
         let mut long = vec![b'x'; MAX_DATA_LINE + 1];
         long.extend_from_slice(b"\r\n.\r\n");
