@@ -66,7 +66,14 @@ static INSTALLED: OnceLock<Option<Installed>> = OnceLock::new();
 /// level later. If another global subscriber was installed first (a test
 /// harness), that one stays.
 pub fn init(level: &str, verbose: u8) {
-    INSTALLED.get_or_init(|| install(level, verbose));
+    init_as("mailgend", level, verbose);
+}
+
+/// [`init`] with the journal's `SYSLOG_IDENTIFIER` for this daemon
+/// (`mailgend-route` for the router), so `journalctl -t NAME` finds each
+/// daemon's lines whatever the unit is called.
+pub fn init_as(identifier: &str, level: &str, verbose: u8) {
+    INSTALLED.get_or_init(|| install(identifier, level, verbose));
 }
 
 /// Applies a new configured level (after a reload), unless `MAILGEND_LOG`
@@ -83,7 +90,7 @@ pub fn set_level(level: &str, verbose: u8) {
     }
 }
 
-fn install(level: &str, verbose: u8) -> Option<Installed> {
+fn install(identifier: &str, level: &str, verbose: u8) -> Option<Installed> {
     let (filter, env_problem, env_override) = match std::env::var(ENV_FILTER_VAR) {
         Ok(directives) => match EnvFilter::try_new(&directives) {
             Ok(f) => (f, None, true),
@@ -105,7 +112,7 @@ fn install(level: &str, verbose: u8) -> Option<Installed> {
             Ok(layer) => Some(
                 layer
                     .with_field_prefix(None)
-                    .with_syslog_identifier("mailgend".to_string())
+                    .with_syslog_identifier(identifier.to_string())
                     .with_priority_mappings(priorities()),
             ),
             Err(e) => {

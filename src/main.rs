@@ -466,7 +466,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             use mailgend::route;
             // mail2alert's LOGLEVEL (Python level names) sets the level.
             let level = std::env::var("LOGLEVEL").unwrap_or_else(|_| "INFO".to_string());
-            init_logging(&level, cli.verbose);
+            // Its own journal identifier: `journalctl -t mailgend-route`.
+            mailgend::logging::init_as("mailgend-route", &level, cli.verbose);
             let path = route::config::locate(cli.config.as_deref());
             if *check {
                 return Ok(match route::check::check(&path, *strict) {

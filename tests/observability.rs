@@ -178,7 +178,10 @@ fn helper_journald_log() {
         mailgend::systemd::under_journald(),
         "JOURNAL_STREAM names our stderr"
     );
-    mailgend::logging::init("INFO", 0);
+    match std::env::var("MAILGEND_OBS_IDENT") {
+        Ok(ident) => mailgend::logging::init_as(&ident, "INFO", 0),
+        Err(_) => mailgend::logging::init("INFO", 0),
+    }
     tracing::error!(
         target: "mailgend::pipeline",
         directive_ids = %"1,2",
@@ -267,14 +270,13 @@ fn private_run_possible() -> bool {
         .unwrap_or(false)
 }
 
-#[test]
-fn journald_gets_structured_fields_and_priorities() {
+/// Runs `helper_journald_log` with a stand-in journald (private mount
+/// namespace, tmpfs on /run) and `extra` in its environment; the records
+/// it received. `None` where this machine cannot do that (not root).
+fn journal_of_helper(extra: &[(&str, &str)]) -> Option<Vec<BTreeMap<String, String>>> {
     if !private_run_possible() {
-        eprintln!(
-            "SKIPPED journald_gets_structured_fields_and_priorities: needs \
-             `unshare -m` and mount (root) to stand in for journald"
-        );
-        return;
+        eprintln!("SKIPPED: needs `unshare -m` and mount (root) to stand in for journald");
+        return None;
     }
     use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
@@ -284,12 +286,14 @@ fn journald_gets_structured_fields_and_priorities() {
     let meta = stderr_file.metadata().unwrap();
     // What systemd sets for a service whose stderr is the journal stream.
     let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let mut env = vec![
+        ("JOURNAL_STREAM", stream.as_str()),
+        ("MAILGEND_OBS_OUT", out_path.to_str().unwrap()),
+    ];
+    env.extend_from_slice(extra);
     let mut cmd = run_helper(
         "helper_journald_log",
-        &[
-            ("JOURNAL_STREAM", &stream),
-            ("MAILGEND_OBS_OUT", out_path.to_str().unwrap()),
-        ],
+        &env,
         Some(&[
             "unshare",
             "-m",
@@ -313,8 +317,27 @@ fn journald_gets_structured_fields_and_priorities() {
         !child_stderr.contains("sending failed"),
         "plain lines under journald:\n{child_stderr}"
     );
+    Some(journal_records(&std::fs::read(&out_path).unwrap()))
+}
 
-    let records = journal_records(&std::fs::read(&out_path).unwrap());
+/// The router logs as `mailgend-route` (`logging::init_as`, called by
+/// `mailgend route`), so `journalctl -t mailgend-route` finds it.
+#[test]
+fn the_router_has_its_own_journal_identifier() {
+    let Some(records) = journal_of_helper(&[("MAILGEND_OBS_IDENT", "mailgend-route")]) else {
+        return;
+    };
+    assert_eq!(records.len(), 3, "{records:#?}");
+    for r in &records {
+        assert_eq!(r["SYSLOG_IDENTIFIER"], "mailgend-route", "{r:?}");
+    }
+}
+
+#[test]
+fn journald_gets_structured_fields_and_priorities() {
+    let Some(records) = journal_of_helper(&[]) else {
+        return;
+    };
     assert_eq!(
         records.len(),
         3,
