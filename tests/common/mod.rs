@@ -169,24 +169,10 @@ impl TestEnv {
     /// `directives` becomes `extra.certbund.source_directives`, merged into
     /// `fields["extra"]` if that is given.
     pub async fn insert_event(&self, fields: Value, directives: Value) -> i64 {
-        let mut fields = fields.as_object().cloned().unwrap_or_default();
-        let mut extra = fields
-            .remove("extra")
-            .and_then(|e| e.as_object().cloned())
-            .unwrap_or_default();
-        extra.insert("certbund".into(), json!({"source_directives": directives}));
-        fields.insert("extra".into(), Value::Object(extra));
-        let cols: Vec<String> = fields
-            .keys()
-            .map(|k| format!("\"{}\"", k.replace('"', "\"\"")))
-            .collect();
-        let sql = format!(
-            "INSERT INTO events ({cols}) SELECT {cols} FROM jsonb_populate_record(NULL::events, $1::text::jsonb) RETURNING id",
-            cols = cols.join(", ")
-        );
+        let (sql, row) = event_insert(fields, directives);
         let client = self.client().await;
         client
-            .query_one(sql.as_str(), &[&Value::Object(fields).to_string()])
+            .query_one(sql.as_str(), &[&row])
             .await
             .expect("insert event")
             .get(0)
@@ -197,25 +183,11 @@ impl TestEnv {
     /// before the database's now: a running service (woken at commit) sees
     /// them only with that age, as if IntelMQ had inserted them then.
     pub async fn insert_event_aged(&self, fields: Value, directives: Value, secs_ago: f64) -> i64 {
-        let mut fields = fields.as_object().cloned().unwrap_or_default();
-        let mut extra = fields
-            .remove("extra")
-            .and_then(|e| e.as_object().cloned())
-            .unwrap_or_default();
-        extra.insert("certbund".into(), json!({"source_directives": directives}));
-        fields.insert("extra".into(), Value::Object(extra));
-        let cols: Vec<String> = fields
-            .keys()
-            .map(|k| format!("\"{}\"", k.replace('"', "\"\"")))
-            .collect();
-        let sql = format!(
-            "INSERT INTO events ({cols}) SELECT {cols} FROM jsonb_populate_record(NULL::events, $1::text::jsonb) RETURNING id",
-            cols = cols.join(", ")
-        );
+        let (sql, row) = event_insert(fields, directives);
         let mut client = self.client().await;
         let tx = client.transaction().await.unwrap();
         let id: i64 = tx
-            .query_one(sql.as_str(), &[&Value::Object(fields).to_string()])
+            .query_one(sql.as_str(), &[&row])
             .await
             .expect("insert event")
             .get(0);
@@ -296,6 +268,28 @@ impl TestEnv {
 }
 
 /// A typical directive for the shipped shadowserver formats.
+/// The INSERT for one IntelMQ event row and its JSON parameter: `fields`
+/// maps column names to values (cast by PostgreSQL to the column types);
+/// `directives` becomes `extra.certbund.source_directives`.
+fn event_insert(fields: Value, directives: Value) -> (String, String) {
+    let mut fields = fields.as_object().cloned().unwrap_or_default();
+    let mut extra = fields
+        .remove("extra")
+        .and_then(|e| e.as_object().cloned())
+        .unwrap_or_default();
+    extra.insert("certbund".into(), json!({"source_directives": directives}));
+    fields.insert("extra".into(), Value::Object(extra));
+    let cols: Vec<String> = fields
+        .keys()
+        .map(|k| format!("\"{}\"", k.replace('"', "\"\"")))
+        .collect();
+    let sql = format!(
+        "INSERT INTO events ({cols}) SELECT {cols} FROM jsonb_populate_record(NULL::events, $1::text::jsonb) RETURNING id",
+        cols = cols.join(", ")
+    );
+    (sql, Value::Object(fields).to_string())
+}
+
 pub fn directive(recipient: &str, feed: &str, asn: i64) -> Value {
     json!({
         "medium": "email",
