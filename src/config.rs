@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
+use crate::shared::smtp::{SmtpConfig, SmtpTls};
+
 /// Where the system-wide file lives unless `-c` names another.
 pub const SYSTEM_CONFIG: &str = "/etc/intelmq/intelmq-mailgen.conf";
 /// The per-user file, relative to `$HOME`; always read when present.
@@ -90,31 +92,6 @@ pub struct DatabaseConfig {
     pub port: u16,
     /// Appended to the pending-directive selection with `AND` (spec §3.2).
     pub additional_directive_where: Option<String>,
-}
-
-/// How to protect the SMTP connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SmtpTls {
-    /// Plain SMTP, as intelmq-mailgen always did.
-    None,
-    /// STARTTLS required.
-    StartTls,
-    /// STARTTLS when the server offers it.
-    Opportunistic,
-    /// TLS from the first byte (SMTPS, usually port 465).
-    Implicit,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SmtpConfig {
-    pub host: String,
-    pub port: u16,
-    pub tls: SmtpTls,
-    /// PEM file with the CA certificates to trust instead of the system's.
-    pub ca_file: Option<PathBuf>,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,23 +25,18 @@
 //!   daemon (`send` review, `preview`, `status`/`in-doubt`,
 //!   `check-config`, `demo`, `bench`); argument parsing and the rest of
 //!   dispatch are in `main.rs`.
-//! - [`shared`]: what both daemons use (outbound SMTP).
+//! - [`shared`]: what both daemons use: the outbound SMTP client and its
+//!   settings, recipient addresses, the metrics exposition and `/metrics`
+//!   endpoint, logging, and systemd notification.
 //! - [`sandbox`]: throw-away PostgreSQL, SMTP receiver and event feed for
 //!   the tests, `demo` and `bench`; never used by the daemons.
 //!
-//! Still at the top level, to be moved in a later step:
-//! [`config`] (the notifier's configuration, with the SMTP section the
-//! router shares), and [`metrics`], [`logging`] and [`systemd`], which
-//! both daemons use and which belong in `shared/`: `metrics` and `logging`
-//! are being changed on another branch right now, and `logging` names
-//! `crate::systemd`, so the three move together after that work is merged.
+//! Still at the top level: [`config`], the notifier's configuration
+//! (intelmqcbmail's JSON files).
 
 pub mod cli;
 pub mod config;
-pub mod logging;
-pub mod metrics;
 pub mod notify;
 pub mod route;
 pub mod sandbox;
 pub mod shared;
-pub mod systemd;

@@ -252,7 +252,7 @@ fn load_config(cli: &Cli) -> anyhow::Result<Arc<Config>> {
 }
 
 fn init_logging(level: &str, verbose: u8) {
-    mailgend::logging::init(level, verbose);
+    mailgend::shared::logging::init(level, verbose);
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -467,7 +467,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // mail2alert's LOGLEVEL (Python level names) sets the level.
             let level = std::env::var("LOGLEVEL").unwrap_or_else(|_| "INFO".to_string());
             // Its own journal identifier: `journalctl -t mailgend-route`.
-            mailgend::logging::init_as("mailgend-route", &level, cli.verbose);
+            mailgend::shared::logging::init_as("mailgend-route", &level, cli.verbose);
             let path = route::config::locate(cli.config.as_deref());
             if *check {
                 return Ok(match route::check::check(&path, *strict) {

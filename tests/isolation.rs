@@ -716,8 +716,8 @@ async fn scripted_relay(after: AfterData) -> u16 {
 /// it may have (in doubt).
 #[tokio::test]
 async fn a_mail_is_in_doubt_only_once_its_end_was_written() {
-    use mailgend::config::{SmtpConfig, SmtpTls};
     use mailgend::shared::smtp::Outbound;
+    use mailgend::shared::smtp::{SmtpConfig, SmtpTls};
     // Large enough to outlast the kernel's buffers (4 kB receive buffer
     // on the relay, at most 4 MB send buffer here).
     let mut message =

@@ -18,11 +18,12 @@ use std::process::{Command, Stdio};
 
 use chrono::{DateTime, TimeZone, Utc};
 use mailgend::notify::mail::{
-    build, build_with_id, build_with_signer, encode_text_qp, parse_recipient, qp_body_encode,
-    subject_header, AddressError, Attachment, BuiltMail, MailContext, MailError, Notification,
+    build, build_with_id, build_with_signer, encode_text_qp, qp_body_encode, subject_header,
+    Attachment, BuiltMail, MailContext, MailError, Notification,
 };
 use mailgend::notify::signature::{DetachedSignature, DetachedSigner, SignError};
 use mailgend::notify::ticket::Ticket;
+use mailgend::shared::address::{parse_recipient, AddressError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;

@@ -15,7 +15,8 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mailgend::metrics::{self, FailReason, Metrics, ServeLimits};
+use mailgend::notify::metrics::{FailReason, Metrics};
+use mailgend::shared::metrics::{self, ServeLimits};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -72,9 +73,9 @@ fn helper_plain_log() {
     if !helper_is("helper_plain_log") {
         return;
     }
-    mailgend::logging::init("INFO", 0);
+    mailgend::shared::logging::init("INFO", 0);
     // A second init must not replace the first (or panic).
-    mailgend::logging::init("DEBUG", 0);
+    mailgend::shared::logging::init("DEBUG", 0);
     tracing::error!(
         target: "mailgend::pipeline",
         directive_ids = %"1,2",
@@ -87,7 +88,7 @@ fn helper_plain_log() {
     tracing::info!(target: "tokio_postgres::connection", "another crate's info");
     tracing::warn!(target: "tokio_postgres::connection", "another crate's warning");
     // A config reload that lowers the level (ignored under MAILGEND_LOG).
-    mailgend::logging::set_level("DEBUG", 0);
+    mailgend::shared::logging::set_level("DEBUG", 0);
     tracing::debug!(target: "mailgend::service", "debug after reload");
 }
 
@@ -175,12 +176,12 @@ fn helper_journald_log() {
     use std::os::unix::net::UnixDatagram;
     let journal = UnixDatagram::bind("/run/systemd/journal/socket").expect("bind the journal");
     assert!(
-        mailgend::systemd::under_journald(),
+        mailgend::shared::systemd::under_journald(),
         "JOURNAL_STREAM names our stderr"
     );
     match std::env::var("MAILGEND_OBS_IDENT") {
-        Ok(ident) => mailgend::logging::init_as(&ident, "INFO", 0),
-        Err(_) => mailgend::logging::init("INFO", 0),
+        Ok(ident) => mailgend::shared::logging::init_as(&ident, "INFO", 0),
+        Err(_) => mailgend::shared::logging::init("INFO", 0),
     }
     tracing::error!(
         target: "mailgend::pipeline",

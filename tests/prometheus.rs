@@ -23,9 +23,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{directive, event_fields, repo_path, ServiceProcess, TestEnv};
-use mailgend::metrics::{self, Metrics};
+use mailgend::notify::metrics::Metrics;
 use mailgend::route::metrics::RouteMetrics;
 use mailgend::sandbox::smtp_sink::Fault;
+use mailgend::shared::metrics;
 use serde_json::{json, Value};
 use yaml_rust2::YamlLoader;
 

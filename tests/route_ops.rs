@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use lettre::address::Envelope;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
-use mailgend::metrics::parse_exposition;
 use mailgend::sandbox::smtp_sink::{Failure, Fault, Scope, Stage};
 use mailgend::sandbox::SmtpSink;
+use mailgend::shared::metrics::parse_exposition;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 

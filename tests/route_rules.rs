@@ -686,7 +686,10 @@ managers: []
     );
     let cfg = load(dir.path(), &text);
     assert_eq!(cfg.remote_smtp.port, 587);
-    assert_eq!(cfg.remote_smtp.tls, mailgend::config::SmtpTls::StartTls);
+    assert_eq!(
+        cfg.remote_smtp.tls,
+        mailgend::shared::smtp::SmtpTls::StartTls
+    );
     assert_eq!(cfg.remote_smtp.password.as_deref(), Some("pw"));
     assert_eq!(cfg.remote_smtp.timeout, Duration::from_secs(20));
     let s = &cfg.server;

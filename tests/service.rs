@@ -512,7 +512,7 @@ async fn metrics_and_status_show_what_the_service_did() {
             .args(["-s", &format!("http://127.0.0.1:{port}/metrics")])
             .output()
             .unwrap();
-        mailgend::metrics::parse_exposition(&String::from_utf8_lossy(&out.stdout))
+        mailgend::shared::metrics::parse_exposition(&String::from_utf8_lossy(&out.stdout))
     };
     let ok = eventually(Duration::from_secs(30), || async {
         scrape().get("mailgend_mails_sent_total").copied() == Some(1.0)

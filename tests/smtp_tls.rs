@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use mailgend::config::{SmtpConfig, SmtpTls};
 use mailgend::shared::smtp::{Outbound, SmtpError};
+use mailgend::shared::smtp::{SmtpConfig, SmtpTls};
 
 struct Server {
     child: Child,

@@ -192,10 +192,10 @@ async fn sink_ceiling() -> anyhow::Result<f64> {
         headers_only: true,
         ..SinkOptions::default()
     });
-    let cfg = crate::config::SmtpConfig {
+    let cfg = crate::shared::smtp::SmtpConfig {
         host: "127.0.0.1".into(),
         port: sink.port(),
-        tls: crate::config::SmtpTls::None,
+        tls: crate::shared::smtp::SmtpTls::None,
         ca_file: None,
         username: None,
         password: None,

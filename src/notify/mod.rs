@@ -24,7 +24,7 @@
 //! groups ([`pipeline::batch`]: small groups together, one statement per
 //! step); [`service`] is `mailgend run`, the always-on loop that schedules
 //! those runs; [`db`] opens connections, owns the migrations and the
-//! `LISTEN` wake-ups.
+//! `LISTEN` wake-ups; [`metrics`] holds the notifier's Prometheus series.
 
 // The stages, in path order (blank lines keep rustfmt from sorting them).
 pub mod directive;
@@ -47,5 +47,6 @@ pub mod sent;
 
 // What drives the stages, and the database under them.
 pub mod db;
+pub mod metrics;
 pub mod pipeline;
 pub mod service;

@@ -30,14 +30,14 @@ use tokio::sync::{mpsc, Mutex};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
+use super::metrics::{FailReason, Metrics};
 use crate::config::{Config, ConfigSource};
-use crate::metrics::{FailReason, Metrics};
 use crate::notify::db;
 use crate::notify::db::wakeup::{self, Wakeup};
 use crate::notify::directive::{self, Group, GroupKey};
 use crate::notify::event::EventColumns;
 use crate::notify::pipeline::{self, Connections, GroupError, GroupOutcome, Pipeline, RunOptions};
-use crate::systemd;
+use crate::shared::systemd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -112,7 +112,7 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            if let Err(e) = crate::metrics::serve(listener, m, shutdown).await {
+            if let Err(e) = crate::shared::metrics::serve(listener, m, shutdown).await {
                 error!("metrics endpoint stopped: {e}");
             }
         });
@@ -624,7 +624,7 @@ async fn reload(source: &ConfigSource, current: &Current, metrics: &Arc<Metrics>
     };
     match result {
         Ok(p) => {
-            crate::logging::set_level(&p.config.logging_level, 0);
+            crate::shared::logging::set_level(&p.config.logging_level, 0);
             *current.write().unwrap_or_else(|e| e.into_inner()) = p;
             metrics.config_reload(true);
             info!("configuration reloaded");

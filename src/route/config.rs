@@ -22,10 +22,10 @@ use std::time::Duration;
 
 pub use yaml::{Kind, Node};
 
-use crate::config::{SmtpConfig, SmtpTls};
 use crate::route::actions::{self, Action};
 use crate::route::managers::{self, gocd::Event};
 use crate::route::rules::{self, RuleFunction};
+use crate::shared::smtp::{SmtpConfig, SmtpTls};
 
 /// The environment variable naming the file when `-c` is not given
 /// (mail2alert's).
@@ -759,7 +759,7 @@ fn read_wanted(r: &mut Reader, n: &Node, k: &str) -> Option<Option<Wanted>> {
     let address = |r: &mut Reader, key: &str| -> Option<String> {
         let v = m.get(key)?;
         let s = r.string(v, &format!("{k}.{key}"))?;
-        match crate::notify::mail::parse_recipient(&s) {
+        match crate::shared::address::parse_recipient(&s) {
             Ok(a) if a.display_name().is_none() && !s.contains('<') => Some(s.trim().to_string()),
             _ => {
                 // mail2alert compared the text with the envelope as it was.

@@ -1,6 +1,6 @@
 //! The alert router's Prometheus metrics (`mailgend_route_*`), served on
 //! `mailgend.metrics-listen` by the same HTTP code as the notifier's
-//! ([`crate::metrics::serve`]).
+//! ([`crate::shared::metrics::serve`]).
 //!
 //! [`RouteMetrics`] owns every series; the names are an interface
 //! (dashboards, alerts) and are spelled out only here and in
@@ -217,7 +217,7 @@ impl RouteMetrics {
             "Inbound SMTP connections open now (max-connections is the limit)",
             connections_open.clone(),
         );
-        crate::metrics::register_build_info_and_process(&mut r, "router");
+        crate::shared::metrics::register_build_info_and_process(&mut r, "router");
         RouteMetrics {
             registry: r,
             received,
@@ -331,7 +331,7 @@ impl RouteMetrics {
     }
 
     /// The page in the OpenMetrics text format
-    /// ([`crate::metrics::CONTENT_TYPE`]).
+    /// ([`crate::shared::metrics::CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
@@ -344,7 +344,7 @@ impl RouteMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::parse_exposition;
+    use crate::shared::metrics::parse_exposition;
 
     #[test]
     fn series_exist_at_zero_and_move() {

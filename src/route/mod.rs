@@ -9,7 +9,7 @@
 //! protocol side (server, spool, forward, service) and the decision side
 //! (config, router, managers, rules, actions) can change independently.
 //! Outbound SMTP and logging/signals/systemd are shared with the notifier
-//! (`crate::shared::smtp`, `crate::logging`, `crate::systemd`).
+//! (`crate::shared::smtp`, `crate::shared::logging`, `crate::shared::systemd`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -43,9 +43,9 @@ use super::router::Router;
 use super::server::{self, OpenConnections, Server, ServerError, SessionConfig};
 use super::spool::{Spool, SpoolError};
 use super::{retry, Inbound, Routing, SlackPost};
-use crate::metrics::Exposition;
+use crate::shared::metrics::Exposition;
 use crate::shared::smtp::{Outbound, SmtpError};
-use crate::systemd;
+use crate::shared::systemd;
 
 /// How long SIGTERM waits for sessions in flight (systemd's
 /// `TimeoutStopSec` in the shipped unit is longer).
@@ -251,7 +251,7 @@ impl MetricsEndpoint {
             let shutdown = async move {
                 let _ = stop_rx.wait_for(|s| *s).await;
             };
-            if let Err(e) = crate::metrics::serve(listener, page, shutdown).await {
+            if let Err(e) = crate::shared::metrics::serve(listener, page, shutdown).await {
                 error!("the metrics endpoint stopped: {e}");
             }
         });

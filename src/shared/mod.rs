@@ -1,10 +1,15 @@
 //! What both daemons use, so that neither imports the other's modules.
 //!
-//! - [`smtp`]: the outbound SMTP client (TLS, AUTH, failure classes).
-//!
-//! To come here in later steps: the SMTP section of the configuration and
-//! recipient parsing (now in `config` and `notify::mail`), located config
-//! problems with one "did you mean", the metrics HTTP endpoint, logging,
-//! systemd and one shutdown signal.
+//! - [`smtp`]: the outbound SMTP client (TLS, AUTH, failure classes) and
+//!   its settings.
+//! - [`address`]: recipient addresses from untrusted data.
+//! - [`metrics`]: the exposition formats, build-info and process series,
+//!   and the `/metrics` HTTP endpoint.
+//! - [`logging`]: plain-text or journald logging, one line per event.
+//! - [`systemd`]: readiness, status, watchdog.
 
+pub mod address;
+pub mod logging;
+pub mod metrics;
 pub mod smtp;
+pub mod systemd;

@@ -20,12 +20,12 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::config::InDoubtPolicy;
-use crate::metrics::{FailReason, Metrics};
 use crate::notify::db;
 use crate::notify::directive::{self, Claim, DirectiveId, Group};
 use crate::notify::event::{EventColumns, EventError};
 use crate::notify::format::{Decision, FormatSet, RenderContext};
 use crate::notify::mail::{self, BuiltMail, MailContext, Notification};
+use crate::notify::metrics::{FailReason, Metrics};
 use crate::notify::outbox;
 use crate::notify::render::template::TemplateStore;
 use crate::notify::sent;

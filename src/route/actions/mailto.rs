@@ -15,7 +15,7 @@ pub fn parse_address(s: &str) -> Result<String, String> {
             "{s:?}: query parts and %-escapes are not supported in mailto: actions"
         ));
     }
-    let r = crate::notify::mail::parse_recipient(s).map_err(|e| format!("mailto:{s}: {e}"))?;
+    let r = crate::shared::address::parse_recipient(s).map_err(|e| format!("mailto:{s}: {e}"))?;
     if r.display_name().is_some() || s.contains('<') {
         return Err(format!(
             "mailto:{s}: give the bare address, without a name or <>"

@@ -32,7 +32,9 @@ use lettre::transport::smtp::client::{
 use lettre::transport::smtp::extension::ClientId;
 use tokio::net::TcpStream;
 
-use crate::config::{SmtpConfig, SmtpTls};
+mod config;
+
+pub use config::{SmtpConfig, SmtpTls};
 #[derive(Debug, thiserror::Error)]
 pub enum SmtpError {
     #[error("SMTP configuration: {0}")]

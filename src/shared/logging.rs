@@ -3,7 +3,7 @@
 //! Two outputs, chosen once at start:
 //!
 //! - **journald**, when stderr is connected to the journal
-//!   ([`crate::systemd::under_journald`], i.e. started by systemd). Events go
+//!   ([`crate::shared::systemd::under_journald`], i.e. started by systemd). Events go
 //!   through `tracing-journald` in the journal's native protocol with no
 //!   field prefix, so the fields the code logs (`directive_ids`, `event_ids`,
 //!   `ticket`, `recipient`, `format`, …) become journal fields
@@ -107,7 +107,7 @@ fn install(identifier: &str, level: &str, verbose: u8) -> Option<Installed> {
     // Only try the journal when stderr really goes there: a program run from
     // a shell inside a unit's session must still print to its terminal.
     let mut journald_problem = None;
-    let journald = if crate::systemd::under_journald() {
+    let journald = if crate::shared::systemd::under_journald() {
         match tracing_journald::layer() {
             Ok(layer) => Some(
                 layer
