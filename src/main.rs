@@ -1,17 +1,15 @@
-//! The `mailgend` command line: the binary edge, where errors become exit
-//! codes and log lines.
+//! The `mailgend` command line: parses the arguments and dispatches to
+//! `mailgend::cli` (or the notifier's service); the binary edge, where
+//! errors become exit codes and log lines.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tracing::{error, info, warn};
+use tracing::error;
 
-use mailgend::config::{Config, ConfigSource};
-use mailgend::notify::pipeline::{self, Pipeline, RunOptions};
+use mailgend::cli;
+use mailgend::config::ConfigSource;
 
 #[derive(Parser)]
 #[command(
@@ -228,88 +226,24 @@ fn main() -> ExitCode {
 }
 
 fn source(cli: &Cli) -> ConfigSource {
-    ConfigSource {
-        system_file: cli.config.clone(),
-        user_file: None,
-        skip_user_file: false,
-    }
-}
-
-/// Loads the config, sets up logging from it, and logs unknown keys.
-fn load_config(cli: &Cli) -> anyhow::Result<Arc<Config>> {
-    let config = match Config::load(&source(cli)) {
-        Ok(c) => c,
-        Err(e) => {
-            init_logging("INFO", cli.verbose);
-            return Err(anyhow::anyhow!("{e}"));
-        }
-    };
-    init_logging(&config.logging_level, cli.verbose);
-    for p in &config.unknown_keys {
-        warn!("{p}");
-    }
-    Ok(Arc::new(config))
-}
-
-fn init_logging(level: &str, verbose: u8) {
-    mailgend::shared::logging::init(level, verbose);
+    cli::command::source(cli.config.clone())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match &cli.command {
+    let v = cli.verbose;
+    let code = match &cli.command {
         Command::Send {
             all,
             dry_run,
             batch_size,
         } => {
-            if !all && !std::io::stdin().is_terminal() {
-                eprintln!(
-                    "mailgend send: interactive review needs a terminal, and standard input \
-                     is not one. Use `mailgend send --all` to send every due notification \
-                     without asking, or `mailgend preview` to see what would be sent."
-                );
-                return Ok(ExitCode::from(2));
-            }
-            let config = load_config(&cli)?;
-            let pipeline =
-                Arc::new(Pipeline::load(config).context("loading formats, templates and key")?);
-            let opts = RunOptions {
+            let o = cli::send::SendOptions {
+                all: *all,
                 dry_run: *dry_run,
-                list_event_ids: cli.verbose >= 2,
+                batch_size: *batch_size,
+                verbose: v,
             };
-            if opts.dry_run {
-                info!("Running dry-run mode. Not sending mails and not writing changes to the database.");
-            }
-            if !all {
-                let mut input = tokio::io::BufReader::new(tokio::io::stdin());
-                let mut out = std::io::stdout();
-                let total = mailgend::cli::review::run(
-                    pipeline,
-                    opts,
-                    (*batch_size).max(1),
-                    &mut input,
-                    &mut out,
-                )
-                .await?;
-                return Ok(if total.errors > 0 {
-                    ExitCode::from(1)
-                } else {
-                    ExitCode::SUCCESS
-                });
-            }
-            let summary = pipeline::run_once(pipeline, opts).await?;
-            let line = if opts.dry_run {
-                format!("Simulation: {summary}")
-            } else {
-                summary.to_string()
-            };
-            info!("{line}");
-            println!("{line}");
-            Ok(if summary.errors > 0 {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            })
+            cli::send::run(&source(&cli), o).await?
         }
         Command::Preview {
             recipient,
@@ -321,66 +255,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             attachments,
             fail_on_error,
         } => {
-            use mailgend::cli::preview;
             use mailgend::notify::directive::{DirectiveId, EventId};
-            let config = load_config(&cli)?;
-            let pipeline = Pipeline::load(config).context("loading formats, templates and key")?;
-            let filter = preview::PreviewFilter {
+            let filter = cli::preview::PreviewFilter {
                 recipient: recipient.clone(),
                 template: template.clone(),
                 directive_ids: directives.iter().copied().map(DirectiveId).collect(),
                 event_ids: events.iter().copied().map(EventId).collect(),
                 limit: *limit,
             };
-            let groups = preview::preview(&pipeline, &filter).await?;
-            if *json {
-                let doc = serde_json::json!({
-                    "note": "Preview only: nothing was sent, no ticket number was drawn, \
-                             nothing was written. Tickets are the ones the next draws would \
-                             give if these groups were sent in this order and nobody else \
-                             drew numbers meanwhile; Date and Message-Id are made anew when \
-                             a mail is really sent.",
-                    "groups": groups,
-                });
-                println!("{}", serde_json::to_string_pretty(&doc)?);
-            } else {
-                print!(
-                    "{}",
-                    preview::to_text(
-                        &groups,
-                        preview::TextOptions {
-                            attachment_content: *attachments
-                        }
-                    )
-                );
-            }
-            let failed = groups.iter().any(|g| g.outcome.is_error());
-            Ok(if *fail_on_error && failed {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            })
+            let print = cli::preview::PrintOptions {
+                json: *json,
+                attachments: *attachments,
+                fail_on_error: *fail_on_error,
+            };
+            cli::preview::run(&source(&cli), v, &filter, print).await?
         }
         Command::Db {
             command: DbCommand::Migrate,
-        } => {
-            let config = load_config(&cli)?;
-            let mut client = mailgend::notify::db::connect(&config.database).await?;
-            let report = mailgend::notify::db::migrate::migrate(&mut client).await?;
-            for (v, name) in &report.applied {
-                println!("applied migration {v:04} {name}");
-            }
-            if report.applied.is_empty() {
-                println!(
-                    "database is up to date ({} migrations)",
-                    report.already.len()
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => cli::migrate::run(&source(&cli), v).await?,
         Command::CheckConfig => {
-            init_logging("WARNING", cli.verbose);
-            Ok(mailgend::cli::check_config::run(&source(&cli)))
+            mailgend::shared::logging::init("WARNING", v);
+            cli::check_config::run(&source(&cli))
         }
         #[cfg(not(feature = "dev-tools"))]
         Command::NotInThisBuild { .. } => {
@@ -389,7 +284,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                  leaves them out); they run from a source build: `cargo run --release -- demo` \
                  (see /usr/share/doc/mailgend/install.md)"
             );
-            Ok(ExitCode::from(2))
+            ExitCode::from(2)
         }
         #[cfg(feature = "dev-tools")]
         Command::Bench {
@@ -402,7 +297,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             duration,
             messages,
         } => {
-            init_logging("WARNING", cli.verbose);
+            mailgend::shared::logging::init("WARNING", v);
             if mode == "route" {
                 mailgend::route::bench::run(*messages).await?;
                 return Ok(ExitCode::SUCCESS);
@@ -412,7 +307,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "unsigned" => vec![false],
                 _ => vec![false, true],
             };
-            mailgend::cli::bench::run(mailgend::cli::bench::BenchOptions {
+            cli::bench::run(cli::bench::BenchOptions {
                 events: events.clone(),
                 runs: (*runs).max(1),
                 signed,
@@ -423,37 +318,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 duration: std::time::Duration::from_secs(*duration),
             })
             .await?;
-            Ok(ExitCode::SUCCESS)
+            ExitCode::SUCCESS
         }
         Command::Run => {
-            let config = load_config(&cli)?;
+            let config = cli::command::load_config(&source(&cli), v)?;
             mailgend::notify::service::run(source(&cli), config).await?;
-            Ok(ExitCode::SUCCESS)
+            ExitCode::SUCCESS
         }
-        Command::Status => {
-            let config = load_config(&cli)?;
-            let client = mailgend::notify::db::connect(&config.database).await?;
-            print!("{}", mailgend::cli::status::report(&client, &config).await?);
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Status => cli::status::run(&source(&cli), v).await?,
         Command::InDoubt { command } => {
-            let config = load_config(&cli)?;
-            let mut client = mailgend::notify::db::connect(&config.database).await?;
-            use mailgend::cli::status::InDoubtAction as A;
-            let out = match command {
-                InDoubtCommand::List => mailgend::cli::status::in_doubt_list(&client).await?,
-                InDoubtCommand::Release { ids } => {
-                    mailgend::cli::status::in_doubt_act(&mut client, ids, A::Release).await?
-                }
-                InDoubtCommand::MarkSent { ids } => {
-                    mailgend::cli::status::in_doubt_act(&mut client, ids, A::MarkSent).await?
-                }
-                InDoubtCommand::Discard { ids } => {
-                    mailgend::cli::status::in_doubt_act(&mut client, ids, A::Discard).await?
-                }
+            use cli::status::{InDoubtAction as A, InDoubtCommand as C};
+            let c = match command {
+                InDoubtCommand::List => C::List,
+                InDoubtCommand::Release { ids } => C::Act(ids.clone(), A::Release),
+                InDoubtCommand::MarkSent { ids } => C::Act(ids.clone(), A::MarkSent),
+                InDoubtCommand::Discard { ids } => C::Act(ids.clone(), A::Discard),
             };
-            print!("{out}");
-            Ok(ExitCode::SUCCESS)
+            cli::status::run_in_doubt(&source(&cli), v, c).await?
         }
         Command::Route {
             check,
@@ -463,52 +344,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             to,
             test,
         } => {
-            use mailgend::route;
-            // mail2alert's LOGLEVEL (Python level names) sets the level.
-            let level = std::env::var("LOGLEVEL").unwrap_or_else(|_| "INFO".to_string());
-            // Its own journal identifier: `journalctl -t mailgend-route`.
-            mailgend::shared::logging::init_as("mailgend-route", &level, cli.verbose);
-            let path = route::config::locate(cli.config.as_deref());
-            if *check {
-                return Ok(match route::check::check(&path, *strict) {
-                    Ok(summary) => {
-                        print!("{summary}");
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        println!("{e}");
-                        ExitCode::from(1)
-                    }
-                });
-            }
-            if explain.is_some() || *test {
-                let cfg = match route::config::load(&path) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        println!("{e}");
-                        return Ok(ExitCode::from(1));
-                    }
-                };
-                let out = match explain {
-                    Some(eml) => {
-                        let data = std::fs::read(eml)
-                            .with_context(|| format!("reading {}", eml.display()))?;
-                        route::check::explain(&cfg, &data, from.as_deref(), to).await
-                    }
-                    None => route::check::selftest(&cfg).await,
-                };
-                print!("{out}");
-                return Ok(ExitCode::SUCCESS);
-            }
-            route::service::run(&path).await?;
-            Ok(ExitCode::SUCCESS)
+            cli::route::run(cli::route::RouteOptions {
+                config: cli.config.clone(),
+                verbose: v,
+                check: *check,
+                strict: *strict,
+                explain: explain.clone(),
+                from: from.clone(),
+                to: to.clone(),
+                test: *test,
+            })
+            .await?
         }
         #[cfg(feature = "dev-tools")]
         Command::Demo { events, maildir } => {
             // The demo prints its own story; per-mail log lines only with -v.
-            init_logging("WARNING", cli.verbose);
-            mailgend::cli::demo::run(*events, maildir.clone()).await?;
-            Ok(ExitCode::SUCCESS)
+            mailgend::shared::logging::init("WARNING", v);
+            cli::demo::run(*events, maildir.clone()).await?;
+            ExitCode::SUCCESS
         }
-    }
+    };
+    Ok(code)
 }

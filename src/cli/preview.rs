@@ -939,3 +939,54 @@ mod tests {
         assert_eq!(split_ticket(&t, d), (d, 10000042));
     }
 }
+
+/// How `mailgend preview` prints.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PrintOptions {
+    /// One JSON document instead of text.
+    pub json: bool,
+    /// Text: also the content of attachments.
+    pub attachments: bool,
+    /// Exit 1 when a shown group would fail.
+    pub fail_on_error: bool,
+}
+
+/// `mailgend preview`.
+pub async fn run(
+    source: &crate::config::ConfigSource,
+    verbose: u8,
+    filter: &PreviewFilter,
+    print: PrintOptions,
+) -> Result<std::process::ExitCode, super::command::CommandError> {
+    use super::command::CommandError;
+    let config = super::command::load_config(source, verbose)?;
+    let pipeline = Pipeline::load(config).map_err(CommandError::Setup)?;
+    let groups = preview(&pipeline, filter).await?;
+    if print.json {
+        let doc = serde_json::json!({
+            "note": "Preview only: nothing was sent, no ticket number was drawn, \
+                     nothing was written. Tickets are the ones the next draws would \
+                     give if these groups were sent in this order and nobody else \
+                     drew numbers meanwhile; Date and Message-Id are made anew when \
+                     a mail is really sent.",
+            "groups": groups,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print!(
+            "{}",
+            to_text(
+                &groups,
+                TextOptions {
+                    attachment_content: print.attachments
+                }
+            )
+        );
+    }
+    let failed = groups.iter().any(|g| g.outcome.is_error());
+    Ok(if print.fail_on_error && failed {
+        std::process::ExitCode::from(1)
+    } else {
+        std::process::ExitCode::SUCCESS
+    })
+}

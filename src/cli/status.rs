@@ -238,3 +238,37 @@ async fn lock_pending<C: GenericClient>(
     }
     Ok(())
 }
+
+/// `mailgend status`.
+pub async fn run(
+    source: &crate::config::ConfigSource,
+    verbose: u8,
+) -> Result<std::process::ExitCode, super::command::CommandError> {
+    let config = super::command::load_config(source, verbose)?;
+    let client = crate::notify::db::connect(&config.database).await?;
+    print!("{}", report(&client, &config).await?);
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// What `mailgend in-doubt` was asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InDoubtCommand {
+    List,
+    Act(Vec<i64>, InDoubtAction),
+}
+
+/// `mailgend in-doubt list|release|mark-sent|discard`.
+pub async fn run_in_doubt(
+    source: &crate::config::ConfigSource,
+    verbose: u8,
+    command: InDoubtCommand,
+) -> Result<std::process::ExitCode, super::command::CommandError> {
+    let config = super::command::load_config(source, verbose)?;
+    let mut client = crate::notify::db::connect(&config.database).await?;
+    let out = match command {
+        InDoubtCommand::List => in_doubt_list(&client).await?,
+        InDoubtCommand::Act(ids, action) => in_doubt_act(&mut client, &ids, action).await?,
+    };
+    print!("{out}");
+    Ok(std::process::ExitCode::SUCCESS)
+}

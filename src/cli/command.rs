@@ -1,0 +1,69 @@
+//! What every command shares: its error type, and loading the notifier's
+//! configuration with logging set up from it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tracing::warn;
+
+use crate::config::{Config, ConfigError, ConfigSource};
+
+/// Why a command failed. `main` prints it with its causes and exits 2.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("loading formats, templates and key")]
+    Setup(#[source] crate::notify::pipeline::SetupError),
+    #[error(transparent)]
+    Run(#[from] crate::notify::pipeline::RunError),
+    #[error(transparent)]
+    Review(#[from] super::review::ReviewError),
+    #[error(transparent)]
+    Preview(#[from] super::preview::PreviewError),
+    #[error(transparent)]
+    Status(#[from] super::status::StatusError),
+    #[error(transparent)]
+    Db(#[from] crate::notify::db::DbError),
+    #[error(transparent)]
+    Migrate(#[from] crate::notify::db::migrate::MigrateError),
+    #[error(transparent)]
+    Service(#[from] crate::notify::service::ServiceError),
+    #[error(transparent)]
+    Route(#[from] crate::route::service::RouteServiceError),
+    #[error("reading {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+}
+
+/// The configuration `-c FILE` names (else the system file), merged with
+/// the user's file as intelmqcbmail does.
+pub fn source(config: Option<PathBuf>) -> ConfigSource {
+    ConfigSource {
+        system_file: config,
+        user_file: None,
+        skip_user_file: false,
+    }
+}
+
+/// Loads the configuration, sets up logging from it, and logs unknown
+/// keys. A refused configuration is logged at the default level.
+pub fn load_config(source: &ConfigSource, verbose: u8) -> Result<Arc<Config>, CommandError> {
+    let config = match Config::load(source) {
+        Ok(c) => c,
+        Err(e) => {
+            crate::shared::logging::init("INFO", verbose);
+            return Err(e.into());
+        }
+    };
+    crate::shared::logging::init(&config.logging_level, verbose);
+    for p in &config.unknown_keys {
+        warn!("{p}");
+    }
+    Ok(Arc::new(config))
+}
