@@ -16,9 +16,9 @@
 //! and Date are made anew when a mail is really sent.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use chrono::{DateTime, NaiveDate, Utc};
+use mailparse::MailHeaderMap;
 use serde::Serialize;
 use tokio_postgres::{Client, IsolationLevel, Transaction};
 
@@ -31,6 +31,10 @@ use crate::notify::mail::{self, BuiltMail, MailContext, Notification};
 use crate::notify::outbox::{self, OpenMail, State};
 use crate::notify::pipeline::Pipeline;
 use crate::notify::ticket::{self, Ticket};
+
+mod text;
+
+pub use text::{terminal_safe, to_text, top_headers, write_group_text, TextOptions};
 
 /// Which pending groups to preview. Empty fields do not filter. A group is
 /// shown whole when it contains any of the given directives or events,
@@ -439,32 +443,39 @@ fn stored_mail_preview(o: &OpenMail) -> MailPreview {
             .find(|h| h.name.eq_ignore_ascii_case(name))
             .map(|h| h.value.clone())
     };
-    let mut leaves = Vec::new();
-    mime_leaves(&raw, 0, &mut leaves);
     let mut text = None;
     let mut attachments = Vec::new();
-    for leaf in leaves {
-        let ct = header_value(&leaf.headers, "Content-Type").unwrap_or_default();
-        let cd = header_value(&leaf.headers, "Content-Disposition").unwrap_or_default();
-        let name = param(&cd, "filename").or_else(|| param(&ct, "name"));
-        let mime_type = ct
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        if mime_type == "application/pgp-signature" {
-            continue;
-        }
-        let content = decode_body(&leaf.headers, &leaf.body);
-        match (&text, name, mime_type.as_str()) {
-            (None, None, "text/plain") => text = Some(content),
-            (_, name, _) => attachments.push(AttachmentPreview {
-                name: name.unwrap_or_default(),
-                content_type: ct.clone(),
-                size: content.len(),
-                content: mime_type.starts_with("text/").then_some(content),
-            }),
+    // The stored bytes are our own MIME; should they ever fail to parse,
+    // the preview still shows the headers and the raw message.
+    if let Ok(parsed) = mailparse::parse_mail(&o.message) {
+        for leaf in parsed.parts().filter(|p| p.subparts.is_empty()) {
+            let ct = leaf
+                .headers
+                .get_first_value("Content-Type")
+                .unwrap_or_default();
+            let mime_type = leaf.ctype.mimetype.to_ascii_lowercase();
+            if mime_type == "application/pgp-signature" {
+                continue;
+            }
+            let name = leaf
+                .get_content_disposition()
+                .params
+                .get("filename")
+                .or_else(|| leaf.ctype.params.get("name"))
+                .cloned();
+            let content = leaf
+                .get_body_raw()
+                .map(|b| String::from_utf8_lossy(&b).replace("\r\n", "\n"))
+                .unwrap_or_default();
+            match (&text, name, mime_type.as_str()) {
+                (None, None, "text/plain") => text = Some(content),
+                (_, name, _) => attachments.push(AttachmentPreview {
+                    name: name.unwrap_or_default(),
+                    content_type: ct,
+                    size: content.len(),
+                    content: mime_type.starts_with("text/").then_some(content),
+                }),
+            }
         }
     }
     MailPreview {
@@ -481,100 +492,6 @@ fn stored_mail_preview(o: &OpenMail) -> MailPreview {
         size: o.message.len(),
         raw,
     }
-}
-
-/// A leaf of a MIME tree.
-struct Leaf {
-    headers: Vec<Header>,
-    body: String,
-}
-
-/// The leaves of the MIME entity `raw` (CRLF line ends), depth first.
-fn mime_leaves(raw: &str, depth: usize, out: &mut Vec<Leaf>) {
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw, ""));
-    let headers = top_headers(&format!("{head}\r\n\r\n"));
-    let ct = header_value(&headers, "Content-Type").unwrap_or_default();
-    let boundary = param(&ct, "boundary");
-    match boundary {
-        Some(b) if depth < 8 && ct.to_ascii_lowercase().starts_with("multipart/") => {
-            let delimiter = format!("\r\n--{b}");
-            // The preamble is empty in mailgend's mails; a body that starts
-            // with the delimiter has no CRLF before it.
-            let body = format!("\r\n{body}");
-            for part in body.split(delimiter.as_str()).skip(1) {
-                if part.starts_with("--") {
-                    break;
-                }
-                let part = part.strip_prefix("\r\n").unwrap_or(part);
-                mime_leaves(part, depth + 1, out);
-            }
-        }
-        _ => out.push(Leaf {
-            headers,
-            body: body.to_string(),
-        }),
-    }
-}
-
-fn header_value(headers: &[Header], name: &str) -> Option<String> {
-    headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case(name))
-        .map(|h| h.value.clone())
-}
-
-/// A parameter of a structured header value (`boundary="x"`, `name=y`).
-fn param(value: &str, name: &str) -> Option<String> {
-    value.split(';').skip(1).find_map(|p| {
-        let (k, v) = p.split_once('=')?;
-        if !k.trim().eq_ignore_ascii_case(name) {
-            return None;
-        }
-        let v = v.trim();
-        Some(
-            match v.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
-                Some(q) => q.replace("\\\"", "\"").replace("\\\\", "\\"),
-                None => v.to_string(),
-            },
-        )
-    })
-}
-
-/// The body decoded by its Content-Transfer-Encoding (mailgend writes
-/// quoted-printable text), with `\n` line ends.
-fn decode_body(headers: &[Header], body: &str) -> String {
-    let cte = header_value(headers, "Content-Transfer-Encoding").unwrap_or_default();
-    let bytes = if cte.eq_ignore_ascii_case("quoted-printable") {
-        qp_decode(body)
-    } else {
-        body.as_bytes().to_vec()
-    };
-    String::from_utf8_lossy(&bytes).replace("\r\n", "\n")
-}
-
-fn qp_decode(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'=' {
-            if b[i + 1..].starts_with(b"\r\n") {
-                i += 3;
-                continue;
-            }
-            let hex = b
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok());
-            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
 }
 
 fn why(plan: &Plan, group: &Group) -> String {
@@ -644,244 +561,9 @@ fn mail_preview(n: &Notification, m: BuiltMail, signed: bool) -> MailPreview {
     }
 }
 
-/// The headers before the first empty line, unfolded.
-pub fn top_headers(raw: &str) -> Vec<Header> {
-    let head = raw.split("\r\n\r\n").next().unwrap_or("");
-    let mut out: Vec<Header> = Vec::new();
-    for line in head.split("\r\n") {
-        if line.starts_with([' ', '\t']) {
-            if let Some(h) = out.last_mut() {
-                h.value.push_str(line);
-            }
-        } else if let Some((name, value)) = line.split_once(':') {
-            out.push(Header {
-                name: name.to_string(),
-                value: value.trim_start().to_string(),
-            });
-        }
-    }
-    out
-}
-
-/// Event data is untrusted: control characters could drive the
-/// operator's terminal, so they are shown escaped (`\x1b`), keeping line
-/// feeds and tabs.
-pub fn terminal_safe(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '\n' | '\t' => out.push(c),
-            '\r' => {}
-            c if c.is_control() => {
-                let _ = write!(out, "\\x{:02x}", c as u32);
-            }
-            // Bidirectional overrides could make text display as
-            // something else.
-            '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {
-                let _ = write!(out, "\\u{{{:x}}}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// Options of the text rendering.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TextOptions {
-    /// Print the content of text attachments, not only their names.
-    pub attachment_content: bool,
-}
-
-/// The note that opens every text preview.
-pub const TEXT_NOTE: &str = "\
-Preview only: nothing was sent, no ticket number was drawn, nothing was written.
-Tickets shown are the ones the next draws would give if these groups were sent in
-this order and nobody else drew numbers meanwhile; Date and Message-Id are made
-anew when a mail is really sent.
-";
-
-/// One group as readable text. Everything is passed through
-/// [`terminal_safe`]: recipients, formats, aggregate values and the mails
-/// all carry untrusted data.
-pub fn write_group_text(out: &mut String, g: &GroupPreview, opts: TextOptions) {
-    let mut text = String::new();
-    group_text(&mut text, g, opts);
-    out.push_str(&terminal_safe(&text));
-}
-
-fn group_text(out: &mut String, g: &GroupPreview, opts: TextOptions) {
-    let _ = writeln!(
-        out,
-        "recipient      {}\ntemplate       {}\nformats        {} / {}",
-        g.recipient, g.template, g.notification_format, g.event_data_format
-    );
-    if !g.aggregate_identifier.is_empty() {
-        let agg: Vec<String> = g
-            .aggregate_identifier
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        let _ = writeln!(out, "aggregate      {}", agg.join(", "));
-    }
-    let _ = writeln!(out, "directive ids  {}", id_list(&g.directive_ids));
-    let _ = writeln!(out, "event ids      {}", id_list(&g.event_ids));
-    let _ = writeln!(
-        out,
-        "last sent      {}",
-        g.last_sent
-            .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-            .unwrap_or_else(|| "never".into())
-    );
-    match &g.outcome {
-        Outcome::Postponed {
-            format,
-            reason,
-            until,
-        } => {
-            let _ = writeln!(out, "status         POSTPONED by {format}: {reason}");
-            let _ = writeln!(
-                out,
-                "due            {}",
-                until
-                    .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-                    .unwrap_or_else(|| "unknown".into())
-            );
-        }
-        Outcome::NoMatch { error } => {
-            let _ = writeln!(out, "status         ERROR: {error}");
-        }
-        Outcome::Open { note, mails } => {
-            let _ = writeln!(
-                out,
-                "status         OPEN: {} mail(s) of an earlier attempt: {note}",
-                mails.len()
-            );
-            write_mails(out, mails, opts, "stored, not drawn anew");
-        }
-        Outcome::Error { error, .. } => {
-            let _ = writeln!(out, "status         ERROR: {error}");
-        }
-        Outcome::Due { format, why, mails } => {
-            let _ = writeln!(
-                out,
-                "status         DUE: {} mail(s) by {format}",
-                mails.len()
-            );
-            let _ = writeln!(out, "why            {why}");
-            write_mails(out, mails, opts, "would be drawn next");
-        }
-    }
-}
-
-fn write_mails(out: &mut String, mails: &[MailPreview], opts: TextOptions, ticket_note: &str) {
-    for (i, m) in mails.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "\n--- mail {} of {}: ticket {} ({ticket_note}), {}{} octets{}",
-            i + 1,
-            mails.len(),
-            m.ticket,
-            if m.signed { "signed, " } else { "" },
-            m.size,
-            if m.marks_sent {
-                ", marks the group sent"
-            } else {
-                ", a copy (marks nothing sent)"
-            }
-        );
-        let _ = writeln!(
-            out,
-            "envelope       {} -> {}",
-            m.envelope_from,
-            m.envelope_to.join(", ")
-        );
-        for h in &m.headers {
-            let _ = writeln!(out, "{}: {}", h.name, h.value);
-        }
-        let _ = writeln!(out, "\n{}", m.text.trim_end());
-        for a in &m.attachments {
-            let _ = writeln!(
-                out,
-                "[attachment {} ({}, {} octets)]",
-                a.name, a.content_type, a.size
-            );
-            if opts.attachment_content {
-                if let Some(c) = &a.content {
-                    let _ = writeln!(out, "{}", c.trim_end());
-                    let _ = writeln!(out, "[end of {}]", a.name);
-                }
-            }
-        }
-    }
-}
-
-/// The whole preview as readable text.
-pub fn to_text(groups: &[GroupPreview], opts: TextOptions) -> String {
-    let mut out = String::from(TEXT_NOTE);
-    if groups.is_empty() {
-        out.push_str("\nNo pending group matches.\n");
-        return out;
-    }
-    for (i, g) in groups.iter().enumerate() {
-        let _ = writeln!(out, "\n=== group {} of {}", i + 1, groups.len());
-        write_group_text(&mut out, g, opts);
-    }
-    let due = groups
-        .iter()
-        .filter(|g| matches!(g.outcome, Outcome::Due { .. }))
-        .count();
-    let postponed = groups
-        .iter()
-        .filter(|g| matches!(g.outcome, Outcome::Postponed { .. }))
-        .count();
-    let errors = groups.iter().filter(|g| g.outcome.is_error()).count();
-    let _ = writeln!(
-        out,
-        "\n{} groups: {due} due, {postponed} postponed, {errors} errors.",
-        groups.len()
-    );
-    out
-}
-
-fn id_list(ids: &[i64]) -> String {
-    let parts: Vec<String> = ids.iter().map(i64::to_string).collect();
-    format!("[{}]", parts.join(", "))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn control_characters_are_shown_escaped() {
-        assert_eq!(
-            terminal_safe("a\x1b[2Jb\r\nc\td\u{9b}e\u{202e}f"),
-            "a\\x1b[2Jb\nc\td\\x9be\\u{202e}f"
-        );
-    }
-
-    #[test]
-    fn headers_unfold() {
-        let h = top_headers("A: 1\r\nB: x\r\n y\r\nC:z\r\n\r\nD: body\r\n");
-        assert_eq!(
-            h,
-            vec![
-                Header {
-                    name: "A".into(),
-                    value: "1".into()
-                },
-                Header {
-                    name: "B".into(),
-                    value: "x y".into()
-                },
-                Header {
-                    name: "C".into(),
-                    value: "z".into()
-                },
-            ]
-        );
-    }
 
     #[test]
     fn a_stored_message_reads_back_as_it_was_built() {
