@@ -384,7 +384,7 @@ impl Metrics {
     }
 
     /// The current values in the OpenMetrics text format (which Prometheus
-    /// reads; serve it as [`CONTENT_TYPE`]).
+    /// reads; serve it as [`CONTENT_TYPE`](crate::shared::metrics::CONTENT_TYPE)).
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         // Writing into a String cannot fail; an Err here would be a bug in

@@ -47,12 +47,12 @@ impl Default for ServeLimits {
 }
 
 /// What the `/metrics` endpoint serves: anything that can render its
-/// current values as an exposition page. The notifier's [`Metrics`] and the
+/// current values as an exposition page. The notifier's [`Metrics`](crate::notify::metrics::Metrics) and the
 /// alert router's `route::metrics::RouteMetrics` share one HTTP server.
 /// Rendering may do a little I/O first (the router counts its spool
 /// directory at scrape time), hence a future.
 pub trait Exposition: Send + Sync + 'static {
-    /// The page in the OpenMetrics format ([`CONTENT_TYPE`]); the server
+    /// The page in the OpenMetrics format ([`super::CONTENT_TYPE`]); the server
     /// converts it for clients that want the classic one.
     fn render(&self) -> BoxFuture<'_, String>;
 }

@@ -1,7 +1,7 @@
 //! What both daemons' metrics share: the exposition formats (OpenMetrics
 //! and the classic text, chosen by `Accept`), the build-info and process
 //! series, a reader of exposition pages (status and tests), and the
-//! `/metrics` HTTP endpoint ([`http`]).
+//! `/metrics` HTTP endpoint (`http.rs`).
 //!
 //! Why `prometheus-client`: it is the Prometheus project's own Rust client,
 //! kept up to date with the OpenMetrics text format (escaping, `_total`
