@@ -3,12 +3,14 @@
 //! - [`smtp`]: the outbound SMTP client (TLS, AUTH, failure classes) and
 //!   its settings.
 //! - [`address`]: recipient addresses from untrusted data.
+//! - [`did_you_mean`]: the hint for a mistyped configuration key.
 //! - [`metrics`]: the exposition formats, build-info and process series,
 //!   and the `/metrics` HTTP endpoint.
 //! - [`logging`]: plain-text or journald logging, one line per event.
 //! - [`systemd`]: readiness, status, watchdog.
 
 pub mod address;
+pub mod did_you_mean;
 pub mod logging;
 pub mod metrics;
 pub mod smtp;

@@ -385,7 +385,7 @@ impl<'n> TableReader<'n> {
             if self.used[i] {
                 continue;
             }
-            let reason = match suggest(key, known) {
+            let reason = match crate::shared::did_you_mean::did_you_mean(key, known) {
                 Some(s) => format!("unknown key `{key}` (did you mean `{s}`?)"),
                 None => format!("unknown key `{key}`; known keys here: {}", known.join(", ")),
             };
@@ -411,32 +411,6 @@ pub(crate) fn join_path(base: &str, key: &str) -> String {
     }
 }
 
-/// The known key closest to `key` by edit distance, if close enough to be
-/// a typo.
-fn suggest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
-    known
-        .iter()
-        .map(|k| (edit_distance(key, k), *k))
-        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, k)| k)
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let a: Vec<char> = a.chars().collect();
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != cb);
-            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,11 +430,5 @@ mod tests {
         };
         assert_eq!(p.line_of(items[1].span.clone().unwrap().start), 4);
         assert!(matches!(entries[1].1.value, Value::Datetime));
-    }
-
-    #[test]
-    fn suggestions() {
-        assert_eq!(suggest("colums", &["columns", "match"]), Some("columns"));
-        assert_eq!(suggest("zzz", &["columns", "match"]), None);
     }
 }
