@@ -77,19 +77,19 @@ fn helper_plain_log() {
     // A second init must not replace the first (or panic).
     mailgend::shared::logging::init("DEBUG", 0);
     tracing::error!(
-        target: "mailgend::pipeline",
+        target: "mailgend::notify::pipeline",
         directive_ids = %"1,2",
         ticket = %"20261123-10000001",
         recipient = %"abuse@example.net",
         "sending failed"
     );
-    tracing::info!(target: "mailgend::service", "an info line");
-    tracing::debug!(target: "mailgend::service", "a debug line");
+    tracing::info!(target: "mailgend::notify::service", "an info line");
+    tracing::debug!(target: "mailgend::notify::service", "a debug line");
     tracing::info!(target: "tokio_postgres::connection", "another crate's info");
     tracing::warn!(target: "tokio_postgres::connection", "another crate's warning");
     // A config reload that lowers the level (ignored under MAILGEND_LOG).
     mailgend::shared::logging::set_level("DEBUG", 0);
-    tracing::debug!(target: "mailgend::service", "debug after reload");
+    tracing::debug!(target: "mailgend::notify::service", "debug after reload");
 }
 
 fn plain_log(env: &[(&str, &str)]) -> String {
@@ -104,7 +104,7 @@ fn plain_log_lines_are_greppable() {
         .iter()
         .find(|l| l.contains("sending failed"))
         .unwrap_or_else(|| panic!("no error line in:\n{stderr}"));
-    // 2026-11-23T05:59:23.417Z ERROR mailgend::pipeline: sending failed directive_ids=…
+    // 2026-11-23T05:59:23.417Z ERROR mailgend::notify::pipeline: sending failed directive_ids=…
     let (ts, rest) = error.split_once(' ').unwrap();
     assert!(
         chrono::DateTime::parse_from_rfc3339(ts).is_ok() && ts.ends_with('Z'),
@@ -113,7 +113,7 @@ fn plain_log_lines_are_greppable() {
     assert_eq!(ts.len(), "2026-11-23T05:59:23.417Z".len(), "{error:?}");
     assert_eq!(
         rest,
-        "ERROR mailgend::pipeline: sending failed directive_ids=1,2 \
+        "ERROR mailgend::notify::pipeline: sending failed directive_ids=1,2 \
          ticket=20261123-10000001 recipient=abuse@example.net"
     );
     assert!(
@@ -123,7 +123,7 @@ fn plain_log_lines_are_greppable() {
     assert!(
         lines
             .iter()
-            .any(|l| l.ends_with(" INFO mailgend::service: an info line")),
+            .any(|l| l.ends_with(" INFO mailgend::notify::service: an info line")),
         "{stderr}"
     );
     assert!(
@@ -139,7 +139,7 @@ fn plain_log_lines_are_greppable() {
     assert!(
         lines
             .iter()
-            .any(|l| l.ends_with(" DEBUG mailgend::service: debug after reload")),
+            .any(|l| l.ends_with(" DEBUG mailgend::notify::service: debug after reload")),
         "{stderr}"
     );
     assert_eq!(lines.len(), 4, "{stderr}");
@@ -149,7 +149,7 @@ fn plain_log_lines_are_greppable() {
 fn mailgend_log_overrides_config_and_reload() {
     let stderr = plain_log(&[("MAILGEND_LOG", "mailgend=warn,tokio_postgres=info")]);
     assert!(
-        stderr.contains("ERROR mailgend::pipeline: sending failed"),
+        stderr.contains("ERROR mailgend::notify::pipeline: sending failed"),
         "{stderr}"
     );
     assert!(!stderr.contains("an info line"), "{stderr}");
@@ -184,7 +184,7 @@ fn helper_journald_log() {
         Err(_) => mailgend::shared::logging::init("INFO", 0),
     }
     tracing::error!(
-        target: "mailgend::pipeline",
+        target: "mailgend::notify::pipeline",
         directive_ids = %"1,2",
         event_ids = %"7,8,9",
         ticket = %"20261123-10000001",
@@ -192,9 +192,9 @@ fn helper_journald_log() {
         format = %"avalanche_csv",
         "sending failed"
     );
-    tracing::warn!(target: "mailgend::service", "a warning");
-    tracing::info!(target: "mailgend::service", "an info line");
-    tracing::debug!(target: "mailgend::service", "a debug line");
+    tracing::warn!(target: "mailgend::notify::service", "a warning");
+    tracing::info!(target: "mailgend::notify::service", "an info line");
+    tracing::debug!(target: "mailgend::notify::service", "a debug line");
     // Each event was one send() on a datagram socket: all are queued by now.
     journal.set_nonblocking(true).unwrap();
     // Datagrams are written as (u32 LE length, bytes): the native protocol
@@ -353,7 +353,7 @@ fn journald_gets_structured_fields_and_priorities() {
     assert_eq!(e["TICKET"], "20261123-10000001");
     assert_eq!(e["RECIPIENT"], "abuse@example.net");
     assert_eq!(e["FORMAT"], "avalanche_csv");
-    assert_eq!(e["TARGET"], "mailgend::pipeline");
+    assert_eq!(e["TARGET"], "mailgend::notify::pipeline");
     assert_eq!(e["SYSLOG_IDENTIFIER"], "mailgend");
     assert!(
         !e.keys().any(|k| k.starts_with("F_")),

@@ -79,6 +79,9 @@ mod tests {
 
     #[test]
     fn the_closest_wins() {
-        assert_eq!(did_you_mean("filtre", &["filters", "filter"]), Some("filter"));
+        assert_eq!(
+            did_you_mean("filtre", &["filters", "filter"]),
+            Some("filter")
+        );
     }
 }

@@ -16,7 +16,7 @@
 //!   `message_id` (journald's catalog id, a 128-bit hex value), `code_file`,
 //!   `code_line`, `code_func`, `syslog_identifier`, `errno` or `target`.
 //! - **plain lines on stderr** otherwise (a shell, cron, the tests):
-//!   `2026-11-23T05:59:23.417Z ERROR mailgend::pipeline: message
+//!   `2026-11-23T05:59:23.417Z ERROR mailgend::notify::pipeline: message
 //!   directive_ids=1,2 ticket=…`, UTC, the level word always present so
 //!   `grep ERROR` works, colours only when stderr is a terminal.
 //!

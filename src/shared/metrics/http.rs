@@ -47,7 +47,7 @@ impl Default for ServeLimits {
 }
 
 /// What the `/metrics` endpoint serves: anything that can render its
-/// current values as an exposition page. The notifier's [`Metrics`](crate::notify::metrics::Metrics) and the
+/// current values as an exposition page. The notifier's `notify::metrics::Metrics` and the
 /// alert router's `route::metrics::RouteMetrics` share one HTTP server.
 /// Rendering may do a little I/O first (the router counts its spool
 /// directory at scrape time), hence a future.
