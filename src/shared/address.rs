@@ -132,22 +132,10 @@ pub fn parse_recipient(s: &str) -> Result<Recipient, AddressError> {
     }
     // Find an angle bracket outside quoted strings; refuse list and group
     // syntax on the way.
-    let mut in_quote = false;
-    let mut escaped = false;
     let mut angle = None;
-    for (i, c) in t.char_indices() {
-        if in_quote {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_quote = false;
-            }
-            continue;
-        }
+    let mut scan = Unquoted::new(t);
+    for (i, c) in scan.by_ref() {
         match c {
-            '"' => in_quote = true,
             '<' => {
                 angle = Some(i);
                 break;
@@ -159,7 +147,7 @@ pub fn parse_recipient(s: &str) -> Result<Recipient, AddressError> {
             _ => {}
         }
     }
-    if in_quote {
+    if scan.in_quote {
         return Err(AddressError::Malformed("unterminated quoted string"));
     }
     let (addr, display) = match angle {
@@ -215,24 +203,53 @@ pub fn parse_recipient(s: &str) -> Result<Recipient, AddressError> {
     })
 }
 
+/// The characters of a phrase outside RFC 5322 quoted strings: the quotes
+/// and what they enclose are skipped (`\` escapes honoured).
+struct Unquoted<'a> {
+    chars: std::str::CharIndices<'a>,
+    /// Inside a quoted string: after the end, an unterminated one.
+    in_quote: bool,
+    escaped: bool,
+}
+
+impl<'a> Unquoted<'a> {
+    fn new(s: &'a str) -> Self {
+        Unquoted {
+            chars: s.char_indices(),
+            in_quote: false,
+            escaped: false,
+        }
+    }
+}
+
+impl Iterator for Unquoted<'_> {
+    type Item = (usize, char);
+
+    fn next(&mut self) -> Option<(usize, char)> {
+        for (i, c) in self.chars.by_ref() {
+            if self.in_quote {
+                if self.escaped {
+                    self.escaped = false;
+                } else if c == '\\' {
+                    self.escaped = true;
+                } else if c == '"' {
+                    self.in_quote = false;
+                }
+            } else if c == '"' {
+                self.in_quote = true;
+            } else {
+                return Some((i, c));
+            }
+        }
+        None
+    }
+}
+
 /// A display name: words (atoms, quoted strings) and dots; an `@` outside
 /// quotes means the "name" is really an address (`evil@x <a@y>`).
 fn check_display_name(phrase: &str) -> Result<(), AddressError> {
-    let mut in_quote = false;
-    let mut escaped = false;
-    for c in phrase.chars() {
-        if in_quote {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                in_quote = false;
-            }
-            continue;
-        }
+    for (_, c) in Unquoted::new(phrase) {
         match c {
-            '"' => in_quote = true,
             '@' => {
                 return Err(AddressError::Malformed(
                     "the display name contains an unquoted `@`",
