@@ -9,7 +9,7 @@
 //! - [`migrate`]: `mailgend db migrate`.
 //! - [`check_config`]: `mailgend check-config`.
 //! - [`route`]: `mailgend route` and its offline modes.
-//! - [`demo`], [`bench`]: the whole path on a throw-away installation
+//! - [`demo`], [`bench`](mod@bench): the whole path on a throw-away installation
 //!   (the binary offers them only with the cargo feature `dev-tools`).
 
 pub mod bench;

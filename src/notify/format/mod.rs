@@ -10,10 +10,10 @@
 //! fitting is an error too.
 //!
 //! This module owns that decision (the loaded model, below) and, in
-//! [`plan`], the rendering of the mails of a decided group; it reads no database and sends nothing. Everything a
-//! format file can get wrong is found when the files are loaded (and all
-//! of it reported at once), so that a typo stops a reload rather than a
-//! night's worth of mail.
+//! `plan.rs`, the rendering of the mails of a decided group; it reads no
+//! database and sends nothing. Everything a format file can get wrong is
+//! found when the files are loaded (and all of it reported at once), so
+//! that a typo stops a reload rather than a night's worth of mail.
 
 mod load;
 mod plan;
