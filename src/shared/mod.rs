@@ -8,10 +8,12 @@
 //!   and the `/metrics` HTTP endpoint.
 //! - [`logging`]: plain-text or journald logging, one line per event.
 //! - [`systemd`]: readiness, status, watchdog.
+//! - [`shutdown`]: the one stop signal of a daemon and its listeners.
 
 pub mod address;
 pub mod did_you_mean;
 pub mod logging;
 pub mod metrics;
+pub mod shutdown;
 pub mod smtp;
 pub mod systemd;
