@@ -50,8 +50,9 @@ pub async fn report(client: &Client, config: &Config) -> Result<String, StatusEr
     let pending: usize = groups.iter().map(|g| g.directive_ids.len()).sum();
     let _ = writeln!(
         out,
-        "database            {} on {}:{}",
-        config.database.name, config.database.host, config.database.port
+        "database            {} on {}",
+        config.database.name,
+        config.database.endpoints()
     );
     let _ = writeln!(
         out,
