@@ -432,9 +432,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status => {
             let config = load_config(&cli)?;
-            let client = mailgend::notify::db::connect(&config.database).await?;
-            print!("{}", mailgend::cli::status::report(&client, &config).await?);
-            Ok(ExitCode::SUCCESS)
+            let (out, ok) = mailgend::cli::status::status_command(&config).await;
+            print!("{out}");
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::InDoubt { command } => {
             let config = load_config(&cli)?;

@@ -59,7 +59,12 @@ pub fn pg_config(db: &DatabaseConfig) -> tokio_postgres::Config {
     }
     c.user(&db.username)
         .dbname(&db.name)
-        .application_name("mailgend")
+        // `mailgend/host:pid`: `mailgend status` lists the instances by it
+        // (PostgreSQL keeps 63 bytes).
+        .application_name(format!(
+            "mailgend/{}",
+            crate::notify::pipeline::instance_name()
+        ))
         .options("-c TimeZone=UTC")
         .connect_timeout(Duration::from_secs(10))
         .keepalives(true)
