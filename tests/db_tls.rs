@@ -7,6 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use mailgend::config::{DatabaseConfig, RootCert, SslMode};
 use mailgend::notify::db;
@@ -381,4 +382,148 @@ async fn commands_honour_libpq_environment() {
     // PGSSLMODE=disable: the server refuses plain connections.
     let (ok, out) = mailgend(&["status"], &[("PGSSLMODE", "disable".into())]);
     assert!(!ok && out.contains("only over TLS"), "{out}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn scrape_gauge(port: u16, name: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Two `mailgend run` instances against a TLS-only database (verify-full,
+/// client certificates), the first started while the database is down:
+/// it waits (READY, metrics answering), then both share the work, every
+/// directive sent once.
+#[tokio::test]
+async fn two_instances_over_tls_one_started_before_the_database() {
+    use common::{directive, event_fields, event_insert};
+    let mut t = TlsCluster::start().await;
+    mailgend::notify::db::migrate::migrate(&mut t.db.connect().await.unwrap())
+        .await
+        .unwrap();
+    let mut env = common::TestEnv::new().await;
+    env.config_json["database"]["event"] = serde_json::json!({
+        "name": t.db.name, "username": CERT_USER, "password": null,
+        "host": "localhost", "port": t.cluster.port(),
+        "sslmode": "verify-full", "sslrootcert": t.cert("ca.crt"),
+        "sslcert": t.cert("client.crt"), "sslkey": t.cert("client.key")});
+    env.config_json["logging_level"] = serde_json::json!("INFO");
+    let ports = [free_port(), free_port()];
+    let spawn = |name: &str, port: u16| {
+        let mut j = env.config_json.clone();
+        j["mailgend"] = serde_json::json!({"workers": 2,
+            "metrics_listen": format!("127.0.0.1:{port}")});
+        let conf = env.dir.path().join(format!("mailgend-{name}.conf"));
+        std::fs::write(&conf, j.to_string()).unwrap();
+        let log = env.dir.path().join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_mailgend"))
+            .arg("-c")
+            .arg(&conf)
+            .arg("run")
+            .env("HOME", env.dir.path())
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        (child, log)
+    };
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+
+    t.cluster.stop().unwrap();
+    let (mut a, a_log) = spawn("a", ports[0]);
+    let start = std::time::Instant::now();
+    while !read(&a_log).contains("database unreachable") {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            read(&a_log)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(scrape_gauge(ports[0], "mailgend_database_up"), Some(0.0));
+    t.cluster.start_again().unwrap();
+    let (mut b, b_log) = spawn("b", ports[1]);
+
+    let admin = t.db.connect().await.unwrap();
+    const N: i64 = 40;
+    for asn in 64496..64496 + N {
+        let (sql, row) = event_insert(
+            event_fields("192.0.2.1", asn),
+            serde_json::json!([directive(
+                &format!("abuse@as{asn}.example.net"),
+                "Open-Redis",
+                asn
+            )]),
+        );
+        admin.query_one(sql.as_str(), &[&row]).await.unwrap();
+    }
+    let got = env
+        .sink
+        .wait_for_async(N as usize, Duration::from_secs(120))
+        .await;
+    assert_eq!(
+        got.len(),
+        N as usize,
+        "A:\n{}\nB:\n{}",
+        read(&a_log),
+        read(&b_log)
+    );
+    // Both over verified TLS with their client certificate.
+    let sessions = admin
+        .query(
+            "SELECT a.application_name, s.ssl, s.client_dn FROM pg_stat_activity a \
+               JOIN pg_stat_ssl s USING (pid) WHERE a.application_name LIKE 'mailgend/%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let names: std::collections::BTreeSet<String> = sessions.iter().map(|r| r.get(0)).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    for r in &sessions {
+        let (ssl, dn): (bool, Option<String>) = (r.get(1), r.get(2));
+        assert!(ssl && dn.as_deref() == Some("/CN=certuser"));
+    }
+    let pending: i64 = admin
+        .query_one("SELECT count(*) FROM directives WHERE sent_id IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pending, 0);
+    let per_instance = admin
+        .query(
+            "SELECT instance, count(*) FROM mailgend.sent_mail GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut ids: Vec<String> = got
+        .iter()
+        .map(|m| common::header(&m.data, "Message-Id").unwrap())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), N as usize, "a mail received twice");
+    for r in &per_instance {
+        let (i, n): (String, i64) = (r.get(0), r.get(1));
+        eprintln!("instance {i}: {n} mails");
+    }
+    assert_eq!(scrape_gauge(ports[0], "mailgend_database_up"), Some(1.0));
+    let _ = a.kill();
+    let _ = b.kill();
+    let _ = (a.wait(), b.wait());
+    eprintln!("--- A (started before the database) ---\n{}", read(&a_log));
+    eprintln!("--- B ---\n{}", read(&b_log));
 }
