@@ -87,9 +87,23 @@ pub struct DatabaseConfig {
     pub name: String,
     pub username: String,
     pub password: Option<String>,
-    /// Host name, IP address, or a directory holding the Unix socket.
-    pub host: String,
-    pub port: u16,
+    /// Host names, IP addresses, or directories holding the Unix socket,
+    /// tried in order (libpq's comma-separated `host` list).
+    pub hosts: Vec<String>,
+    /// One port for all hosts, or one per host (libpq's `port` list).
+    pub ports: Vec<u16>,
+    /// libpq's `sslmode`; `None`: `PGSSLMODE`, else `prefer`.
+    pub sslmode: Option<SslMode>,
+    /// libpq's `sslrootcert`; `None`: `PGSSLROOTCERT`, else
+    /// `~/.postgresql/root.crt` when it exists.
+    pub sslrootcert: Option<RootCert>,
+    /// libpq's `sslcert`/`sslkey` (client certificate and its key); `None`:
+    /// `PGSSLCERT`/`PGSSLKEY`, else `~/.postgresql/postgresql.{crt,key}`.
+    pub sslcert: Option<PathBuf>,
+    pub sslkey: Option<PathBuf>,
+    /// libpq's `target_session_attrs`; `None`: `PGTARGETSESSIONATTRS`,
+    /// else `any`.
+    pub target_session_attrs: Option<SessionAttrs>,
     /// Appended to the pending-directive selection with `AND` (spec §3.2).
     pub additional_directive_where: Option<String>,
 }
@@ -431,6 +445,54 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// libpq's `port`: one port (number or string) or a comma-separated
+    /// list with one port per host; 5432 when absent.
+    fn ports(&mut self, key: &str, hosts: usize) -> Vec<u16> {
+        let list = match self.lookup(key) {
+            Some(Value::String(s)) if s.contains(',') => s.clone(),
+            _ => return vec![self.integer(key, 1, 65535).unwrap_or(5432) as u16],
+        };
+        let mut ports = Vec::new();
+        for p in list.split(',') {
+            match p.trim().parse::<u16>() {
+                Ok(n) if n > 0 => ports.push(n),
+                _ => {
+                    self.problem(
+                        key,
+                        format!("{:?} in the port list is not a port", p.trim()),
+                    );
+                    return vec![5432];
+                }
+            }
+        }
+        if ports.len() != hosts {
+            self.problem(
+                key,
+                format!(
+                    "{} ports for {hosts} hosts: give one port, or one per host",
+                    ports.len()
+                ),
+            );
+        }
+        ports
+    }
+
+    /// A string that must be one of `names`.
+    fn choice<T>(&mut self, key: &str, names: &[&str], parse: fn(&str) -> Option<T>) -> Option<T> {
+        let s = self.string(key)?;
+        let v = parse(&s);
+        if v.is_none() {
+            self.problem(key, format!("{s:?} is not one of {}", names.join(", ")));
+        }
+        v
+    }
+
+    fn existing_file(&mut self, key: &str, p: &Path) {
+        if !p.is_file() {
+            self.problem(key, format!("{} is not a readable file", p.display()));
+        }
+    }
+
     fn integer(&mut self, key: &str, min: i64, max: i64) -> Option<i64> {
         let v = match self.lookup(key) {
             None | Some(Value::Null) => return None,
@@ -454,6 +516,107 @@ impl<'a> Reader<'a> {
                 None
             }
         }
+    }
+}
+
+impl DatabaseConfig {
+    /// `host:port` of every host, comma-separated, for messages.
+    pub fn endpoints(&self) -> String {
+        self.hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let port = self.ports.get(i).or(self.ports.first()).unwrap_or(&5432);
+                format!("{h}:{port}")
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// libpq's `sslmode` values, with libpq's meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Allow,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    pub const NAMES: &'static [&'static str] = &[
+        "disable",
+        "allow",
+        "prefer",
+        "require",
+        "verify-ca",
+        "verify-full",
+    ];
+
+    pub fn parse(s: &str) -> Option<SslMode> {
+        Some(match s {
+            "disable" => SslMode::Disable,
+            "allow" => SslMode::Allow,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        })
+    }
+}
+
+/// libpq's `sslrootcert`: a PEM file of trusted CAs, or `system` (the
+/// system's trust store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootCert {
+    File(PathBuf),
+    System,
+}
+
+impl RootCert {
+    pub fn parse(s: &str) -> RootCert {
+        if s == "system" {
+            RootCert::System
+        } else {
+            RootCert::File(PathBuf::from(s))
+        }
+    }
+}
+
+/// The `target_session_attrs` values tokio-postgres can check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionAttrs {
+    Any,
+    ReadWrite,
+    ReadOnly,
+}
+
+impl SessionAttrs {
+    pub const NAMES: &'static [&'static str] = &["any", "read-write", "read-only"];
+
+    pub fn parse(s: &str) -> Option<SessionAttrs> {
+        Some(match s {
+            "any" => SessionAttrs::Any,
+            "read-write" => SessionAttrs::ReadWrite,
+            "read-only" => SessionAttrs::ReadOnly,
+            _ => return None,
+        })
     }
 }
 
@@ -541,17 +704,63 @@ impl Config {
         }
         r.section(
             "database.event",
-            &["name", "username", "password", "host", "port"],
+            &[
+                "name",
+                "username",
+                "password",
+                "host",
+                "port",
+                "sslmode",
+                "sslrootcert",
+                "sslcert",
+                "sslkey",
+                "target_session_attrs",
+            ],
         );
+        let hosts: Vec<String> = r
+            .string("database.event.host")
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into())
+            .split(',')
+            .map(|h| h.trim().to_string())
+            .collect();
+        if hosts.iter().any(String::is_empty) {
+            r.problem("database.event.host", "an empty name in the host list");
+        }
+        let ports = r.ports("database.event.port", hosts.len());
+        let sslmode = r.choice("database.event.sslmode", SslMode::NAMES, SslMode::parse);
+        let target_session_attrs = r.choice(
+            "database.event.target_session_attrs",
+            SessionAttrs::NAMES,
+            SessionAttrs::parse,
+        );
+        let sslrootcert = r
+            .string("database.event.sslrootcert")
+            .map(|s| RootCert::parse(&s));
+        if let Some(RootCert::File(p)) = &sslrootcert {
+            r.existing_file("database.event.sslrootcert", p);
+        }
+        let sslcert = r.string("database.event.sslcert").map(PathBuf::from);
+        let sslkey = r.string("database.event.sslkey").map(PathBuf::from);
+        for (key, p) in [
+            ("database.event.sslcert", &sslcert),
+            ("database.event.sslkey", &sslkey),
+        ] {
+            if let Some(p) = p {
+                r.existing_file(key, p);
+            }
+        }
         let database = DatabaseConfig {
             name: r.required_string("database.event.name"),
             username: r.required_string("database.event.username"),
             password: r.string("database.event.password"),
-            host: r
-                .string("database.event.host")
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| "localhost".into()),
-            port: r.integer("database.event.port", 1, 65535).unwrap_or(5432) as u16,
+            hosts,
+            ports,
+            sslmode,
+            sslrootcert,
+            sslcert,
+            sslkey,
+            target_session_attrs,
             additional_directive_where: r
                 .string("database.additional_directive_where")
                 .filter(|s| !s.trim().is_empty()),
@@ -947,6 +1156,51 @@ mod tests {
         assert_eq!(c.sender_address, "cert@example.org");
         assert_eq!(c.sender_domain, "example.org");
         assert!(c.unknown_keys.is_empty());
+    }
+
+    #[test]
+    fn libpq_host_lists_and_tls_keys() {
+        let d = tempfile::tempdir().unwrap();
+        let with = |event: Value| {
+            let mut j: Value = serde_json::from_str(&minimal(d.path())).unwrap();
+            for (k, v) in event.as_object().unwrap() {
+                j["database"]["event"][k] = v.clone();
+            }
+            Config::from_json_str(&j.to_string(), "t.conf")
+        };
+        let c = with(serde_json::json!({"host": "db1, db2", "port": "5432,5433",
+            "sslmode": "verify-full", "target_session_attrs": "read-write",
+            "sslrootcert": "system"}))
+        .unwrap();
+        assert_eq!(c.database.hosts, ["db1", "db2"]);
+        assert_eq!(c.database.ports, [5432, 5433]);
+        assert_eq!(c.database.endpoints(), "db1:5432,db2:5433");
+        assert_eq!(c.database.sslmode, Some(SslMode::VerifyFull));
+        assert_eq!(c.database.sslrootcert, Some(RootCert::System));
+        assert_eq!(
+            c.database.target_session_attrs,
+            Some(SessionAttrs::ReadWrite)
+        );
+        // One port for every host; nothing set: libpq's environment decides.
+        let c = with(serde_json::json!({"host": "db1,db2", "port": 6432})).unwrap();
+        assert_eq!(c.database.endpoints(), "db1:6432,db2:6432");
+        assert_eq!((c.database.sslmode, c.database.sslrootcert), (None, None));
+        let err = with(serde_json::json!({"host": "a,b,c", "port": "1,2",
+            "sslmode": "on", "target_session_attrs": "primary",
+            "sslrootcert": "/nonexistent/ca.crt"}))
+        .unwrap_err()
+        .0
+        .iter()
+        .map(|p| format!("{}: {}\n", p.key, p.reason))
+        .collect::<String>();
+        for needle in [
+            "database.event.port: 2 ports for 3 hosts",
+            "database.event.sslmode: \"on\" is not one of disable, allow, prefer",
+            "database.event.target_session_attrs: \"primary\" is not one of",
+            "database.event.sslrootcert: /nonexistent/ca.crt is not a readable file",
+        ] {
+            assert!(err.contains(needle), "{needle:?} not in {err}");
+        }
     }
 
     #[test]

@@ -334,6 +334,22 @@ fn the_router_has_its_own_journal_identifier() {
     }
 }
 
+/// A template unit's instance (`mailgend@NAME`, `mailgend-route@NAME`)
+/// sets `MAILGEND_SYSLOG_IDENTIFIER`; it wins over the daemon's name.
+#[test]
+fn an_instance_has_its_own_journal_identifier() {
+    let Some(records) = journal_of_helper(&[
+        ("MAILGEND_OBS_IDENT", "mailgend-route"),
+        ("MAILGEND_SYSLOG_IDENTIFIER", "mailgend-route-b"),
+    ]) else {
+        return;
+    };
+    assert_eq!(records.len(), 3, "{records:#?}");
+    for r in &records {
+        assert_eq!(r["SYSLOG_IDENTIFIER"], "mailgend-route-b", "{r:?}");
+    }
+}
+
 #[test]
 fn journald_gets_structured_fields_and_priorities() {
     let Some(records) = journal_of_helper(&[]) else {

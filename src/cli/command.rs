@@ -9,6 +9,8 @@ use tracing::warn;
 use crate::config::{Config, ConfigError, ConfigSource};
 
 /// Why a command failed. `main` prints it with its causes and exits 2.
+/// The larger errors are boxed: this travels through every command's
+/// `Result`.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
     #[error(transparent)]
@@ -16,19 +18,19 @@ pub enum CommandError {
     #[error("loading formats, templates and key")]
     Setup(#[source] crate::notify::pipeline::SetupError),
     #[error(transparent)]
-    Run(#[from] crate::notify::pipeline::RunError),
+    Run(Box<crate::notify::pipeline::RunError>),
     #[error(transparent)]
-    Review(#[from] super::review::ReviewError),
+    Review(Box<super::review::ReviewError>),
     #[error(transparent)]
-    Preview(#[from] super::preview::PreviewError),
+    Preview(Box<super::preview::PreviewError>),
     #[error(transparent)]
     Status(#[from] super::status::StatusError),
     #[error(transparent)]
-    Db(#[from] crate::notify::db::DbError),
+    Db(Box<crate::notify::db::DbError>),
     #[error(transparent)]
     Migrate(#[from] crate::notify::db::migrate::MigrateError),
     #[error(transparent)]
-    Service(#[from] crate::notify::service::ServiceError),
+    Service(Box<crate::notify::service::ServiceError>),
     #[error(transparent)]
     Route(#[from] crate::route::service::RouteServiceError),
     #[error("reading {}", path.display())]
@@ -66,4 +68,34 @@ pub fn load_config(source: &ConfigSource, verbose: u8) -> Result<Arc<Config>, Co
         warn!("{p}");
     }
     Ok(Arc::new(config))
+}
+
+impl From<crate::notify::pipeline::RunError> for CommandError {
+    fn from(e: crate::notify::pipeline::RunError) -> Self {
+        CommandError::Run(Box::new(e))
+    }
+}
+
+impl From<super::review::ReviewError> for CommandError {
+    fn from(e: super::review::ReviewError) -> Self {
+        CommandError::Review(Box::new(e))
+    }
+}
+
+impl From<super::preview::PreviewError> for CommandError {
+    fn from(e: super::preview::PreviewError) -> Self {
+        CommandError::Preview(Box::new(e))
+    }
+}
+
+impl From<crate::notify::db::DbError> for CommandError {
+    fn from(e: crate::notify::db::DbError) -> Self {
+        CommandError::Db(Box::new(e))
+    }
+}
+
+impl From<crate::notify::service::ServiceError> for CommandError {
+    fn from(e: crate::notify::service::ServiceError) -> Self {
+        CommandError::Service(Box::new(e))
+    }
 }

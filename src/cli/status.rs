@@ -37,8 +37,80 @@ fn age(now: DateTime<Utc>, t: DateTime<Utc>) -> String {
     }
 }
 
+/// `mailgend status`: the report, or — when the database cannot be
+/// reached — what is wrong, with the local service's own view from its
+/// `/metrics`. The flag is false when the database was unreachable.
+pub async fn status_command(config: &Config) -> (String, bool) {
+    match crate::notify::db::connect(&config.database).await {
+        Ok(client) => match report(&client, config).await {
+            Ok(out) => (out, true),
+            Err(e) => (format!("status: {e}\n"), false),
+        },
+        Err(e) => {
+            let mut out = String::new();
+            let _ = writeln!(
+                out,
+                "database            {} on {}: UNREACHABLE",
+                config.database.name,
+                config.database.endpoints()
+            );
+            let _ = writeln!(out, "reason              {e}");
+            if let Some(line) = local_service(config).await {
+                let _ = writeln!(out, "{line}");
+            }
+            (out, false)
+        }
+    }
+}
+
+/// What the `mailgend run` of this host (its `mailgend.metrics_listen`)
+/// says about itself: running, and whether it has the database.
+async fn local_service(config: &Config) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = config.service.metrics_listen?;
+    let scrape = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await?;
+        Ok::<_, std::io::Error>(body)
+    };
+    let text = match tokio::time::timeout(std::time::Duration::from_secs(3), scrape).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => {
+            return Some(format!(
+                "service here        no answer on http://{addr}/metrics ({e})"
+            ))
+        }
+        Err(_) => {
+            return Some(format!(
+                "service here        no answer on http://{addr}/metrics (3 s)"
+            ))
+        }
+    };
+    let gauge = |name: &str| {
+        text.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    let state = match (gauge("mailgend_up"), gauge("mailgend_database_up")) {
+        (_, Some(d)) if d < 1.0 => "running, waiting for the database",
+        (Some(u), _) if u >= 1.0 => "running, sending",
+        (Some(_), _) => "starting or stopping",
+        _ => "answering, but without mailgend's gauges",
+    };
+    Some(format!(
+        "service here        {state} (http://{addr}/metrics)"
+    ))
+}
+
 /// The status report: pending, due and postponed groups, open outbox rows,
-/// recent sending, the next ticket.
+/// recent sending, the next ticket, the instances connected.
 pub async fn report(client: &Client, config: &Config) -> Result<String, StatusError> {
     let mut out = String::new();
     let now: DateTime<Utc> = client.query_one("SELECT now()", &[]).await?.get(0);
@@ -50,8 +122,9 @@ pub async fn report(client: &Client, config: &Config) -> Result<String, StatusEr
     let pending: usize = groups.iter().map(|g| g.directive_ids.len()).sum();
     let _ = writeln!(
         out,
-        "database            {} on {}:{}",
-        config.database.name, config.database.host, config.database.port
+        "database            {} on {}",
+        config.database.name,
+        config.database.endpoints()
     );
     let _ = writeln!(
         out,
@@ -123,8 +196,28 @@ pub async fn report(client: &Client, config: &Config) -> Result<String, StatusEr
     let _ = writeln!(out);
     let next_ticket = crate::notify::ticket::peek(client).await?;
     let _ = writeln!(out, "next ticket         {next_ticket}");
-    if let Some(addr) = config.service.metrics_listen {
-        let _ = writeln!(out, "metrics             http://{addr}/metrics");
+    // Every mailgend connection names its instance (application_name,
+    // crate::notify::db::pg_config); a role sees its own sessions' names.
+    let instances = client
+        .query(
+            "SELECT substr(application_name, 10), count(*), \
+                    coalesce(host(min(client_addr)), 'local socket') \
+               FROM pg_stat_activity \
+              WHERE application_name LIKE 'mailgend/%' AND pid <> pg_backend_pid() \
+              GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await?;
+    if instances.is_empty() {
+        let _ = writeln!(out, "instances           none connected");
+    }
+    for (i, r) in instances.iter().enumerate() {
+        let (name, n, from): (String, i64, String) = (r.get(0), r.get(1), r.get(2));
+        let label = if i == 0 { "instances" } else { "" };
+        let _ = writeln!(out, "{label:<20}{name} ({n} connections from {from})");
+    }
+    if let Some(line) = local_service(config).await {
+        let _ = writeln!(out, "{line}");
     }
     Ok(out)
 }
@@ -245,9 +338,13 @@ pub async fn run(
     verbose: u8,
 ) -> Result<std::process::ExitCode, super::command::CommandError> {
     let config = super::command::load_config(source, verbose)?;
-    let client = crate::notify::db::connect(&config.database).await?;
-    print!("{}", report(&client, &config).await?);
-    Ok(std::process::ExitCode::SUCCESS)
+    let (out, ok) = status_command(&config).await;
+    print!("{out}");
+    Ok(if ok {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
 }
 
 /// What `mailgend in-doubt` was asked to do.

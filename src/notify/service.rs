@@ -352,14 +352,37 @@ async fn load_pipeline(
 }
 
 /// Connects, retrying with backoff; `None` when a stop signal came first.
+///
+/// The configuration is good and the service is trying, so the first
+/// failure already says READY=1 (with STATUS= saying why it waits): a
+/// database that is down at boot must not make systemd time the start out
+/// and loop through restarts. The watchdog is pinged meanwhile, also
+/// during a connection attempt (several hosts may each take the connect
+/// timeout).
 async fn connect_with_backoff(
     config: &Config,
     metrics: &Metrics,
     signals: &mut futures::stream::Fuse<Signals>,
 ) -> Result<Option<tokio_postgres::Client>, ServiceError> {
     let mut delay = Duration::from_secs(1);
+    let mut watchdog =
+        tokio::time::interval(systemd::watchdog_interval().unwrap_or(Duration::from_secs(3600)));
+    let mut said_ready = false;
     loop {
-        match db::connect(&config.database).await {
+        let attempt = db::connect(&config.database);
+        tokio::pin!(attempt);
+        let result = loop {
+            tokio::select! {
+                r = &mut attempt => break r,
+                _ = watchdog.tick() => systemd::watchdog(),
+                Some(sig) = signals.next() => {
+                    if sig != SIGHUP {
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        match result {
             Ok(c) => {
                 metrics.set_database_up(true);
                 return Ok(Some(c));
@@ -368,14 +391,25 @@ async fn connect_with_backoff(
                 metrics.db_error();
                 metrics.set_database_up(false);
                 warn!("database unreachable: {e}; retrying in {delay:?}");
-                systemd::status(&format!("waiting for the database: {e}"));
+                let text = format!("waiting for the database: {e}");
+                if said_ready {
+                    systemd::status(&text);
+                } else {
+                    systemd::ready(&text);
+                    said_ready = true;
+                }
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            Some(sig) = signals.next() => {
-                if sig != SIGHUP {
-                    return Ok(None);
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                _ = watchdog.tick() => systemd::watchdog(),
+                Some(sig) = signals.next() => {
+                    if sig != SIGHUP {
+                        return Ok(None);
+                    }
                 }
             }
         }

@@ -431,18 +431,110 @@ impl PgCluster {
             running: false,
             owned: true,
         };
+        cluster.start_on_free_port()?;
+        Ok(cluster)
+    }
+
+    fn start_on_free_port(&mut self) -> Result<()> {
         // Another process may take the port between our probe and the
         // server's bind; then try another one.
         let mut last_err = None;
         for _ in 0..4 {
-            cluster.endpoint.port = free_port()?;
-            cluster.write_settings()?;
-            match cluster.pg_ctl_start() {
-                Ok(()) => return Ok(cluster),
+            self.endpoint.port = free_port()?;
+            self.write_settings()?;
+            match self.pg_ctl_start() {
+                Ok(()) => return Ok(()),
                 Err(e) => last_err = Some(e),
             }
         }
         Err(last_err.expect("at least one attempt"))
+    }
+
+    /// Starts a streaming replica of this cluster (`pg_basebackup -R`) in
+    /// a new temp directory, on its own port and socket; it follows this
+    /// cluster until [`PgCluster::promote`]d (fail-over tests).
+    pub fn start_replica(&self) -> Result<PgCluster> {
+        let dir = tempfile::Builder::new()
+            .prefix("mailgend-pg-replica-")
+            .tempdir()
+            .map_err(|e| SandboxError::io("create a temp dir", e))?
+            .keep();
+        let data_dir = dir.join("data");
+        let socket_dir = dir.join("sock");
+        for d in [&dir, &socket_dir] {
+            fs::create_dir_all(d)
+                .map_err(|e| SandboxError::io(format!("create {}", d.display()), e))?;
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755))
+                .map_err(|e| SandboxError::io(format!("chmod {}", d.display()), e))?;
+            self.run_as.give(d)?;
+        }
+        let mut backup = self.run_as.command(&self.bin.tool("pg_basebackup"));
+        backup
+            .current_dir(&dir)
+            .args(["-h", &self.endpoint.host])
+            .args(["-p", &self.endpoint.port.to_string()])
+            .args(["-U", SUPERUSER, "-D"])
+            .arg(&data_dir)
+            // -R: standby.signal and primary_conninfo, so it streams.
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
+        run(&mut backup, "pg_basebackup")?;
+        let mut replica = PgCluster {
+            endpoint: Endpoint {
+                host: path_str(&socket_dir)?.to_string(),
+                port: 0,
+                log_path: dir.join("postgresql.log"),
+            },
+            dir,
+            data_dir,
+            bin: self.bin.clone(),
+            run_as: self.run_as.clone(),
+            running: false,
+            owned: true,
+        };
+        replica.spawn_watchdog()?;
+        replica.start_on_free_port()?;
+        Ok(replica)
+    }
+
+    /// Promotes a replica to primary (`pg_ctl promote -w`).
+    pub fn promote(&self) -> Result<()> {
+        run(
+            self.pg_ctl().args(["promote", "-w", "-t", "60"]),
+            "pg_ctl promote",
+        )?;
+        Ok(())
+    }
+
+    /// Stops the server as a crash would (`-m immediate`: no checkpoint,
+    /// connections cut).
+    pub fn kill(&mut self) -> Result<()> {
+        run(
+            self.pg_ctl()
+                .args(["stop", "-m", "immediate", "-w", "-t", "30"]),
+            "pg_ctl stop -m immediate",
+        )?;
+        self.running = false;
+        Ok(())
+    }
+
+    /// Writes `name` into the data directory, owned by the server's user
+    /// with `mode` (certificates and keys for `ssl = on`), and returns its
+    /// path.
+    pub fn install_file(&self, name: &str, contents: &[u8], mode: u32) -> Result<PathBuf> {
+        let path = self.data_dir.join(name);
+        fs::write(&path, contents)
+            .map_err(|e| SandboxError::io(format!("write {}", path.display()), e))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+            .map_err(|e| SandboxError::io(format!("chmod {}", path.display()), e))?;
+        self.run_as.give(&path)?;
+        Ok(path)
+    }
+
+    /// Replaces `pg_hba.conf` (applied by the next start or
+    /// [`PgCluster::apply_settings`]).
+    pub fn set_hba(&self, text: &str) -> Result<()> {
+        self.install_file("pg_hba.conf", text.as_bytes(), 0o600)
+            .map(|_| ())
     }
 
     fn write_settings(&self) -> Result<()> {

@@ -72,7 +72,14 @@ pub fn init(level: &str, verbose: u8) {
 /// [`init`] with the journal's `SYSLOG_IDENTIFIER` for this daemon
 /// (`mailgend-route` for the router), so `journalctl -t NAME` finds each
 /// daemon's lines whatever the unit is called.
+///
+/// `MAILGEND_SYSLOG_IDENTIFIER` (set by the template units, e.g.
+/// `mailgend-NAME`) overrides it, so each instance has its own.
 pub fn init_as(identifier: &str, level: &str, verbose: u8) {
+    let own = std::env::var("MAILGEND_SYSLOG_IDENTIFIER")
+        .ok()
+        .filter(|s| !s.is_empty());
+    let identifier = own.as_deref().unwrap_or(identifier);
     INSTALLED.get_or_init(|| install(identifier, level, verbose));
 }
 

@@ -271,7 +271,7 @@ impl TestEnv {
 /// The INSERT for one IntelMQ event row and its JSON parameter: `fields`
 /// maps column names to values (cast by PostgreSQL to the column types);
 /// `directives` becomes `extra.certbund.source_directives`.
-fn event_insert(fields: Value, directives: Value) -> (String, String) {
+pub fn event_insert(fields: Value, directives: Value) -> (String, String) {
     let mut fields = fields.as_object().cloned().unwrap_or_default();
     let mut extra = fields
         .remove("extra")

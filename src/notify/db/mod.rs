@@ -5,41 +5,66 @@
 //! (UTC time zone: ticket days and `sent_at` are UTC, as in the old tool).
 
 pub mod migrate;
+pub mod tls;
 pub mod wakeup;
 
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, Connection, Socket};
 
-use crate::config::DatabaseConfig;
+use crate::config::{DatabaseConfig, SessionAttrs, SslMode};
+
+/// The connection type of every database connection (TLS or not).
+pub type Conn = Connection<Socket, postgres_native_tls::TlsStream<Socket>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error(
-        "cannot connect to database {name:?} on {host}:{port} as {user:?}: {}",
+        "cannot connect to database {name:?} on {endpoints} as {user:?} (sslmode {mode}): {}{hint}",
         describe(source)
     )]
     Connect {
         name: String,
-        host: String,
-        port: u16,
+        endpoints: String,
         user: String,
+        mode: SslMode,
+        /// What to fix, when the error says (starts with "; ").
+        hint: String,
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error("database {name:?} on {endpoints}: {source}")]
+    Tls {
+        name: String,
+        endpoints: String,
+        #[source]
+        source: tls::TlsError,
+    },
+    #[error("PGTARGETSESSIONATTRS={0:?} is not one of any, read-write, read-only")]
+    BadSessionAttrs(String),
     #[error("database error: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
 }
 
 /// The tokio-postgres configuration for `db`. A `host` starting with `/`
-/// is a Unix socket directory, as with libpq.
+/// is a Unix socket directory, as with libpq; several hosts are tried in
+/// order, each with its port (or the one port).
 pub fn pg_config(db: &DatabaseConfig) -> tokio_postgres::Config {
     let mut c = tokio_postgres::Config::new();
-    c.host(&db.host)
-        .port(db.port)
-        .user(&db.username)
+    for h in &db.hosts {
+        c.host(h);
+    }
+    for p in &db.ports {
+        c.port(*p);
+    }
+    c.user(&db.username)
         .dbname(&db.name)
-        .application_name("mailgend")
+        // `mailgend/host:pid`: `mailgend status` lists the instances by it
+        // (PostgreSQL keeps 63 bytes).
+        .application_name(format!(
+            "mailgend/{}",
+            crate::notify::pipeline::instance_name()
+        ))
         .options("-c TimeZone=UTC")
         .connect_timeout(Duration::from_secs(10))
         .keepalives(true)
@@ -48,6 +73,18 @@ pub fn pg_config(db: &DatabaseConfig) -> tokio_postgres::Config {
         c.password(pw);
     }
     c
+}
+
+/// `target_session_attrs` from the config, else `PGTARGETSESSIONATTRS`
+/// (libpq's order), else `any`.
+fn session_attrs(db: &DatabaseConfig) -> Result<SessionAttrs, DbError> {
+    if let Some(a) = db.target_session_attrs {
+        return Ok(a);
+    }
+    match std::env::var("PGTARGETSESSIONATTRS") {
+        Ok(v) if !v.is_empty() => SessionAttrs::parse(&v).ok_or(DbError::BadSessionAttrs(v)),
+        _ => Ok(SessionAttrs::Any),
+    }
 }
 
 /// Opens one connection; its driver task runs until the client is dropped.
@@ -74,22 +111,97 @@ async fn connect_with(
     db: &DatabaseConfig,
     config: tokio_postgres::Config,
 ) -> Result<Client, DbError> {
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|source| DbError::Connect {
-            name: db.name.clone(),
-            host: db.host.clone(),
-            port: db.port,
-            user: db.username.clone(),
-            source,
-        })?;
+    let (client, connection) = connect_raw(db, config).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "database connection closed with an error");
         }
     });
     Ok(client)
+}
+
+/// Opens a connection with `db`'s TLS and session settings; the caller
+/// drives the connection. The one place every command connects through.
+pub async fn connect_raw(
+    db: &DatabaseConfig,
+    mut config: tokio_postgres::Config,
+) -> Result<(Client, Conn), DbError> {
+    use tokio_postgres::config::{SslMode as T, TargetSessionAttrs};
+    let settings = tls::Settings::from_env(db).map_err(|source| DbError::Tls {
+        name: db.name.clone(),
+        endpoints: db.endpoints(),
+        source,
+    })?;
+    let connector = settings.connector().map_err(|source| DbError::Tls {
+        name: db.name.clone(),
+        endpoints: db.endpoints(),
+        source,
+    })?;
+    config.target_session_attrs(match session_attrs(db)? {
+        SessionAttrs::Any => TargetSessionAttrs::Any,
+        SessionAttrs::ReadWrite => TargetSessionAttrs::ReadWrite,
+        SessionAttrs::ReadOnly => TargetSessionAttrs::ReadOnly,
+    });
+    config.ssl_mode(settings.first_mode());
+    let mut result = config.connect(connector.clone()).await;
+    // libpq's `allow`: without TLS first, with TLS when the server said no.
+    if settings.mode == SslMode::Allow {
+        if let Err(e) = &result {
+            if e.as_db_error().is_some() {
+                config.ssl_mode(T::Require);
+                result = config.connect(connector).await;
+            }
+        }
+    }
+    result.map_err(|source| DbError::Connect {
+        name: db.name.clone(),
+        endpoints: db.endpoints(),
+        user: db.username.clone(),
+        mode: settings.mode,
+        hint: hint(&source, &settings),
+        source,
+    })
+}
+
+/// What to fix, for the connection errors whose text does not say it.
+fn hint(e: &tokio_postgres::Error, s: &tls::Settings) -> String {
+    let mut text = describe(e);
+    let mut src = std::error::Error::source(e);
+    while let Some(x) = src {
+        text.push_str(&x.to_string());
+        src = x.source();
+    }
+    let roots = match &s.roots {
+        Some(crate::config::RootCert::File(p)) => format!("sslrootcert {}", p.display()),
+        Some(crate::config::RootCert::System) => "the system's trusted roots".into(),
+        None => "sslrootcert".into(),
+    };
+    let h = if text.contains("no pg_hba.conf entry") && text.contains("no encryption") {
+        "the server accepts this connection only over TLS: set database.event.sslmode \
+         (or PGSSLMODE) to prefer, require, verify-ca or verify-full"
+            .to_string()
+    } else if text.contains("hostname mismatch") || text.contains("IP address mismatch") {
+        "the server's certificate does not name the host connected to: connect by a name \
+         its certificate carries (subjectAltName), or use sslmode verify-ca"
+            .to_string()
+    } else if text.contains("certificate verify failed") {
+        format!(
+            "the server's certificate is not signed by a CA in {roots}: point \
+             database.event.sslrootcert at the CA that signed it"
+        )
+    } else if text.contains("server does not support TLS") {
+        "the server has TLS switched off (ssl = off): switch it on, or use sslmode prefer"
+            .to_string()
+    } else if text.contains("certificate authentication failed")
+        || text.contains("connection requires a valid client certificate")
+    {
+        "the server wants a client certificate whose common name is the user name, signed \
+         by a CA in its ssl_ca_file: set database.event.sslcert and sslkey"
+            .to_string()
+    } else {
+        return String::new();
+    };
+    format!("; {h}")
 }
 
 /// tokio-postgres prints a server error as just "db error"; operators need

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tracing::{debug, warn};
 
 use crate::config::DatabaseConfig;
@@ -55,6 +55,8 @@ pub async fn listen(database: DatabaseConfig, tx: mpsc::Sender<Wakeup>) {
 enum ListenError {
     #[error("{0}")]
     Db(#[from] tokio_postgres::Error),
+    #[error("{0}")]
+    Connect(#[from] db::DbError),
     #[error("the server closed the connection")]
     Closed,
 }
@@ -64,7 +66,7 @@ async fn listen_once(
     database: &DatabaseConfig,
     tx: &mpsc::Sender<Wakeup>,
 ) -> Result<(), ListenError> {
-    let (client, mut connection) = db::pg_config(database).connect(NoTls).await?;
+    let (client, mut connection) = db::connect_raw(database, db::pg_config(database)).await?;
     let (msg_tx, mut msg_rx) = mpsc::unbounded_channel();
     // The connection must be polled for notifications to arrive; this task
     // is the only one polling it.
