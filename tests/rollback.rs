@@ -345,6 +345,16 @@ async fn intelmqcbmail_1_4_runs_on_a_file_with_every_mailgend_key() {
     smtp.insert("password".into(), json!("relay secret"));
     smtp.insert("password_file".into(), json!(password_file));
     smtp.insert("timeout".into(), json!(30));
+    // libpq's names in database.event: psycopg2 gets name, user, password,
+    // host and port only (intelmqmail/db.py), so 1.4 ignores them.
+    let client_cert = dir.join("client.crt");
+    std::fs::write(&client_cert, "not read by either tool in this test\n").unwrap();
+    let event = config["database"]["event"].as_object_mut().unwrap();
+    event.insert("sslmode".into(), json!("prefer"));
+    event.insert("sslrootcert".into(), json!(ca_file));
+    event.insert("sslcert".into(), json!(client_cert));
+    event.insert("sslkey".into(), json!(client_cert));
+    event.insert("target_session_attrs".into(), json!("any"));
     config["mailgend"] = json!({
         "workers": 2,
         "in_doubt": "hold",

@@ -201,7 +201,7 @@ pub async fn report(client: &Client, config: &Config) -> Result<String, StatusEr
     let instances = client
         .query(
             "SELECT substr(application_name, 10), count(*), \
-                    coalesce(host(min(client_addr)), 'local socket') \
+                    host(min(client_addr)) \
                FROM pg_stat_activity \
               WHERE application_name LIKE 'mailgend/%' AND pid <> pg_backend_pid() \
               GROUP BY 1 ORDER BY 1",
@@ -212,9 +212,12 @@ pub async fn report(client: &Client, config: &Config) -> Result<String, StatusEr
         let _ = writeln!(out, "instances           none connected");
     }
     for (i, r) in instances.iter().enumerate() {
-        let (name, n, from): (String, i64, String) = (r.get(0), r.get(1), r.get(2));
+        // The address is NULL over a Unix socket, and for other roles'
+        // sessions unless this role may read all statistics.
+        let (name, n, from): (String, i64, Option<String>) = (r.get(0), r.get(1), r.get(2));
         let label = if i == 0 { "instances" } else { "" };
-        let _ = writeln!(out, "{label:<20}{name} ({n} connections from {from})");
+        let from = from.map(|a| format!(" from {a}")).unwrap_or_default();
+        let _ = writeln!(out, "{label:<20}{name} ({n} connections{from})");
     }
     if let Some(line) = local_service(config).await {
         let _ = writeln!(out, "{line}");
