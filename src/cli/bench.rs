@@ -88,7 +88,6 @@ pub const DURABLE_PG_SETTINGS: &str =
     "fsync = on\nsynchronous_commit = on\nfull_page_writes = on\n";
 
 /// Runs the benchmark and prints its table to stdout.
-
 pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the mailgend binary")?;
     println!("starting a private PostgreSQL cluster …");
