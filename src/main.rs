@@ -119,6 +119,10 @@ enum Command {
         /// Service mode: seconds of insert load.
         #[arg(long, default_value_t = 20)]
         duration: u64,
+        /// Measure on the sandbox's fsync=off cluster instead of a durable
+        /// one (fsync and synchronous_commit on, as users run PostgreSQL).
+        #[arg(long)]
+        fast_db: bool,
     },
     /// Database objects.
     Db {
@@ -295,6 +299,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mode,
             rate,
             duration,
+            fast_db,
             messages,
         } => {
             mailgend::shared::logging::init("WARNING", v);
@@ -316,6 +321,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 service: mode != "oneshot",
                 rate: *rate,
                 duration: std::time::Duration::from_secs(*duration),
+                fast_db: *fast_db,
             })
             .await?;
             ExitCode::SUCCESS

@@ -303,3 +303,106 @@ async fn outbox_rows_recorded_together_keep_odd_addresses_and_order() {
     assert_eq!(second.message, b"second");
     assert!(!second.marks_sent && second.marks.is_empty());
 }
+
+/// Splits a multipart/signed message into (signed bytes, signature), as
+/// RFC 3156 lays it out.
+fn split_signed(raw: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let text = String::from_utf8_lossy(raw).to_string();
+    let ct = common::header(raw, "Content-Type").unwrap();
+    assert!(ct.starts_with("multipart/signed;"), "{ct}");
+    let boundary = ct
+        .split("boundary=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let delim = format!("\r\n--{boundary}\r\n");
+    let first = text.find(&format!("--{boundary}\r\n")).unwrap() + boundary.len() + 4;
+    let second = text[first..].find(&delim).unwrap() + first;
+    let signed = text.as_bytes()[first..second].to_vec();
+    let sig_part = &text[second + delim.len()..];
+    let sig_body = sig_part.split_once("\r\n\r\n").unwrap().1;
+    let sig_end = sig_body.find(&format!("\r\n--{boundary}--")).unwrap();
+    (signed, sig_body.as_bytes()[..sig_end].to_vec())
+}
+
+/// The real `gpg --verify` against the test key: its status lines.
+fn gpg_verify(home: &std::path::Path, signed: &[u8], sig: &[u8]) -> String {
+    std::fs::write(home.join("data"), signed).unwrap();
+    std::fs::write(home.join("sig.asc"), sig).unwrap();
+    let out = std::process::Command::new("gpg")
+        .arg("--homedir")
+        .arg(home)
+        .args(["--batch", "--status-fd", "1", "--verify"])
+        .arg(home.join("sig.asc"))
+        .arg(home.join("data"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A signed batch larger than the core count is signed in pieces on the
+/// signing pool (`pipeline::signing`): every mail still goes to its own
+/// group's recipient with its own group's ticket, and every signature
+/// passes `gpg --verify` over exactly the bytes sent.
+#[tokio::test]
+async fn a_signed_batch_signed_across_the_cores_keeps_each_mail_with_its_group() {
+    let mut env = TestEnv::new().await;
+    env.enable_signing();
+    insert_groups(&env, 64496..64516).await;
+    let results = run_batch(&env).await;
+    assert_eq!(results.len(), 20);
+    for (g, r) in &results {
+        assert!(
+            matches!(r, Ok(GroupOutcome::Sent { mails: 1 })),
+            "{}: {r:?}",
+            g.key.recipient_address
+        );
+    }
+    let mails = env.sink.messages();
+    assert_eq!(mails.len(), 20);
+    let rows = env
+        .client()
+        .await
+        .query(
+            "SELECT d.recipient_address, s.intelmq_ticket FROM directives d \
+             JOIN sent s ON s.id = d.sent_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let tickets: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(tickets.len(), 20);
+    let home = tempfile::tempdir().unwrap();
+    let import = std::process::Command::new("gpg")
+        .arg("--homedir")
+        .arg(home.path())
+        .args(["--batch", "--quiet", "--import"])
+        .arg(common::repo_path(
+            "tests/fixtures/keys/test-signing.pub.asc",
+        ))
+        .output()
+        .unwrap();
+    assert!(import.status.success(), "{import:?}");
+    for m in &mails {
+        let rcpt = &m.rcpt_to[0];
+        assert_eq!(&m.header("To").unwrap(), rcpt, "header and envelope agree");
+        assert_eq!(
+            subject_ticket(&m.header("Subject").unwrap()),
+            tickets[rcpt],
+            "{rcpt}: the ticket its directive points at"
+        );
+        // The group's ASN is in its own mail's signed part.
+        let (signed, sig) = split_signed(&m.data);
+        let asn = rcpt
+            .trim_start_matches("abuse@as")
+            .trim_end_matches(".example.net");
+        assert!(
+            String::from_utf8_lossy(&signed).contains(asn),
+            "{rcpt}: its own events"
+        );
+        let status = gpg_verify(home.path(), &signed, &sig);
+        assert!(status.contains("[GNUPG:] GOODSIG"), "{rcpt}: {status}");
+    }
+}

@@ -548,8 +548,23 @@ async fn metrics_and_status_show_what_the_service_did() {
 /// the log reports as resent in doubt.
 #[tokio::test]
 async fn kill_9_during_send_all_loses_nothing_and_duplicates_only_what_it_reports() {
+    kill_9_during_send_all(false).await;
+}
+
+/// The same with signing: the batches' mails are signed in pieces on the
+/// signing pool (`pipeline::signing`) while other workers record and send,
+/// so the kills land with mails being signed, recorded and sent at once.
+#[tokio::test]
+async fn kill_9_during_signed_send_all_loses_nothing_and_duplicates_only_what_it_reports() {
+    kill_9_during_send_all(true).await;
+}
+
+async fn kill_9_during_send_all(signed: bool) {
     let mut env = TestEnv::new().await;
     service_env(&mut env, 3);
+    if signed {
+        env.enable_signing();
+    }
     feed(&env, 1200, 12).await;
     let config = env.config_file();
     let mut logs = String::new();
@@ -591,7 +606,22 @@ async fn kill_9_during_send_all_loses_nothing_and_duplicates_only_what_it_report
         "nothing was sent before the kills: they interrupted nothing mid-send"
     );
     let (mails, dups) = verify_exactly_once(&env, &logs).await;
-    eprintln!("{mails} mails, {dups} reported duplicates after 4 kills of send --all");
+    if signed {
+        let unsigned = env
+            .sink
+            .messages()
+            .iter()
+            .filter(|m| {
+                !header(&m.data, "Content-Type")
+                    .unwrap_or_default()
+                    .starts_with("multipart/signed")
+            })
+            .count();
+        assert_eq!(unsigned, 0, "every mail signed");
+    }
+    eprintln!(
+        "{mails} mails, {dups} reported duplicates after 4 kills of send --all (signed: {signed})"
+    );
 }
 
 /// Issue 12's done-when: with the shipped formats as shipped, a fresh

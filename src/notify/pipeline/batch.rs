@@ -42,7 +42,7 @@ use crate::notify::db;
 use crate::notify::directive::{self, DirectiveId, EventId, Group};
 use crate::notify::event::{Event, EventColumns, EventError};
 use crate::notify::format::{Decision, Plan, RenderContext};
-use crate::notify::mail::{self, BuiltMail, MailError, Notification};
+use crate::notify::mail::{BuiltMail, MailError, Notification};
 use crate::notify::outbox;
 use crate::notify::sent;
 use crate::notify::ticket::{self, Ticket};
@@ -438,34 +438,39 @@ fn render(p: &Pipeline, w: &Work<'_>, tickets: &[Ticket]) -> Result<Vec<Notifica
 
 type Built = Vec<(usize, Result<Vec<Mail>, MailError>)>;
 
-/// MIME + signature for every group's notifications, on the blocking pool;
-/// a group whose mail cannot be built fails alone.
+/// MIME + signature for every group's notifications, all of the batch's
+/// mails spread over the signing pool together; a group whose mail cannot
+/// be built fails alone.
 async fn build(
     p: &Pipeline,
     rendered: Vec<(usize, Vec<Notification>)>,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Built, GroupError> {
-    let ctx = p.mail_ctx.clone();
-    let signer = p.signer.clone();
-    tokio::task::spawn_blocking(move || {
-        rendered
-            .into_iter()
-            .map(|(i, ns)| {
-                let mails = ns
-                    .into_iter()
-                    .map(|n| {
-                        mail::build(&n, &ctx, signer.as_deref(), now).map(|mail| Mail {
-                            mail,
-                            ticket: n.ticket,
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>();
-                (i, mails)
-            })
-            .collect()
-    })
-    .await
-    .map_err(|e| GroupError::Join(e.to_string()))
+    let mut shape = Vec::with_capacity(rendered.len());
+    let mut all = Vec::new();
+    let mut tickets = Vec::new();
+    for (i, ns) in rendered {
+        shape.push((i, ns.len()));
+        tickets.extend(ns.iter().map(|n| n.ticket.clone()));
+        all.extend(ns);
+    }
+    let built = super::signing::build_all(&p.mail_ctx, p.signer.as_ref(), now, all)
+        .await
+        .map_err(|e| GroupError::Join(e.to_string()))?;
+    let mut built = built.into_iter().zip(tickets);
+    Ok(shape
+        .into_iter()
+        .map(|(i, n)| {
+            let mails = built
+                .by_ref()
+                .take(n)
+                .map(|(mail, ticket)| mail.map(|mail| Mail { mail, ticket }))
+                .collect::<Vec<_>>()
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>();
+            (i, mails)
+        })
+        .collect())
 }
 
 /// Hands the mails to SMTP group by group. Returns the outbox ids SMTP

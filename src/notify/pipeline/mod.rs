@@ -7,8 +7,9 @@
 //! COMMIT. A failing group is rolled back and logged at ERROR with its
 //! directive and event ids; the other groups go on. A bounded number of
 //! workers (`mailgend.workers`), each with its own database connection,
-//! process groups concurrently; signing runs on the blocking pool so it
-//! never stalls the async workers. Small groups that are waiting together
+//! process groups concurrently; MIME and signatures go to the signing pool
+//! ([`signing`]), which spreads them over the cores without stalling the
+//! async workers. Small groups that are waiting together
 //! take these steps as one batch ([`batch`]) with the same guarantees.
 
 use std::fmt;
@@ -24,7 +25,7 @@ use crate::notify::db;
 use crate::notify::directive::{self, Claim, DirectiveId, Group};
 use crate::notify::event::{EventColumns, EventError};
 use crate::notify::format::{Decision, FormatSet, RenderContext};
-use crate::notify::mail::{self, BuiltMail, MailContext, Notification};
+use crate::notify::mail::{BuiltMail, MailContext, Notification};
 use crate::notify::metrics::{FailReason, Metrics};
 use crate::notify::outbox;
 use crate::notify::render::template::TemplateStore;
@@ -34,6 +35,7 @@ use crate::notify::ticket::{self, Ticket, TicketError};
 use crate::shared::smtp::{Outbound, RefusedRecipient, SmtpError};
 
 pub mod batch;
+pub mod signing;
 
 /// Everything a run needs that does not change during it: one loaded
 /// configuration with its formats, templates and signing key. A reload
@@ -838,23 +840,18 @@ async fn provisional_tickets(tx: &Transaction<'_>, n: usize) -> Result<Vec<Ticke
     Ok((0..n as i64).map(|i| Ticket::new(day, seq + i)).collect())
 }
 
-/// MIME + signature for every notification, on the blocking pool.
+/// MIME + signature for every notification, on the signing pool.
 async fn build_all(
     p: &Pipeline,
     notifications: Vec<Notification>,
     now: DateTime<Utc>,
 ) -> Result<Vec<BuiltMail>, GroupError> {
-    let ctx = p.mail_ctx.clone();
-    let signer = p.signer.clone();
-    tokio::task::spawn_blocking(move || {
-        notifications
-            .iter()
-            .map(|n| mail::build(n, &ctx, signer.as_deref(), now))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .await
-    .map_err(|e| GroupError::Join(e.to_string()))?
-    .map_err(GroupError::from)
+    signing::build_all(&p.mail_ctx, p.signer.as_ref(), now, notifications)
+        .await
+        .map_err(|e| GroupError::Join(e.to_string()))?
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(GroupError::from)
 }
 
 /// Drives exactly `groups` through the data path, each with the same
