@@ -48,6 +48,10 @@ pub enum FailureKind {
 pub struct FetchCounters {
     pub ok: Counter,
     pub failed: Counter,
+    /// Stages routed without keeping their result: name over GoCD's limit.
+    pub untracked_long_name: Counter,
+    /// Likewise: the state table was full (`max-states`).
+    pub untracked_table_full: Counter,
 }
 
 type Gaugef = Gauge<f64, AtomicU64>;
@@ -72,6 +76,7 @@ pub struct RouteMetrics {
     /// `result` ok, failed.
     slack_posts: [Counter; 2],
     gocd_fetches: Family<Vec<(&'static str, String)>, Counter>,
+    gocd_untracked: Family<Vec<(&'static str, String)>, Counter>,
     /// `result` ok, failed.
     reloads: [Counter; 2],
     last_reload_ok: Gauge,
@@ -171,6 +176,12 @@ impl RouteMetrics {
             "Reads of GoCD's pipeline groups, by manager, wants and result",
             gocd_fetches.clone(),
         );
+        let gocd_untracked = Family::<Vec<(&'static str, String)>, Counter>::default();
+        r.register(
+            "mailgend_route_gocd_stages_untracked",
+            "GoCD mails whose stage result was not kept (name too long, or max-states reached), by manager, wants and reason",
+            gocd_untracked.clone(),
+        );
         let reloads_family = Family::<Vec<(&'static str, String)>, Counter>::default();
         let reloads = labelled(&reloads_family, "result", ["ok", "failed"]);
         r.register(
@@ -231,6 +242,7 @@ impl RouteMetrics {
             bounces_sent,
             slack_posts,
             gocd_fetches,
+            gocd_untracked,
             reloads,
             last_reload_ok,
             spool_messages,
@@ -296,9 +308,16 @@ impl RouteMetrics {
             l.push(("result", result.to_string()));
             self.gocd_fetches.get_or_create_owned(&l)
         };
+        let untracked = |reason: &str| {
+            let mut l = labels.clone();
+            l.push(("reason", reason.to_string()));
+            self.gocd_untracked.get_or_create_owned(&l)
+        };
         FetchCounters {
             ok: with("ok"),
             failed: with("failed"),
+            untracked_long_name: untracked("name_too_long"),
+            untracked_table_full: untracked("table_full"),
         }
     }
 
