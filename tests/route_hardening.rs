@@ -305,3 +305,203 @@ async fn gocd_state_stays_bounded_whatever_the_subjects() {
         "RSS {rss_before} kB → {rss_after} kB"
     );
 }
+
+fn auth_plain(user: &str, pass: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{pass}"))
+}
+
+/// Finding 4: about 3,900 password guesses a second from one client. Now
+/// each failure costs a growing delay and an address has a budget
+/// (`auth-failure-limit` per `auth-failure-window`), then 421.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_guessing_is_slow_and_bounded_per_address() {
+    let s = setup(
+        "",
+        "  auth-user: router\n  auth-password: s3cret\n  auth-failure-delay: 0.3\n  auth-failure-limit: 5\n",
+    );
+    let port = s.route.port;
+
+    // The delay grows with each failure of a session.
+    let (mut raw, _) = Raw::connect_from(port, "127.0.0.3").await;
+    assert_eq!(code(&raw.cmd("EHLO slow.test").await), "250");
+    let mut took = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let r = raw
+            .cmd(&format!("AUTH PLAIN {}", auth_plain("router", "guess")))
+            .await;
+        took.push(t.elapsed());
+        assert_eq!(code(&r), "535", "{r}");
+    }
+    assert!(took[0] >= Duration::from_millis(300), "{took:?}");
+    assert!(took[1] >= Duration::from_millis(600), "{took:?}");
+    assert!(took[2] >= Duration::from_millis(900), "{took:?}");
+    // Three in a session, then 421 (the 421 follows the third 535).
+    assert_eq!(code(&raw.reply().await), "421");
+
+    // Four parallel guessers from one address for 3 s: 5 guesses in all.
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        tasks.push(tokio::spawn(async move {
+            let (mut wrong, mut refused) = (0, 0);
+            while start.elapsed() < Duration::from_secs(3) {
+                let (mut raw, g) = Raw::connect_from(port, "127.0.0.1").await;
+                assert_eq!(code(&g), "220", "{g}");
+                assert_eq!(code(&raw.cmd("EHLO guess.test").await), "250");
+                loop {
+                    let r = raw
+                        .cmd(&format!("AUTH PLAIN {}", auth_plain("router", "guess")))
+                        .await;
+                    match code(&r) {
+                        "535" => wrong += 1,
+                        "421" => {
+                            refused += 1;
+                            break;
+                        }
+                        "" => break,
+                        other => panic!("unexpected {other}: {r}"),
+                    }
+                }
+            }
+            (wrong, refused)
+        }));
+    }
+    let (mut wrong, mut refused) = (0, 0);
+    for t in tasks {
+        let (w, r) = t.await.unwrap();
+        wrong += w;
+        refused += r;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{wrong} guesses answered in {secs:.1} s ({:.1}/s), {refused} sessions refused",
+        wrong as f64 / secs
+    );
+    assert_eq!(wrong, 5, "the address's budget");
+    assert!(refused >= 4, "every guesser ends with 421");
+    // Over budget, even the right password gets 421 from that address...
+    let (mut raw, _) = Raw::connect_from(port, "127.0.0.1").await;
+    assert_eq!(code(&raw.cmd("EHLO guess.test").await), "250");
+    let r = raw
+        .cmd(&format!("AUTH PLAIN {}", auth_plain("router", "s3cret")))
+        .await;
+    assert!(r.starts_with("421 4.7.0"), "{r}");
+    // ...while another address authenticates and sends.
+    let (mut raw, _) = Raw::connect_from(port, "127.0.0.2").await;
+    assert_eq!(code(&raw.cmd("EHLO good.test").await), "250");
+    let r = raw
+        .cmd(&format!("AUTH PLAIN {}", auth_plain("router", "s3cret")))
+        .await;
+    assert_eq!(code(&r), "235", "{r}");
+    let r = raw
+        .mail(
+            "gocd@example.com",
+            &["gocd@example.org"],
+            b"Subject: Stage [p/1/s/1] passed\r\n\r\nx\r\n",
+        )
+        .await;
+    assert_eq!(code(&r), "250", "{r}");
+    assert_eq!(s.sink.wait_for_async(1, WAIT).await.len(), 1);
+    assert_eq!(
+        s.route.metric("mailgend_route_auth_failures_total").await,
+        8.0
+    );
+    assert!(s.route.metric("mailgend_route_auth_refused_total").await >= 5.0);
+    let log = s.route.log();
+    assert_eq!(
+        log.matches("AUTH refused: auth-failure-limit").count(),
+        1,
+        "rate-limited WARN"
+    );
+}
+
+/// Finding 5: one client could hold every slot (`max-connections` was
+/// global) and keep a session in DATA for as long as it sent a line now
+/// and then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_hold_every_slot_nor_dribble_data_forever() {
+    let s = setup("", "  max-connections-per-client: 2\n  data-timeout: 3\n");
+    let port = s.route.port;
+    let (a, ga) = Raw::connect(port).await;
+    let (_b, gb) = Raw::connect(port).await;
+    assert_eq!((code(&ga), code(&gb)), ("220", "220"));
+    let (_c, gc) = Raw::connect(port).await;
+    assert!(
+        gc.starts_with("421 4.7.0") && gc.contains("from your address"),
+        "{gc}"
+    );
+    // Another address still gets in.
+    let (mut other, go) = Raw::connect_from(port, "127.0.0.2").await;
+    assert_eq!(code(&go), "220", "{go}");
+    // A slot given back is free again.
+    drop(a);
+    let start = Instant::now();
+    let mut d = loop {
+        let (raw, g) = Raw::connect(port).await;
+        if code(&g) == "220" {
+            break raw;
+        }
+        assert!(start.elapsed() < WAIT, "the slot never came back: {g}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        s.route
+            .metric("mailgend_route_connections_refused_total{reason=\"client\"}")
+            .await,
+        1.0
+    );
+
+    // A line every second (well within command-timeout: 10), DATA cut
+    // off at data-timeout (3 s).
+    assert_eq!(code(&d.cmd("EHLO dribble.test").await), "250");
+    assert_eq!(code(&d.cmd("MAIL FROM:<gocd@example.com>").await), "250");
+    assert_eq!(code(&d.cmd("RCPT TO:<gocd@example.org>").await), "250");
+    assert_eq!(code(&d.cmd("DATA").await), "354");
+    let started = Instant::now();
+    let Raw { mut rd, mut wr } = d;
+    let writer = tokio::spawn(async move {
+        for i in 0..20 {
+            if wr
+                .write_all(format!("line {i}\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let mut line = String::new();
+    tokio::time::timeout(WAIT, rd.read_line(&mut line))
+        .await
+        .expect("cut off in time")
+        .unwrap();
+    let after = started.elapsed();
+    assert!(line.starts_with("421 4.4.2"), "{line}");
+    assert!(
+        after >= Duration::from_secs(3) && after < Duration::from_secs(10),
+        "cut off after {after:?}"
+    );
+    line.clear();
+    assert_eq!(
+        rd.read_line(&mut line).await.unwrap_or(0),
+        0,
+        "closed: {line}"
+    );
+    writer.abort();
+    // Nothing of it was accepted; the other client still sends.
+    other.cmd("EHLO other.test").await;
+    let r = other
+        .mail(
+            "gocd@example.com",
+            &["gocd@example.org"],
+            b"Subject: Stage [p/1/s/1] passed\r\n\r\nx\r\n",
+        )
+        .await;
+    assert_eq!(code(&r), "250", "{r}");
+    let got = s.sink.wait_for_async(1, WAIT).await;
+    assert_eq!(got.len(), 1);
+    assert!(!got[0].text().contains("line 0"));
+}

@@ -73,6 +73,9 @@ pub struct ServerSettings {
     pub max_message_size: usize,
     /// Concurrent inbound connections; more get a 421.
     pub max_connections: usize,
+    /// `max-connections-per-client`: concurrent connections from one IP
+    /// address; more get a 421. 0: no limit but `max-connections`.
+    pub max_connections_per_client: usize,
     /// Recipients per message; more get a 452.
     pub max_recipients: usize,
     /// Messages per connection before 421; 0 is unlimited (the default:
@@ -80,6 +83,17 @@ pub struct ServerSettings {
     pub max_messages_per_connection: usize,
     /// Idle time allowed between commands.
     pub command_timeout: Duration,
+    /// `data-timeout`: the whole DATA phase (354 to the final `.`) must
+    /// end within this, however the client paces its lines.
+    pub data_timeout: Duration,
+    /// `auth-failure-delay`: each failed AUTH of a session waits this
+    /// times the session's failures so far before its 535.
+    pub auth_failure_delay: Duration,
+    /// `auth-failure-limit` failed AUTHs from one IP address within
+    /// `auth-failure-window`: then AUTH from it gets 421 until the window
+    /// has passed.
+    pub auth_failure_limit: u32,
+    pub auth_failure_window: Duration,
     /// PEM certificate chain and key: STARTTLS is offered when set.
     pub tls: Option<TlsFiles>,
     /// When set, AUTH PLAIN/LOGIN is required before MAIL.
@@ -116,9 +130,14 @@ impl Default for ServerSettings {
             spool_dir: PathBuf::from("/var/spool/mailgend-route"),
             max_message_size: 10 * 1024 * 1024,
             max_connections: 100,
+            max_connections_per_client: 20,
             max_recipients: 100,
             max_messages_per_connection: 0,
             command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+            auth_failure_delay: Duration::from_secs(1),
+            auth_failure_limit: 10,
+            auth_failure_window: Duration::from_secs(600),
             tls: None,
             auth: None,
             outbound_connections: 8,
@@ -309,9 +328,14 @@ const SERVER_KEYS: &[&str] = &[
     "spool",
     "max-message-size",
     "max-connections",
+    "max-connections-per-client",
     "max-recipients",
     "max-messages-per-connection",
     "command-timeout",
+    "data-timeout",
+    "auth-failure-delay",
+    "auth-failure-limit",
+    "auth-failure-window",
     "tls-cert",
     "tls-key",
     "auth-user",
@@ -569,6 +593,9 @@ fn read_server(r: &mut Reader, n: &Node) -> ServerSettings {
     if let Some(v) = int(r, "max-connections", 1, 100_000) {
         s.max_connections = v as usize;
     }
+    if let Some(v) = int(r, "max-connections-per-client", 0, 100_000) {
+        s.max_connections_per_client = v as usize;
+    }
     if let Some(v) = int(r, "max-recipients", 1, 100_000) {
         s.max_recipients = v as usize;
     }
@@ -592,6 +619,21 @@ fn read_server(r: &mut Reader, n: &Node) -> ServerSettings {
     }
     if let Some(v) = int(r, "command-timeout", 1, 3600) {
         s.command_timeout = Duration::from_secs(v);
+    }
+    if let Some(v) = int(r, "data-timeout", 1, 86400) {
+        s.data_timeout = Duration::from_secs(v);
+    }
+    let secs = |r: &mut Reader, k: &str, min: f64, max: f64| {
+        m.get(k).and_then(|v| r.seconds(v, &key(k), min, max))
+    };
+    if let Some(v) = secs(r, "auth-failure-delay", 0.0, 60.0) {
+        s.auth_failure_delay = v;
+    }
+    if let Some(v) = int(r, "auth-failure-limit", 1, 1_000_000) {
+        s.auth_failure_limit = v as u32;
+    }
+    if let Some(v) = secs(r, "auth-failure-window", 1.0, 86400.0) {
+        s.auth_failure_window = v;
     }
     if let Some(v) = int(r, "outbound-connections", 1, 1000) {
         s.outbound_connections = v as u32;

@@ -85,6 +85,10 @@ pub struct RouteMetrics {
     gocd_last_success_age: Family<ManagerLabels, Gaugef>,
     gocd_pipelines_known: Family<ManagerLabels, Gauge>,
     connections_open: Gauge,
+    auth_failures: Counter,
+    auth_refused: Counter,
+    /// `reason` total, client.
+    connections_refused: [Counter; 2],
 }
 
 impl Default for RouteMetrics {
@@ -182,6 +186,23 @@ impl RouteMetrics {
             "GoCD mails whose stage result was not kept (name too long, or max-states reached), by manager, wants and reason",
             gocd_untracked.clone(),
         );
+        let auth_failures = counter(
+            &mut r,
+            "mailgend_route_auth_failures",
+            "SMTP AUTH attempts answered 535 (wrong credentials)",
+        );
+        let auth_refused = counter(
+            &mut r,
+            "mailgend_route_auth_refused",
+            "SMTP AUTH attempts answered 421 because the address spent its auth-failure-limit",
+        );
+        let conn_family = Family::<Vec<(&'static str, String)>, Counter>::default();
+        let connections_refused = labelled(&conn_family, "reason", ["total", "client"]);
+        r.register(
+            "mailgend_route_connections_refused",
+            "Connections answered 421 at once: max-connections (total) or max-connections-per-client (client) reached",
+            conn_family,
+        );
         let reloads_family = Family::<Vec<(&'static str, String)>, Counter>::default();
         let reloads = labelled(&reloads_family, "result", ["ok", "failed"]);
         r.register(
@@ -250,7 +271,24 @@ impl RouteMetrics {
             gocd_last_success_age,
             gocd_pipelines_known,
             connections_open,
+            auth_failures,
+            auth_refused,
+            connections_refused,
         }
+    }
+
+    pub fn auth_failed(&self) {
+        self.auth_failures.inc();
+    }
+
+    pub fn auth_refused(&self) {
+        self.auth_refused.inc();
+    }
+
+    /// A connection refused at once; `per_client`: by
+    /// `max-connections-per-client` rather than `max-connections`.
+    pub fn connection_refused(&self, per_client: bool) {
+        self.connections_refused[usize::from(per_client)].inc();
     }
 
     /// A message's final reply after DATA, by its code.

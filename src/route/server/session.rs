@@ -29,8 +29,10 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use super::clients::OpenConnections;
 use super::command::{self, printable, Command};
 use super::SessionConfig;
+use crate::route::limit::WarnLimiter;
 use crate::route::{Envelope, Inbound};
 
 /// Longest command line (RFC 5321 allows 512 octets; AUTH responses and
@@ -148,6 +150,8 @@ enum DataRead {
     BareLineEnd,
     Eof,
     Timeout,
+    /// `data-timeout` passed (the session's own deadline, not a read's).
+    Deadline,
 }
 
 /// Reads message data up to the `.` line, undoing dot-stuffing, keeping at
@@ -215,6 +219,7 @@ pub(super) async fn run(
     socket: TcpStream,
     peer: SocketAddr,
     cfg: Arc<SessionConfig>,
+    clients: Arc<OpenConnections>,
     stop: watch::Receiver<bool>,
 ) {
     debug!(%peer, "SMTP connection");
@@ -223,6 +228,7 @@ pub(super) async fn run(
         out: Vec::new(),
         peer,
         cfg,
+        clients,
         stop,
         helo: None,
         tls_active: false,
@@ -251,6 +257,7 @@ struct Session {
     out: Vec<u8>,
     peer: SocketAddr,
     cfg: Arc<SessionConfig>,
+    clients: Arc<OpenConnections>,
     stop: watch::Receiver<bool>,
     helo: Option<String>,
     tls_active: bool,
@@ -480,10 +487,26 @@ impl Session {
         self.flush().await?;
         let max = self.cfg.settings.max_message_size;
         let timeout = self.cfg.settings.command_timeout;
-        let read = read_data(&mut self.rd, max, timeout).await?;
+        let deadline = self.cfg.settings.data_timeout;
+        // However the client paces its lines, DATA ends by the deadline:
+        // a line every few seconds must not hold a slot for hours.
+        let read = match tokio::time::timeout(deadline, read_data(&mut self.rd, max, timeout)).await
+        {
+            Ok(r) => r?,
+            Err(_) => DataRead::Deadline,
+        };
         let txn = self.txn.take().expect("checked above");
         let data = match read {
             DataRead::Message(d) => d,
+            DataRead::Deadline => {
+                info!(peer = %self.peer, ?deadline, "DATA not finished within data-timeout; nothing accepted");
+                self.reply(&format!(
+                    "421 4.4.2 {} DATA not finished within {}s, closing connection",
+                    self.cfg.hostname,
+                    deadline.as_secs()
+                ));
+                return Ok(Next::Close);
+            }
             DataRead::Eof => {
                 info!(peer = %self.peer, "client left during DATA; nothing accepted");
                 return Ok(Next::Close);
@@ -637,6 +660,34 @@ impl Session {
             self.reply("503 5.5.1 AUTH only after EHLO and outside a mail transaction");
             return Ok(Next::Continue);
         }
+        let settings = &self.cfg.settings;
+        // Counted before the exchange: sessions in parallel share one
+        // budget per address (see clients.rs).
+        let attempt = match self.clients.auth_attempt(
+            self.peer.ip(),
+            settings.auth_failure_limit,
+            settings.auth_failure_window,
+        ) {
+            Ok(a) => a,
+            Err(left) => {
+                static WARN: WarnLimiter = WarnLimiter::new(std::time::Duration::from_secs(60));
+                if let Some(held_back) = WARN.allow() {
+                    warn!(
+                        peer = %self.peer,
+                        held_back,
+                        "AUTH refused: auth-failure-limit failed attempts from this address \
+                         (at most one such WARN a minute; held_back counts the others)"
+                    );
+                }
+                self.cfg.metrics.auth_refused();
+                self.reply(&format!(
+                    "421 4.7.0 {} Too many failed authentications from your address, try again in {}s",
+                    self.cfg.hostname,
+                    left.as_secs().max(1)
+                ));
+                return Ok(Next::Close);
+            }
+        };
         let (user, pass) = match mechanism {
             "PLAIN" => {
                 let response = match initial {
@@ -688,16 +739,24 @@ impl Session {
             }
         };
         if user == creds.username.as_bytes() && same(&pass, creds.password.as_bytes()) {
+            attempt.succeeded();
             self.authed = true;
             self.reply("235 2.7.0 Authentication successful");
             return Ok(Next::Continue);
         }
+        drop(attempt);
         self.auth_failures += 1;
+        self.cfg.metrics.auth_failed();
         warn!(
             peer = %self.peer,
             user = %printable(&String::from_utf8_lossy(&user), 64),
             "SMTP authentication failed"
         );
+        // Each failure costs more time (Postfix's smtpd_error_sleep_time):
+        // guessing is slow even within the budget.
+        let delay = self.cfg.settings.auth_failure_delay * self.auth_failures;
+        self.flush().await?;
+        tokio::time::sleep(delay).await;
         self.reply("535 5.7.8 Authentication credentials invalid");
         if self.auth_failures >= MAX_AUTH_FAILURES {
             self.reply("421 4.7.0 Too many authentication failures");
