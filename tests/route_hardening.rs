@@ -505,3 +505,179 @@ async fn one_client_cannot_hold_every_slot_nor_dribble_data_forever() {
     assert_eq!(got.len(), 1);
     assert!(!got[0].text().contains("line 0"));
 }
+
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn chgrp(path: &Path, gid: u32) {
+    std::os::unix::fs::chown(path, None, Some(gid)).unwrap();
+}
+
+/// `mailgend route --check`: its stdout (WARN lines, then the summary).
+fn route_check(config: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_mailgend"))
+        .args(["route", "--check", "-c"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Finding 6: a world-readable key or password file was accepted without
+/// a word. Now a WARN naming file, key and mode — but not for the
+/// package's own `root:mailgend 0640` (group-readable by the daemon's own
+/// group), and never a refusal.
+#[test]
+fn secret_files_readable_by_others_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    // The process's own group stands in for `mailgend`; another gid for
+    // a foreign group.
+    let own_gid = std::fs::metadata("/proc/self").map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.gid()
+    });
+    let own_gid = own_gid.unwrap();
+    let foreign_gid = own_gid + 4242;
+
+    // The router: auth-password written in the file, and a TLS key.
+    let key = dir.path().join("tls.key");
+    let cert = dir.path().join("tls.crt");
+    std::fs::write(&key, "key").unwrap();
+    std::fs::write(&cert, "cert").unwrap();
+    let cfg = dir.path().join("configuration.yml");
+    let text = |password: &str| {
+        format!(
+            "local-smtp: 127.0.0.1:{}\nremote-smtp: 127.0.0.1:25\nmanagers: []\n\
+             mailgend:\n  spool: {}\n  tls-cert: {}\n  tls-key: {}\n  auth-user: router\n  auth-password: {password}\n",
+            free_port(),
+            dir.path().join("spool").display(),
+            cert.display(),
+            key.display()
+        )
+    };
+    std::fs::write(&cfg, text("s3cret")).unwrap();
+    chmod(&cfg, 0o644);
+    chmod(&key, 0o604);
+    let out = route_check(&cfg);
+    let warn = |out: &str, what: &str| {
+        out.lines()
+            .filter(|l| l.starts_with("WARN ") && l.contains(what))
+            .count()
+    };
+    assert_eq!(
+        warn(
+            &out,
+            &format!(
+                "{}:9: key `mailgend.auth-password`: {} holds a secret and is readable by every user of the host (mode 0644",
+                cfg.display(),
+                cfg.display()
+            )
+        ),
+        1,
+        "{out}"
+    );
+    assert_eq!(
+        warn(
+            &out,
+            &format!(
+                "key `mailgend.tls-key`: {} holds a secret and is readable by every user of the host (mode 0604",
+                key.display()
+            )
+        ),
+        1,
+        "{out}"
+    );
+    // A foreign group may not read them either.
+    chmod(&cfg, 0o640);
+    chgrp(&cfg, foreign_gid);
+    chmod(&key, 0o640);
+    chgrp(&key, foreign_gid);
+    let out = route_check(&cfg);
+    assert_eq!(
+        warn(&out, "readable by the members of its group (mode 0640"),
+        2,
+        "{out}"
+    );
+    // The daemon's own group may (root:mailgend 0640), the owner may.
+    chgrp(&cfg, own_gid);
+    chmod(&key, 0o600);
+    let out = route_check(&cfg);
+    assert_eq!(warn(&out, "holds a secret"), 0, "{out}");
+    // A password from the environment leaves the file without a secret.
+    std::fs::write(&cfg, text("$ROUTE_AUTH_PASSWORD")).unwrap();
+    chmod(&cfg, 0o644);
+    let out = Command::new(env!("CARGO_BIN_EXE_mailgend"))
+        .args(["route", "--check", "-c"])
+        .arg(&cfg)
+        .env("ROUTE_AUTH_PASSWORD", "s3cret")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(warn(&out, "holds a secret"), 0, "{out}");
+
+    // The notifier: the config file with the database password, the SMTP
+    // password file and the signing key file.
+    let conf = dir.path().join("intelmq-mailgen.conf");
+    let pw = dir.path().join("smtp-password");
+    let sk = dir.path().join("signing-key.asc");
+    std::fs::write(&pw, "pw\n").unwrap();
+    std::fs::write(&sk, "not checked unless always_sign").unwrap();
+    std::fs::write(
+        &conf,
+        serde_json::json!({
+            "database": {"event": {"name": "intelmq-events", "username": "mailgen",
+                                    "password": "pw", "host": "localhost", "port": 5432}},
+            "template_dir": dir.path(), "script_directory": dir.path(),
+            "sender": "CERT <cert@example.org>",
+            "smtp": {"host": "localhost", "port": 25, "username": "u", "password_file": pw},
+            "openpgp": {"always_sign": false, "gnupg_home": "/nonexistent", "signing_key": ""},
+            "mailgend": {"signing_key_file": sk}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    chmod(&conf, 0o644);
+    chmod(&pw, 0o644);
+    chmod(&sk, 0o640);
+    chgrp(&sk, foreign_gid);
+    let load = || {
+        mailgend::config::Config::load(&mailgend::config::ConfigSource::file(&conf))
+            .expect("not refused")
+            .unknown_keys
+            .iter()
+            .map(|p| p.to_string())
+            .filter(|p| p.contains("holds a secret"))
+            .collect::<Vec<_>>()
+    };
+    let w = load();
+    assert_eq!(w.len(), 3, "{w:#?}");
+    assert!(
+        w.iter().any(|p| p.contains("key `database.event.password`")
+            && p.contains(&format!(
+                "{} holds a secret and is readable by every user of the host (mode 0644",
+                conf.display()
+            ))),
+        "{w:#?}"
+    );
+    assert!(
+        w.iter().any(
+            |p| p.contains("key `smtp.password_file`") && p.contains(&pw.display().to_string())
+        ),
+        "{w:#?}"
+    );
+    assert!(
+        w.iter()
+            .any(|p| p.contains("key `mailgend.signing_key_file`")
+                && p.contains("members of its group (mode 0640")),
+        "{w:#?}"
+    );
+    // As the package installs them: root:mailgend 0640 (here: our group).
+    for f in [&conf, &pw, &sk] {
+        chmod(f, 0o640);
+        chgrp(f, own_gid);
+    }
+    assert_eq!(load(), Vec::<String>::new());
+}

@@ -51,6 +51,38 @@ pub struct RouteConfig {
     /// Oddities: accepted as mail2alert accepted them, logged at WARN at
     /// start and listed by `--check` (`--check --strict` refuses them).
     pub warnings: Vec<RouteConfigProblem>,
+    /// Files with a secret that others can read (this file when it holds
+    /// a password itself, `tls-key`): WARN at start, reload and `--check`;
+    /// not refused, not even by `--strict` (mail2alert read them).
+    pub exposed_secrets: Vec<RouteConfigProblem>,
+}
+
+/// [`RouteConfig::exposed_secrets`] (`shared::secret_file`).
+fn exposed_secrets(cfg: &RouteConfig, literal: &[(usize, String)]) -> Vec<RouteConfigProblem> {
+    use crate::shared::secret_file::exposure;
+    let mut out = Vec::new();
+    let file = cfg.path.display().to_string();
+    if let Some((line, key)) = literal.first() {
+        if let Some(why) = exposure(&cfg.path) {
+            out.push(RouteConfigProblem {
+                file: file.clone(),
+                line: Some(*line),
+                key: key.clone(),
+                reason: format!("{why}; or take the secret from the environment (`$VARIABLE`)"),
+            });
+        }
+    }
+    if let Some(tls) = &cfg.server.tls {
+        if let Some(why) = exposure(&tls.key_file) {
+            out.push(RouteConfigProblem {
+                file,
+                line: None,
+                key: "mailgend.tls-key".into(),
+                reason: why,
+            });
+        }
+    }
+    out
 }
 
 impl RouteConfig {
@@ -285,6 +317,7 @@ pub fn parse_str(text: &str, path: &Path) -> Result<RouteConfig, RouteConfigErro
         file: path.display().to_string(),
         problems: Vec::new(),
         oddities: Vec::new(),
+        literal_secrets: Vec::new(),
         env: &|name| std::env::var(name).ok(),
     };
     let root = match yaml::parse(text) {
@@ -299,6 +332,7 @@ pub fn parse_str(text: &str, path: &Path) -> Result<RouteConfig, RouteConfigErro
         if let Some(mut cfg) = cfg {
             r.oddities.sort_by_key(|p| p.line);
             cfg.warnings = r.oddities;
+            cfg.exposed_secrets = exposed_secrets(&cfg, &r.literal_secrets);
             return Ok(cfg);
         }
     }
@@ -379,7 +413,7 @@ fn read_root(r: &mut Reader, root: &Node, path: &Path) -> Option<RouteConfig> {
         }
     };
     let slack = match top.get("slack-token") {
-        Some(n) => r.string(n, "slack-token").map(|token| SlackSettings {
+        Some(n) => r.secret(n, "slack-token").map(|token| SlackSettings {
             token,
             url: actions::slack::DEFAULT_URL.to_string(),
         }),
@@ -427,6 +461,7 @@ fn read_root(r: &mut Reader, root: &Node, path: &Path) -> Option<RouteConfig> {
         managers,
         slack,
         warnings: Vec::new(),
+        exposed_secrets: Vec::new(),
     })
 }
 
@@ -547,7 +582,7 @@ fn read_remote(r: &mut Reader, n: &Node) -> Option<SmtpConfig> {
             .and_then(|u| r.string(u, "remote-smtp.username"));
         cfg.password = m
             .get("password")
-            .and_then(|u| r.string(u, "remote-smtp.password"));
+            .and_then(|u| r.secret(u, "remote-smtp.password"));
         if cfg.username.is_some() != cfg.password.is_some() {
             r.problem(
                 n.line,
@@ -679,7 +714,7 @@ fn read_server(r: &mut Reader, n: &Node) -> ServerSettings {
         .and_then(|v| r.string(v, &key("auth-user")));
     let password = m
         .get("auth-password")
-        .and_then(|v| r.string(v, &key("auth-password")));
+        .and_then(|v| r.secret(v, &key("auth-password")));
     match (user, password) {
         (Some(username), Some(password)) => {
             if username.is_empty() || password.is_empty() {
@@ -1073,6 +1108,8 @@ pub struct Reader<'e> {
     file: String,
     problems: Vec<RouteConfigProblem>,
     oddities: Vec<RouteConfigProblem>,
+    /// Secrets written into the file itself (not `$VAR`): line and key.
+    literal_secrets: Vec<(usize, String)>,
     env: &'e dyn Fn(&str) -> Option<String>,
 }
 
@@ -1196,6 +1233,16 @@ impl Reader<'_> {
             );
         }
         Some(v)
+    }
+
+    /// A string that is a secret (password, token): as [`Self::string`],
+    /// noting when it is written in the file rather than taken from the
+    /// environment, so that the file's mode is checked.
+    pub fn secret(&mut self, n: &Node, key: &str) -> Option<String> {
+        if matches!(&n.kind, Kind::Scalar { value, .. } if !value.contains('$')) {
+            self.literal_secrets.push((n.line, key.to_string()));
+        }
+        self.string(n, key)
     }
 
     pub fn literal_string(&mut self, n: &Node, key: &str) -> Option<String> {

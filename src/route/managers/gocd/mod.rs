@@ -191,7 +191,7 @@ fn parse(r: &mut Reader, m: &MapView<'_>, k: &str, rules: &[RuleConfig]) -> Mana
     let mut passwd = m
         .get("passwd")
         .filter(|n| !n.is_null())
-        .and_then(|n| r.string(n, &key("passwd")));
+        .and_then(|n| r.secret(n, &key("passwd")));
     if passwd.is_some() && user.is_none() {
         // plugin/gocd.py:84-91: without user, GoCD is asked anonymously.
         r.oddity(
