@@ -681,3 +681,184 @@ fn secret_files_readable_by_others_are_warned_about() {
     }
     assert_eq!(load(), Vec::<String>::new());
 }
+
+/// Finding 1, the router's side: a decoded Subject, a GoCD pipeline name,
+/// MAIL FROM, RCPT TO, an AUTH user name wrote their line breaks, CRs and
+/// ESC sequences into the log as they were, so a sender could forge or
+/// hide log lines. Every line of the plain-text log must be one the
+/// program started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_values_never_forge_a_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = SmtpSink::start();
+    let (port, metrics) = (free_port(), free_port());
+    std::fs::write(
+        dir.path().join("configuration.yml"),
+        format!(
+            "local-smtp: 127.0.0.1:{port}
+remote-smtp: 127.0.0.1:{sink}
+managers:
+- name: gocd
+  messages-we-want:
+    to: gocd@example.org
+  rules:
+  - actions: [mailto:dev@example.net]
+    filter:
+      function: pipelines.any
+- name: mail
+  messages-we-want:
+    from: alerts@example.org
+  rules:
+  - actions: [mailto:ops@example.net]
+    filter:
+      function: mail.in_subject
+      args: [never-in-a-subject]
+mailgend:
+  spool: {spool}
+  command-timeout: 10
+  metrics-listen: 127.0.0.1:{metrics}
+  auth-user: router
+  auth-password: $ROUTER_PASSWORD
+  auth-failure-delay: 0
+",
+            sink = sink.port(),
+            spool = dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    // The password from the environment, as the package does it.
+    std::env::set_var("ROUTER_PASSWORD", "s3cret");
+    let route = Route::start(dir.path(), port, metrics);
+    let forged = "INFO mailgend: 11 mails sent, 0 postponed, 0 errors.";
+    let b64 = |s: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(s)
+    };
+    // Subjects: raw 8-bit controls (bare CR and LF cannot pass DATA), and
+    // RFC 2047 encoded-words that decode to CR, LF, NEL, U+2028, ESC.
+    let subjects: Vec<Vec<u8>> = vec![
+        format!("x\x1b[2K\x1b[1A{forged}").into_bytes(),
+        format!("x\u{85}{forged}\u{2028}{forged}\u{2029}").into_bytes(),
+        format!("=?utf-8?b?{}?=", b64(&format!("x\r\n{forged}\r{forged}"))).into_bytes(),
+        format!("=?utf-8?q?x=0A{}?=", forged.replace(' ', "_")).into_bytes(),
+        format!(
+            "=?utf-8?b?{}?=",
+            b64(&format!("\u{85}{forged}\u{2028}\x1b]0;title\x07"))
+        )
+        .into_bytes(),
+    ];
+    // GoCD pipeline and stage names with the same.
+    let pipelines: Vec<Vec<u8>> = vec![
+        format!("Stage [p\x1b[2K{forged}/1/build/1] failed").into_bytes(),
+        format!(
+            "=?utf-8?b?{}?=",
+            b64(&format!("Stage [p\n{forged}/1/s\r{forged}/1] passed"))
+        )
+        .into_bytes(),
+        format!("Stage [p\u{2028}{forged}/1/b\u{85}{forged}/1] failed").into_bytes(),
+    ];
+    let (mut raw, _) = Raw::connect(port).await;
+    assert_eq!(code(&raw.cmd("EHLO hostile.test").await), "250");
+    // An AUTH user name with line breaks (logged at WARN).
+    let r = raw
+        .cmd(&format!(
+            "AUTH PLAIN {}",
+            b64(&format!("\0u\n{forged}\r\x1b[2K\0wrong"))
+        ))
+        .await;
+    assert_eq!(code(&r), "535", "{r}");
+    let r = raw
+        .cmd(&format!("AUTH PLAIN {}", b64("\0router\0s3cret")))
+        .await;
+    assert_eq!(code(&r), "235", "{r}");
+    let mut sent = 0;
+    for s in &subjects {
+        let mut data = b"Subject: ".to_vec();
+        data.extend_from_slice(s);
+        data.extend_from_slice(b"\r\n\r\nbody\r\n");
+        let r = raw
+            .mail("alerts@example.org", &["x@example.net"], &data)
+            .await;
+        assert_eq!(code(&r), "250", "{r}");
+        sent += 1;
+    }
+    for s in &pipelines {
+        let mut data = b"Subject: ".to_vec();
+        data.extend_from_slice(s);
+        data.extend_from_slice(b"\r\n\r\nbody\r\n");
+        let r = raw
+            .mail("gocd@example.com", &["gocd@example.org"], &data)
+            .await;
+        assert_eq!(code(&r), "250", "{r}");
+        sent += 1;
+    }
+    // Envelope addresses with controls and 8-bit in quoted local parts,
+    // and a CR inside a command line (lines end at LF).
+    let addresses: [&[u8]; 5] = [
+        b"\"a\x1b[2Kb\"@example.org",
+        "\"a\u{2028}INFO mailgend: forged\"@example.org".as_bytes(),
+        "a\u{85}b@example.org".as_bytes(),
+        b"a@example.org>\rINFO mailgend: forged <b@example.org",
+        b"\"a\rINFO mailgend: forged\"@example.org",
+    ];
+    for a in addresses {
+        let mut line = b"MAIL FROM:<".to_vec();
+        line.extend_from_slice(a);
+        line.extend_from_slice(b">\r\n");
+        raw.send(&line).await;
+        let r = raw.reply().await;
+        let mut rcpt = b"RCPT TO:<".to_vec();
+        rcpt.extend_from_slice(a);
+        rcpt.extend_from_slice(b">\r\n");
+        raw.send(&rcpt).await;
+        let r2 = raw.reply().await;
+        // Commands are printable ASCII (no SMTPUTF8): refused before any
+        // part of them reaches a log line.
+        for reply in [&r, &r2] {
+            assert!(
+                reply.starts_with("501 5.5.4 Syntax: commands must be printable ASCII"),
+                "{:?}: {reply}",
+                String::from_utf8_lossy(a)
+            );
+        }
+    }
+    assert_eq!(code(&raw.cmd("QUIT").await), "221");
+    // Wait until every message has been logged as handled.
+    let start = Instant::now();
+    while route.log().matches("spool_id").count() + route.log().matches("dropped").count() < sent
+        && start.elapsed() < WAIT
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    route.wait_log("message dropped: no rule matched", subjects.len());
+
+    let log = route.log();
+    let line_start = regex::Regex::new(
+        r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z +(ERROR|WARN|INFO|DEBUG|TRACE) mailgend",
+    )
+    .unwrap();
+    for line in log.lines() {
+        assert!(
+            line_start.is_match(line),
+            "a line the router did not start:\n{line:?}\n--- all:\n{log}"
+        );
+    }
+    for c in ['\r', '\x1b', '\x07', '\u{85}', '\u{2028}', '\u{2029}'] {
+        assert!(!log.contains(c), "{c:?} in the log:\n{log}");
+    }
+    // The values are there, escaped: the test would see them unescaped.
+    for escaped in [
+        format!("\\x1b[2K\\x1b[1A{forged}"),
+        format!("x\\r\\n{forged}\\r{forged}"),
+        format!("x\\n{forged}"),
+        format!("\\u{{85}}{forged}\\u{{2028}}"),
+        format!("p\\n{forged}"),
+        format!("s\\r{forged}"),
+        // (The AUTH user name goes through the session's printable().)
+        format!("user=u?{forged}??[2K"),
+    ] {
+        assert!(log.contains(&escaped), "no {escaped:?} in:\n{log}");
+    }
+    assert!(!log.contains("panicked"), "{log}");
+    std::env::remove_var("ROUTER_PASSWORD");
+}
