@@ -35,6 +35,8 @@ use super::Inbound;
 
 pub use clients::{Full, OpenConnections};
 pub use command::{parse as parse_command, Command, CommandError};
+/// The DATA reader, public for the fuzz targets (`fuzz/`).
+pub use session::{read_data, DataRead, MAX_DATA_LINE};
 
 /// The final SMTP reply to one message (after DATA).
 #[derive(Debug, Clone, PartialEq, Eq)]

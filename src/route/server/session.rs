@@ -142,7 +142,7 @@ async fn read_line<R: AsyncBufRead + Unpin>(
 
 /// What became of a DATA phase.
 #[derive(Debug, PartialEq, Eq)]
-enum DataRead {
+pub enum DataRead {
     Message(Vec<u8>),
     TooBig,
     LineTooLong,
@@ -156,7 +156,7 @@ enum DataRead {
 
 /// Reads message data up to the `.` line, undoing dot-stuffing, keeping at
 /// most `max` octets.
-async fn read_data<R: AsyncBufRead + Unpin>(
+pub async fn read_data<R: AsyncBufRead + Unpin>(
     rd: &mut R,
     max: usize,
     timeout: std::time::Duration,
