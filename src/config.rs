@@ -375,6 +375,29 @@ impl<'a> Reader<'a> {
         Some(cur)
     }
 
+    /// A WARN for each file with a secret that others can read
+    /// (`shared::secret_file`): the files with a password in them, the
+    /// password file, the signing key file.
+    fn warn_exposed_secrets(&mut self, openpgp: &OpenPgpConfig, key_file_key: &str) {
+        let mut files: Vec<(&str, PathBuf)> = Vec::new();
+        for key in ["database.event.password", "smtp.password"] {
+            if self.lookup(key).is_some_and(|v| !v.is_null()) {
+                files.push((key, self.merged.origin_of(key).into()));
+            }
+        }
+        if let Some(Value::String(p)) = self.lookup("smtp.password_file") {
+            files.push(("smtp.password_file", p.into()));
+        }
+        if let Some(p) = &openpgp.key_file {
+            files.push((key_file_key, p.clone()));
+        }
+        for (key, path) in files {
+            if let Some(w) = crate::shared::secret_file::exposure(&path) {
+                self.warn(key, w);
+            }
+        }
+    }
+
     /// A WARN about `key` that does not refuse the configuration.
     fn warn(&mut self, key: &str, reason: impl Into<String>) {
         self.unknown.push(ConfigProblem {
@@ -1001,6 +1024,7 @@ impl Config {
             metrics_listen,
         };
 
+        r.warn_exposed_secrets(&openpgp, key_file_key);
         if !r.problems.is_empty() {
             return Err(ConfigError(r.problems));
         }
@@ -1136,6 +1160,12 @@ pub fn split_sender(sender: &str) -> Result<(String, String), String> {
 mod tests {
     use super::*;
 
+    /// Mode 0600: files with secrets that are not (a WARN otherwise).
+    fn private(p: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
     fn minimal(dir: &Path) -> String {
         serde_json::json!({
             "database": {"event": {"name": "intelmq-events", "username": "mailgen",
@@ -1230,6 +1260,7 @@ mod tests {
         let sys = d.path().join("sys.conf");
         let user = d.path().join("user.conf");
         std::fs::write(&sys, minimal(d.path())).unwrap();
+        private(&sys);
         std::fs::write(
             &user,
             r#"{"smtp": {"port": 2525}, "sender": "other@example.net", "bogus": 1}"#,
@@ -1275,6 +1306,8 @@ mod tests {
         std::fs::write(&key, "not checked here").unwrap();
         let other = d.path().join("other.asc");
         std::fs::write(&other, "not checked here").unwrap();
+        private(&key);
+        private(&other);
         let with = |openpgp: Value, mailgend: Value| {
             let mut j: Value = serde_json::from_str(&minimal(d.path())).unwrap();
             j["openpgp"] = openpgp;

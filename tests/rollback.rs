@@ -375,7 +375,13 @@ async fn intelmqcbmail_1_4_runs_on_a_file_with_every_mailgend_key() {
     // the old tool would refuse ...
     let text = config.to_string();
     let parsed = Config::from_json_str(&text, "every-key.conf").expect("mailgend accepts it");
-    assert!(parsed.unknown_keys.is_empty(), "{:?}", parsed.unknown_keys);
+    // (The fixture key is 0644 in a git checkout: that WARN is not ours.)
+    let warned: Vec<_> = parsed
+        .unknown_keys
+        .iter()
+        .filter(|p| !p.reason.contains("holds a secret"))
+        .collect();
+    assert!(warned.is_empty(), "{warned:?}");
     assert!(
         parsed.rollback_problems.is_empty(),
         "{:?}",

@@ -18,7 +18,7 @@ pub fn check(path: &Path, strict: bool) -> Result<String, RouteConfigError> {
         cfg.strict()?;
     }
     let mut out = String::new();
-    for w in &cfg.warnings {
+    for w in cfg.warnings.iter().chain(&cfg.exposed_secrets) {
         let _ = writeln!(out, "WARN {w}");
     }
     out.push_str(&summary(&cfg));

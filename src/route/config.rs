@@ -12,7 +12,14 @@
 //! each ([`RouteConfig::warnings`]), and `--check --strict` refuses them.
 //! mail2alert's loader (config.py:24-41) expanded `$VAR` in every string
 //! value with Python's `os.path.expandvars`; [`expand_env`] does the same.
+//!
+//! The sections are read in [`server`] (`remote-smtp`, `mailgend:`) and
+//! [`manager_section`] (`managers:`), the typed values by [`reader`]; the
+//! YAML itself by [`yaml`].
 
+mod manager_section;
+mod reader;
+mod server;
 mod yaml;
 
 use std::fmt;
@@ -20,12 +27,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use reader::{expand_env, MapView, Reader};
 pub use yaml::{Kind, Node};
 
+use manager_section::read_managers;
+use server::{host_port, read_remote, read_server};
+
+use crate::shared::smtp::{SmtpConfig, SmtpTls};
 use crate::route::actions::{self, Action};
 use crate::route::managers::{self, gocd::Event};
 use crate::route::rules::{self, RuleFunction};
-use crate::shared::smtp::{SmtpConfig, SmtpTls};
 
 /// The environment variable naming the file when `-c` is not given
 /// (mail2alert's).
@@ -51,6 +62,38 @@ pub struct RouteConfig {
     /// Oddities: accepted as mail2alert accepted them, logged at WARN at
     /// start and listed by `--check` (`--check --strict` refuses them).
     pub warnings: Vec<RouteConfigProblem>,
+    /// Files with a secret that others can read (this file when it holds
+    /// a password itself, `tls-key`): WARN at start, reload and `--check`;
+    /// not refused, not even by `--strict` (mail2alert read them).
+    pub exposed_secrets: Vec<RouteConfigProblem>,
+}
+
+/// [`RouteConfig::exposed_secrets`] (`shared::secret_file`).
+fn exposed_secrets(cfg: &RouteConfig, literal: &[(usize, String)]) -> Vec<RouteConfigProblem> {
+    use crate::shared::secret_file::exposure;
+    let mut out = Vec::new();
+    let file = cfg.path.display().to_string();
+    if let Some((line, key)) = literal.first() {
+        if let Some(why) = exposure(&cfg.path) {
+            out.push(RouteConfigProblem {
+                file: file.clone(),
+                line: Some(*line),
+                key: key.clone(),
+                reason: format!("{why}; or take the secret from the environment (`$VARIABLE`)"),
+            });
+        }
+    }
+    if let Some(tls) = &cfg.server.tls {
+        if let Some(why) = exposure(&tls.key_file) {
+            out.push(RouteConfigProblem {
+                file,
+                line: None,
+                key: "mailgend.tls-key".into(),
+                reason: why,
+            });
+        }
+    }
+    out
 }
 
 impl RouteConfig {
@@ -73,6 +116,9 @@ pub struct ServerSettings {
     pub max_message_size: usize,
     /// Concurrent inbound connections; more get a 421.
     pub max_connections: usize,
+    /// `max-connections-per-client`: concurrent connections from one IP
+    /// address; more get a 421. 0: no limit but `max-connections`.
+    pub max_connections_per_client: usize,
     /// Recipients per message; more get a 452.
     pub max_recipients: usize,
     /// Messages per connection before 421; 0 is unlimited (the default:
@@ -80,6 +126,17 @@ pub struct ServerSettings {
     pub max_messages_per_connection: usize,
     /// Idle time allowed between commands.
     pub command_timeout: Duration,
+    /// `data-timeout`: the whole DATA phase (354 to the final `.`) must
+    /// end within this, however the client paces its lines.
+    pub data_timeout: Duration,
+    /// `auth-failure-delay`: each failed AUTH of a session waits this
+    /// times the session's failures so far before its 535.
+    pub auth_failure_delay: Duration,
+    /// `auth-failure-limit` failed AUTHs from one IP address within
+    /// `auth-failure-window`: then AUTH from it gets 421 until the window
+    /// has passed.
+    pub auth_failure_limit: u32,
+    pub auth_failure_window: Duration,
     /// PEM certificate chain and key: STARTTLS is offered when set.
     pub tls: Option<TlsFiles>,
     /// When set, AUTH PLAIN/LOGIN is required before MAIL.
@@ -116,9 +173,14 @@ impl Default for ServerSettings {
             spool_dir: PathBuf::from("/var/spool/mailgend-route"),
             max_message_size: 10 * 1024 * 1024,
             max_connections: 100,
+            max_connections_per_client: 20,
             max_recipients: 100,
             max_messages_per_connection: 0,
             command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+            auth_failure_delay: Duration::from_secs(1),
+            auth_failure_limit: 10,
+            auth_failure_window: Duration::from_secs(600),
             tls: None,
             auth: None,
             outbound_connections: 8,
@@ -266,6 +328,7 @@ pub fn parse_str(text: &str, path: &Path) -> Result<RouteConfig, RouteConfigErro
         file: path.display().to_string(),
         problems: Vec::new(),
         oddities: Vec::new(),
+        literal_secrets: Vec::new(),
         env: &|name| std::env::var(name).ok(),
     };
     let root = match yaml::parse(text) {
@@ -280,6 +343,7 @@ pub fn parse_str(text: &str, path: &Path) -> Result<RouteConfig, RouteConfigErro
         if let Some(mut cfg) = cfg {
             r.oddities.sort_by_key(|p| p.line);
             cfg.warnings = r.oddities;
+            cfg.exposed_secrets = exposed_secrets(&cfg, &r.literal_secrets);
             return Ok(cfg);
         }
     }
@@ -300,26 +364,6 @@ const TOP_KEYS: &[&str] = &[
     "slack-token",
     "slack-url",
     "mailgend",
-];
-const MANAGER_KEYS: &[&str] = &["name", "messages-we-want", "rules"];
-const REMOTE_KEYS: &[&str] = &[
-    "host", "port", "tls", "ca-file", "username", "password", "timeout",
-];
-const SERVER_KEYS: &[&str] = &[
-    "spool",
-    "max-message-size",
-    "max-connections",
-    "max-recipients",
-    "max-messages-per-connection",
-    "command-timeout",
-    "tls-cert",
-    "tls-key",
-    "auth-user",
-    "auth-password",
-    "outbound-connections",
-    "metrics-listen",
-    "case-insensitive",
-    "max-received",
 ];
 
 fn read_root(r: &mut Reader, root: &Node, path: &Path) -> Option<RouteConfig> {
@@ -355,7 +399,7 @@ fn read_root(r: &mut Reader, root: &Node, path: &Path) -> Option<RouteConfig> {
         }
     };
     let slack = match top.get("slack-token") {
-        Some(n) => r.string(n, "slack-token").map(|token| SlackSettings {
+        Some(n) => r.secret(n, "slack-token").map(|token| SlackSettings {
             token,
             url: actions::slack::DEFAULT_URL.to_string(),
         }),
@@ -403,6 +447,7 @@ fn read_root(r: &mut Reader, root: &Node, path: &Path) -> Option<RouteConfig> {
         managers,
         slack,
         warnings: Vec::new(),
+        exposed_secrets: Vec::new(),
     })
 }
 
@@ -419,896 +464,10 @@ fn slack_used(top: &MapView<'_>) -> bool {
     top.get("managers").is_some_and(any_slack)
 }
 
-/// `host:port`, `host` (port 25) or `[v6]:port`.
-/// `metrics-listen`: like `local-smtp`, but the port must be given (there
-/// is no default port for a metrics endpoint).
-fn metrics_address(s: &str) -> Result<String, String> {
-    let t = s.trim();
-    let explicit_port = match t.strip_prefix('[') {
-        Some(rest) => rest
-            .split_once(']')
-            .is_some_and(|(_, p)| p.starts_with(':')),
-        None => t.rsplit_once(':').is_some_and(|(h, _)| !h.contains(':')),
-    };
-    if !explicit_port {
-        return Err(format!(
-            "{s:?} is not host:port (the port is required, e.g. 127.0.0.1:9470)"
-        ));
-    }
-    host_port(t).map(|(h, p)| format!("{h}:{p}"))
-}
-
-fn host_port(s: &str) -> Result<(String, u16), String> {
-    let s = s.trim();
-    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let (h, after) = rest
-            .split_once(']')
-            .ok_or_else(|| format!("{s:?}: unclosed `[`"))?;
-        (h, after.strip_prefix(':'))
-    } else {
-        match s.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (s, None),
-        }
-    };
-    if host.is_empty() || host.contains(char::is_whitespace) {
-        return Err(format!("{s:?} is not host:port"));
-    }
-    let port = match port {
-        None => 25,
-        Some(p) => match p.parse::<u16>() {
-            Ok(p) if p > 0 => p,
-            _ => return Err(format!("{p:?} is not a port number (1-65535)")),
-        },
-    };
-    let host = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    };
-    Ok((host, port))
-}
-
-fn read_remote(r: &mut Reader, n: &Node) -> Option<SmtpConfig> {
-    let base = |host: String, port: u16| SmtpConfig {
-        host,
-        port,
-        tls: SmtpTls::None,
-        ca_file: None,
-        username: None,
-        password: None,
-        timeout: Duration::from_secs(60),
-    };
-    if let Kind::Map(_) = n.kind {
-        let m = r.map(n, "remote-smtp")?;
-        r.known_keys_strict(&m, "remote-smtp", REMOTE_KEYS);
-        let host = r.required_string(&m, "remote-smtp", "host");
-        let port = m
-            .get("port")
-            .and_then(|p| r.int(p, "remote-smtp.port", 1, 65535))
-            .unwrap_or(25) as u16;
-        let mut cfg = base(host.clone().unwrap_or_default(), port);
-        if let Some(t) = m.get("tls") {
-            cfg.tls = match r.string(t, "remote-smtp.tls").as_deref() {
-                None | Some("none") => SmtpTls::None,
-                Some("starttls") => SmtpTls::StartTls,
-                Some("opportunistic") => SmtpTls::Opportunistic,
-                Some("tls") | Some("implicit") => SmtpTls::Implicit,
-                Some(other) => {
-                    r.problem(
-                        t.line,
-                        "remote-smtp.tls",
-                        format!(
-                            "unknown value {other:?}; use none, starttls, opportunistic or tls"
-                        ),
-                    );
-                    SmtpTls::None
-                }
-            };
-        }
-        if let Some(c) = m.get("ca-file") {
-            cfg.ca_file = r.string(c, "remote-smtp.ca-file").map(PathBuf::from);
-            if let Some(p) = &cfg.ca_file {
-                if !p.is_file() {
-                    r.problem(
-                        c.line,
-                        "remote-smtp.ca-file",
-                        format!("{} is not a readable file", p.display()),
-                    );
-                }
-            }
-        }
-        cfg.username = m
-            .get("username")
-            .and_then(|u| r.string(u, "remote-smtp.username"));
-        cfg.password = m
-            .get("password")
-            .and_then(|u| r.string(u, "remote-smtp.password"));
-        if cfg.username.is_some() != cfg.password.is_some() {
-            r.problem(
-                n.line,
-                "remote-smtp.username",
-                "SMTP AUTH needs both username and password",
-            );
-        }
-        if let Some(t) = m.get("timeout") {
-            if let Some(s) = r.int(t, "remote-smtp.timeout", 1, 3600) {
-                cfg.timeout = Duration::from_secs(s);
-            }
-        }
-        return host.map(|_| cfg);
-    }
-    let s = r.string(n, "remote-smtp")?;
-    match host_port(&s) {
-        Ok((h, p)) => Some(base(h.trim_matches(['[', ']']).to_string(), p)),
-        Err(e) => {
-            r.problem(n.line, "remote-smtp", e);
-            None
-        }
-    }
-}
-
-fn read_server(r: &mut Reader, n: &Node) -> ServerSettings {
-    let mut s = ServerSettings::default();
-    let Some(m) = r.map(n, "mailgend") else {
-        return s;
-    };
-    r.known_keys_strict(&m, "mailgend", SERVER_KEYS);
-    let key = |k: &str| format!("mailgend.{k}");
-    if let Some(v) = m.get("spool") {
-        if let Some(p) = r.string(v, &key("spool")) {
-            s.spool_dir = PathBuf::from(p);
-        }
-    }
-    let int = |r: &mut Reader, k: &str, min: u64, max: u64| {
-        m.get(k).and_then(|v| r.int(v, &key(k), min, max))
-    };
-    if let Some(v) = int(r, "max-message-size", 1024, 1 << 30) {
-        s.max_message_size = v as usize;
-    }
-    if let Some(v) = int(r, "max-connections", 1, 100_000) {
-        s.max_connections = v as usize;
-    }
-    if let Some(v) = int(r, "max-recipients", 1, 100_000) {
-        s.max_recipients = v as usize;
-    }
-    if let Some(v) = int(r, "max-messages-per-connection", 0, 100_000_000) {
-        s.max_messages_per_connection = v as usize;
-    }
-    if let Some(v) = int(r, "max-received", 1, 1000) {
-        s.max_received = v as usize;
-    }
-    if let Some(v) = m.get("case-insensitive") {
-        match r.string(v, &key("case-insensitive")).as_deref() {
-            Some("true" | "yes" | "on") => s.case_insensitive = true,
-            Some("false" | "no" | "off") => s.case_insensitive = false,
-            Some(other) => r.problem(
-                v.line,
-                &key("case-insensitive"),
-                format!("{other:?} is not true or false"),
-            ),
-            None => {}
-        }
-    }
-    if let Some(v) = int(r, "command-timeout", 1, 3600) {
-        s.command_timeout = Duration::from_secs(v);
-    }
-    if let Some(v) = int(r, "outbound-connections", 1, 1000) {
-        s.outbound_connections = v as u32;
-    }
-    if let Some(v) = m.get("metrics-listen") {
-        if let Some(text) = r.string(v, &key("metrics-listen")) {
-            match metrics_address(&text) {
-                Ok(a) => s.metrics_listen = Some(a),
-                Err(e) => r.problem(v.line, &key("metrics-listen"), e),
-            }
-        }
-    }
-    let file = |r: &mut Reader, k: &str| {
-        let v = m.get(k)?;
-        let p = PathBuf::from(r.string(v, &key(k))?);
-        if !p.is_file() {
-            r.problem(
-                v.line,
-                &key(k),
-                format!("{} is not a readable file", p.display()),
-            );
-        }
-        Some(p)
-    };
-    let cert = file(r, "tls-cert");
-    let tls_key = file(r, "tls-key");
-    match (cert, tls_key) {
-        (Some(cert_file), Some(key_file)) => {
-            s.tls = Some(TlsFiles {
-                cert_file,
-                key_file,
-            })
-        }
-        (None, None) => {}
-        _ => r.problem(
-            m.line(),
-            "mailgend.tls-cert",
-            "STARTTLS needs both tls-cert and tls-key",
-        ),
-    }
-    let user = m
-        .get("auth-user")
-        .and_then(|v| r.string(v, &key("auth-user")));
-    let password = m
-        .get("auth-password")
-        .and_then(|v| r.string(v, &key("auth-password")));
-    match (user, password) {
-        (Some(username), Some(password)) => {
-            if username.is_empty() || password.is_empty() {
-                r.problem(
-                    m.line(),
-                    "mailgend.auth-user",
-                    "auth-user and auth-password must not be empty",
-                );
-            }
-            s.auth = Some(Credentials { username, password })
-        }
-        (None, None) => {}
-        _ => r.problem(
-            m.line(),
-            "mailgend.auth-user",
-            "AUTH needs both auth-user and auth-password",
-        ),
-    }
-    s
-}
-
-fn read_managers(r: &mut Reader, n: &Node, have_slack: bool) -> Vec<ManagerConfig> {
-    let Some(items) = r.list(n, "managers") else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let k = format!("managers[{i}]");
-        if let Some(m) = read_manager(r, item, &k, have_slack) {
-            // The first match wins: a later manager wanting exactly the
-            // same mail never sees any (mail2alert ran so too, server.py:100-109).
-            if let Some(first) = out
-                .iter()
-                .position(|o: &ManagerConfig| o.wanted == m.wanted)
-            {
-                r.oddity(
-                    m.line,
-                    &format!("{k}.messages-we-want"),
-                    format!(
-                        "managers[{first}] (line {}) already wants the same mail; this manager never gets any",
-                        out[first].line
-                    ),
-                );
-            }
-            out.push(m);
-        }
-    }
-    out
-}
-
-fn read_manager(r: &mut Reader, n: &Node, k: &str, have_slack: bool) -> Option<ManagerConfig> {
-    let m = r.map(n, k)?;
-    let name = r.required_string(&m, k, "name")?;
-    let Some(spec) = managers::lookup(&name) else {
-        let known: Vec<_> = managers::MANAGERS.iter().map(|m| m.name).collect();
-        r.problem(
-            m.get("name").map_or(n.line, |v| v.line),
-            &format!("{k}.name"),
-            format!("unknown manager {name:?}; known: {}", known.join(", ")),
-        );
-        return None;
-    };
-    let mut known = MANAGER_KEYS.to_vec();
-    known.extend_from_slice(spec.extra_keys);
-    r.known_keys(&m, k, &known);
-
-    let wanted = match m.get("messages-we-want") {
-        None => {
-            // mail2alert failed on every message (KeyError, plugin/mail.py:37).
-            r.problem(
-                n.line,
-                &format!("{k}.messages-we-want"),
-                "missing (`to:` or `from:` an address)",
-            );
-            None
-        }
-        Some(w) => read_wanted(r, w, &format!("{k}.messages-we-want")),
-    };
-    let rules = match m.get("rules") {
-        None => {
-            // mail2alert failed on every wanted message (KeyError,
-            // plugin/mail.py:53).
-            r.problem(
-                n.line,
-                &format!("{k}.rules"),
-                "missing (a list of rules; `[]` for none)",
-            );
-            Vec::new()
-        }
-        Some(rn) => {
-            let mut rules = Vec::new();
-            if let Some(items) = r.list(rn, &format!("{k}.rules")) {
-                for (j, item) in items.iter().enumerate() {
-                    let rk = format!("{k}.rules[{j}]");
-                    if let Some(rule) = read_rule(r, item, &rk, spec, have_slack) {
-                        rules.push(rule);
-                    }
-                }
-            }
-            rules
-        }
-    };
-    let settings = (spec.parse)(r, &m, k, &rules);
-    let wanted = wanted?;
-    Some(ManagerConfig {
-        name,
-        line: n.line,
-        wanted: wanted?,
-        rules,
-        settings,
-    })
-}
-
-/// `Some(None)`: readable, but the manager never wants anything (mail2alert
-/// ran such a manager; it never took a message, plugin/mail.py:42-45).
-fn read_wanted(r: &mut Reader, n: &Node, k: &str) -> Option<Option<Wanted>> {
-    let m = r.map(n, k)?;
-    r.known_keys(&m, k, &["to", "from"]);
-    let address = |r: &mut Reader, key: &str| -> Option<String> {
-        let v = m.get(key)?;
-        let s = r.string(v, &format!("{k}.{key}"))?;
-        match crate::shared::address::parse_recipient(&s) {
-            Ok(a) if a.display_name().is_none() && !s.contains('<') => Some(s.trim().to_string()),
-            _ => {
-                // mail2alert compared the text with the envelope as it was.
-                r.oddity(
-                    v.line,
-                    &format!("{k}.{key}"),
-                    format!(
-                        "{s:?} is not a bare address; compared as it is with the envelope, it never matches"
-                    ),
-                );
-                Some(s)
-            }
-        }
-    };
-    let to = m.get("to").is_some_and(|v| !v.is_null());
-    let from = m.get("from").is_some_and(|v| !v.is_null());
-    match (to, from) {
-        (true, false) => address(r, "to").map(|a| Some(Wanted::To(a))),
-        (false, true) => address(r, "from").map(|a| Some(Wanted::From(a))),
-        (true, true) => {
-            r.oddity(
-                n.line,
-                k,
-                "both `to` and `from`: `from` is ignored, as mail2alert ignored it (plugin/mail.py:42-45)",
-            );
-            address(r, "to").map(|a| Some(Wanted::To(a)))
-        }
-        (false, false) => {
-            r.oddity(
-                n.line,
-                k,
-                "neither `to:` nor `from:`: this manager never gets any mail (as in mail2alert)",
-            );
-            Some(None)
-        }
-    }
-}
-
-fn read_rule(
-    r: &mut Reader,
-    n: &Node,
-    k: &str,
-    spec: &managers::ManagerSpec,
-    have_slack: bool,
-) -> Option<RuleConfig> {
-    let m = r.map(n, k)?;
-    r.known_keys(&m, k, &["actions", "filter", "name", "owner"]);
-    let text = |r: &mut Reader, key: &str| {
-        m.get(key)
-            .filter(|v| !v.is_null())
-            .and_then(|v| r.string(v, &format!("{k}.{key}")))
-    };
-    let name = text(r, "name");
-    let owner = text(r, "owner");
-    let ak = format!("{k}.actions");
-    let actions = match m.get("actions") {
-        None => {
-            // rules.py:9: no actions, the rule does nothing.
-            r.oddity(
-                n.line,
-                &ak,
-                "missing: the rule does nothing (as in mail2alert)",
-            );
-            Some(Vec::new())
-        }
-        Some(a) => r.list(a, &ak).map(|items| {
-            if items.is_empty() {
-                r.oddity(
-                    a.line,
-                    &ak,
-                    "empty: the rule does nothing (as in mail2alert)",
-                );
-            }
-            let mut out = Vec::new();
-            for (i, item) in items.iter().enumerate() {
-                let ik = format!("{ak}[{i}]");
-                let Some(uri) = r.string(item, &ik) else {
-                    continue;
-                };
-                match actions::parse(&uri) {
-                    Ok(actions::Parsed::Action(act)) => {
-                        if matches!(act, Action::Slack { .. }) && !have_slack {
-                            r.problem(item.line, &ik, "Slack action but no top-level slack-token");
-                        }
-                        out.push(act)
-                    }
-                    Ok(actions::Parsed::Odd(act, why)) => {
-                        r.oddity(item.line, &ik, why);
-                        out.extend(act);
-                    }
-                    Err(e) => r.problem(item.line, &ik, e),
-                }
-            }
-            out
-        }),
-    };
-    let fk = format!("{k}.filter");
-    let Some(f) = m.get("filter") else {
-        // mail2alert failed on every message the rule saw (rules.py:21).
-        r.problem(n.line, &fk, "missing (`function:` and its `args:`)");
-        return None;
-    };
-    let fm = r.map(f, &fk)?;
-    let mut fkeys = vec!["function", "args"];
-    if spec.has_events {
-        fkeys.push("events");
-    }
-    r.known_keys(&fm, &fk, &fkeys);
-    let fname = r.required_string(&fm, &fk, "function")?;
-    let fnode = fm.get("function").expect("required_string checked it");
-    let args: Vec<String> = match fm.get("args") {
-        None => Vec::new(),
-        Some(a) => {
-            let ak = format!("{fk}.args");
-            match r.list(a, &ak) {
-                None => return None,
-                // Expanded like every other string (config.py:24-41): a
-                // rule `args: [$GROUP]` means the variable's value.
-                Some(items) => items
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, it)| r.string(it, &format!("{ak}[{i}]")))
-                    .collect(),
-            }
-        }
-    };
-    let function = match rules::lookup(&fname) {
-        Some(fs) if fs.manager == spec.name => {
-            let n_args = args.len();
-            if n_args < fs.min_args || n_args > fs.max_args {
-                let want = match (fs.min_args, fs.max_args) {
-                    (a, b) if a == b => format!("{a}"),
-                    (a, usize::MAX) => format!("at least {a}"),
-                    (a, b) => format!("{a} to {b}"),
-                };
-                r.problem(
-                    fm.get("args").map_or(fnode.line, |a| a.line),
-                    &format!("{fk}.args"),
-                    format!(
-                        "{fname} takes {want} argument(s) ({}), {n_args} given",
-                        if fs.usage.is_empty() {
-                            "none"
-                        } else {
-                            fs.usage
-                        }
-                    ),
-                );
-                None
-            } else {
-                match (fs.build)(&args) {
-                    Ok(f) => Some(f),
-                    Err(e) => {
-                        r.problem(
-                            fm.get("args").map_or(fnode.line, |a| a.line),
-                            &format!("{fk}.args"),
-                            e,
-                        );
-                        None
-                    }
-                }
-            }
-        }
-        other => {
-            let reason = match other {
-                Some(fs) => format!(
-                    "{fname} is a rule function of the {} manager, not of {}",
-                    fs.manager, spec.name
-                ),
-                None => format!(
-                    "unknown rule function {fname:?}; the {} manager has: {}",
-                    spec.name,
-                    rules::names_for(spec.name).join(", ")
-                ),
-            };
-            r.problem(fnode.line, &format!("{fk}.function"), reason);
-            None
-        }
-    };
-    let events = match fm.get("events") {
-        None => None,
-        Some(e) => read_events(r, e, &format!("{fk}.events")),
-    };
-    Some(RuleConfig {
-        line: n.line,
-        name,
-        owner,
-        actions: actions?,
-        function_name: fname,
-        args,
-        function: function?,
-        events,
-    })
-}
-
-/// `filter.events`. mail2alert tested `event.name in events`
-/// (plugin/gocd.py:223): with a list, membership of the exact upper-case
-/// name; with a string, Python's substring test, so `events: BREAKS`
-/// means BREAKS and `events: "BREAKS, FIXED"` both (no event name is part
-/// of another).
-fn read_events(r: &mut Reader, e: &Node, ek: &str) -> Option<Vec<Event>> {
-    let names = |events: &[Event]| {
-        let n: Vec<_> = events.iter().map(|e| e.name()).collect();
-        format!("[{}]", n.join(", "))
-    };
-    match &e.kind {
-        Kind::Scalar { .. } if !e.is_null() => {
-            let s = r.string(e, ek)?;
-            let found: Vec<Event> = Event::ALL
-                .into_iter()
-                .filter(|ev| s.contains(ev.name()))
-                .collect();
-            r.oddity(
-                e.line,
-                ek,
-                format!(
-                    "a string, not a list: matched as mail2alert matched it (by substring), i.e. {}",
-                    names(&found)
-                ),
-            );
-            Some(found)
-        }
-        _ => {
-            let items = r.list(e, ek)?;
-            let mut out = Vec::new();
-            for (i, it) in items.iter().enumerate() {
-                let ik = format!("{ek}[{i}]");
-                let Some(s) = r.string(it, &ik) else { continue };
-                match Event::parse(&s) {
-                    Some(ev) => out.push(ev),
-                    None => r.oddity(
-                        it.line,
-                        &ik,
-                        format!(
-                            "unknown event {s:?}: never matches (as in mail2alert); the events are {}",
-                            Event::ALL.map(|e| e.name()).join(", ")
-                        ),
-                    ),
-                }
-            }
-            if out.is_empty() {
-                r.oddity(
-                    e.line,
-                    ek,
-                    "no known event: the rule never matches (as in mail2alert)",
-                );
-            }
-            Some(out)
-        }
-    }
-}
-
-/// A mapping with its keys as strings (duplicates reported).
-pub struct MapView<'n> {
-    node: &'n Node,
-    entries: Vec<(&'n str, &'n Node, &'n Node)>,
-}
-
-impl<'n> MapView<'n> {
-    pub fn get(&self, key: &str) -> Option<&'n Node> {
-        self.entries.iter().find(|e| e.0 == key).map(|e| e.2)
-    }
-    pub fn line(&self) -> usize {
-        self.node.line
-    }
-}
-
-/// Reads typed values out of the YAML tree, collecting every problem.
-pub struct Reader<'e> {
-    file: String,
-    problems: Vec<RouteConfigProblem>,
-    oddities: Vec<RouteConfigProblem>,
-    env: &'e dyn Fn(&str) -> Option<String>,
-}
-
-impl Reader<'_> {
-    pub fn problem(&mut self, line: usize, key: &str, reason: impl Into<String>) {
-        self.problems.push(RouteConfigProblem {
-            file: self.file.clone(),
-            line: Some(line),
-            key: key.to_string(),
-            reason: reason.into(),
-        });
-    }
-
-    /// Something mail2alert ran with: accepted, and one WARN.
-    pub fn oddity(&mut self, line: usize, key: &str, reason: impl Into<String>) {
-        self.oddities.push(RouteConfigProblem {
-            file: self.file.clone(),
-            line: Some(line),
-            key: key.to_string(),
-            reason: reason.into(),
-        });
-    }
-
-    pub fn map<'n>(&mut self, n: &'n Node, key: &str) -> Option<MapView<'n>> {
-        let Kind::Map(entries) = &n.kind else {
-            self.problem(
-                n.line,
-                key,
-                format!("must be a mapping (key: value), found {}", n.kind_name()),
-            );
-            return None;
-        };
-        let mut view = MapView {
-            node: n,
-            entries: Vec::new(),
-        };
-        for (k, v) in entries {
-            let Some(name) = k.scalar() else {
-                self.problem(k.line, key, "keys must be plain strings");
-                continue;
-            };
-            if let Some(i) = view.entries.iter().position(|e| e.0 == name) {
-                // PyYAML keeps the last one.
-                self.oddity(
-                    k.line,
-                    &join(key, name),
-                    format!(
-                        "given twice; the last one counts (as in mail2alert), line {} is ignored",
-                        view.entries[i].1.line
-                    ),
-                );
-                view.entries.remove(i);
-            }
-            view.entries.push((name, k, v));
-        }
-        Some(view)
-    }
-
-    /// Unknown keys in mail2alert's part of the file are ignored, as
-    /// mail2alert ignored them, with a WARN and a hint when one is close
-    /// to a known key (`event` → `events`: that rule then matches every
-    /// event, as it did in mail2alert).
-    pub fn known_keys(&mut self, m: &MapView<'_>, key: &str, known: &[&str]) {
-        for (name, k, _) in &m.entries {
-            if !known.contains(name) {
-                let hint = known
-                    .iter()
-                    .find(|c| close(name, c))
-                    .map(|c| format!("; did you mean `{c}`?"))
-                    .unwrap_or_else(|| format!("; known here: {}", known.join(", ")));
-                self.oddity(
-                    k.line,
-                    &join(key, name),
-                    format!("unknown key, ignored (as by mail2alert){hint}"),
-                );
-            }
-        }
-    }
-
-    /// Unknown keys in our own sections (`mailgend:`, the `remote-smtp`
-    /// mapping) are errors: mail2alert never read these, so nothing runs
-    /// with them yet.
-    pub fn known_keys_strict(&mut self, m: &MapView<'_>, key: &str, known: &[&str]) {
-        for (name, k, _) in &m.entries {
-            if !known.contains(name) {
-                let hint = known
-                    .iter()
-                    .find(|c| close(name, c))
-                    .map(|c| format!("; did you mean `{c}`?"))
-                    .unwrap_or_else(|| format!("; known here: {}", known.join(", ")));
-                self.problem(k.line, &join(key, name), format!("unknown key{hint}"));
-            }
-        }
-    }
-
-    pub fn list<'n>(&mut self, n: &'n Node, key: &str) -> Option<&'n [Node]> {
-        match &n.kind {
-            Kind::Seq(items) => Some(items),
-            _ => {
-                self.problem(
-                    n.line,
-                    key,
-                    format!("must be a list, found {}", n.kind_name()),
-                );
-                None
-            }
-        }
-    }
-
-    /// A scalar with `$NAME` / `${NAME}` replaced from the environment (as
-    /// mail2alert did); an unset variable stays as it is written, with a
-    /// WARN naming it (never its neighbourhood: it may be in a password).
-    pub fn string(&mut self, n: &Node, key: &str) -> Option<String> {
-        let s = self.literal_string(n, key)?;
-        let (v, unset) = expand_env(&s, self.env);
-        for var in unset {
-            self.oddity(
-                n.line,
-                key,
-                format!("environment variable ${var} is not set; kept as the text `${var}` (as by mail2alert)"),
-            );
-        }
-        Some(v)
-    }
-
-    pub fn literal_string(&mut self, n: &Node, key: &str) -> Option<String> {
-        match &n.kind {
-            Kind::Scalar { value, .. } if !n.is_null() => Some(value.clone()),
-            _ => {
-                self.problem(
-                    n.line,
-                    key,
-                    format!("must be a string, found {}", n.kind_name()),
-                );
-                None
-            }
-        }
-    }
-
-    pub fn required_string(&mut self, m: &MapView<'_>, key: &str, name: &str) -> Option<String> {
-        let full = join(key, name);
-        match m.get(name) {
-            None => {
-                self.problem(m.line(), &full, "missing");
-                None
-            }
-            Some(v) => {
-                let s = self.string(v, &full)?;
-                if s.trim().is_empty() {
-                    self.problem(v.line, &full, "must not be empty");
-                    return None;
-                }
-                Some(s)
-            }
-        }
-    }
-
-    pub fn int(&mut self, n: &Node, key: &str, min: u64, max: u64) -> Option<u64> {
-        let s = self.string(n, key)?;
-        match s.trim().parse::<u64>() {
-            Ok(v) if (min..=max).contains(&v) => Some(v),
-            Ok(v) => {
-                self.problem(n.line, key, format!("{v} is out of range {min}..={max}"));
-                None
-            }
-            Err(_) => {
-                self.problem(n.line, key, format!("{s:?} is not a whole number"));
-                None
-            }
-        }
-    }
-
-    /// A duration in seconds (whole or fractional).
-    pub fn seconds(&mut self, n: &Node, key: &str, min: f64, max: f64) -> Option<Duration> {
-        let s = self.string(n, key)?;
-        match s.trim().parse::<f64>() {
-            Ok(v) if (min..=max).contains(&v) => Some(Duration::from_secs_f64(v)),
-            _ => {
-                self.problem(
-                    n.line,
-                    key,
-                    format!("{s:?} is not a number of seconds in {min}..={max}"),
-                );
-                None
-            }
-        }
-    }
-}
-
-fn join(key: &str, name: &str) -> String {
-    if key.is_empty() {
-        name.to_string()
-    } else {
-        format!("{key}.{name}")
-    }
-}
-
-/// Close enough to suggest: differs by case, `-`/`_`, a trailing `s`, or
-/// one edit.
-fn close(a: &str, b: &str) -> bool {
-    let norm = |s: &str| s.to_ascii_lowercase().replace('_', "-");
-    let (a, b) = (norm(a), norm(b));
-    if a == b || a.trim_end_matches('s') == b.trim_end_matches('s') {
-        return true;
-    }
-    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
-    if a.len().abs_diff(b.len()) > 1 {
-        return false;
-    }
-    // Optimal string alignment distance ≤ 1 (one insertion, deletion,
-    // substitution or swap of neighbours: `remote-smpt`).
-    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
-    for (i, row) in d.iter_mut().enumerate() {
-        row[0] = i;
-    }
-    for (j, cell) in d[0].iter_mut().enumerate() {
-        *cell = j;
-    }
-    for i in 1..=a.len() {
-        for j in 1..=b.len() {
-            let cost = usize::from(a[i - 1] != b[j - 1]);
-            d[i][j] = (d[i - 1][j] + 1)
-                .min(d[i][j - 1] + 1)
-                .min(d[i - 1][j - 1] + cost);
-            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
-            }
-        }
-    }
-    d[a.len()][b.len()] <= 1
-}
-
-/// Python's `os.path.expandvars` (posixpath), which mail2alert applied
-/// to every string (config.py:4,27,37): `$NAME` (NAME of ASCII letters,
-/// digits, `_`) and `${ANYTHING}` are replaced when set and left as
-/// written when not; any other `$` stays. A replacement is not expanded
-/// again. Returns the text and the names that were not set.
-pub fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> (String, Vec<String>) {
-    let mut out = String::with_capacity(s.len());
-    let mut unset = Vec::new();
-    let mut rest = s;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        let (name, consumed) = if let Some(b) = after.strip_prefix('{') {
-            match b.find('}') {
-                Some(j) => (&b[..j], j + 2),
-                None => ("", 0),
-            }
-        } else {
-            let len = after
-                .find(|c: char| !(c == '_' || c.is_ascii_alphanumeric()))
-                .unwrap_or(after.len());
-            (&after[..len], len)
-        };
-        if consumed == 0 || (name.is_empty() && !after.starts_with('{')) {
-            out.push('$');
-            rest = after;
-            continue;
-        }
-        match env(name) {
-            Some(v) => out.push_str(&v),
-            None => {
-                out.push('$');
-                out.push_str(&after[..consumed]);
-                if !name.is_empty() && !unset.iter().any(|u| u == name) {
-                    unset.push(name.to_string());
-                }
-            }
-        }
-        rest = &after[consumed..];
-    }
-    out.push_str(rest);
-    (out, unset)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::reader::close;
+    use super::server::metrics_address;
     use super::*;
 
     #[test]

@@ -48,6 +48,10 @@ pub enum FailureKind {
 pub struct FetchCounters {
     pub ok: Counter,
     pub failed: Counter,
+    /// Stages routed without keeping their result: name over GoCD's limit.
+    pub untracked_long_name: Counter,
+    /// Likewise: the state table was full (`max-states`).
+    pub untracked_table_full: Counter,
 }
 
 type Gaugef = Gauge<f64, AtomicU64>;
@@ -72,6 +76,7 @@ pub struct RouteMetrics {
     /// `result` ok, failed.
     slack_posts: [Counter; 2],
     gocd_fetches: Family<Vec<(&'static str, String)>, Counter>,
+    gocd_untracked: Family<Vec<(&'static str, String)>, Counter>,
     /// `result` ok, failed.
     reloads: [Counter; 2],
     last_reload_ok: Gauge,
@@ -80,6 +85,10 @@ pub struct RouteMetrics {
     gocd_last_success_age: Family<ManagerLabels, Gaugef>,
     gocd_pipelines_known: Family<ManagerLabels, Gauge>,
     connections_open: Gauge,
+    auth_failures: Counter,
+    auth_refused: Counter,
+    /// `reason` total, client.
+    connections_refused: [Counter; 2],
 }
 
 impl Default for RouteMetrics {
@@ -171,6 +180,29 @@ impl RouteMetrics {
             "Reads of GoCD's pipeline groups, by manager, wants and result",
             gocd_fetches.clone(),
         );
+        let gocd_untracked = Family::<Vec<(&'static str, String)>, Counter>::default();
+        r.register(
+            "mailgend_route_gocd_stages_untracked",
+            "GoCD mails whose stage result was not kept (name too long, or max-states reached), by manager, wants and reason",
+            gocd_untracked.clone(),
+        );
+        let auth_failures = counter(
+            &mut r,
+            "mailgend_route_auth_failures",
+            "SMTP AUTH attempts answered 535 (wrong credentials)",
+        );
+        let auth_refused = counter(
+            &mut r,
+            "mailgend_route_auth_refused",
+            "SMTP AUTH attempts answered 421 because the address spent its auth-failure-limit",
+        );
+        let conn_family = Family::<Vec<(&'static str, String)>, Counter>::default();
+        let connections_refused = labelled(&conn_family, "reason", ["total", "client"]);
+        r.register(
+            "mailgend_route_connections_refused",
+            "Connections answered 421 at once: max-connections (total) or max-connections-per-client (client) reached",
+            conn_family,
+        );
         let reloads_family = Family::<Vec<(&'static str, String)>, Counter>::default();
         let reloads = labelled(&reloads_family, "result", ["ok", "failed"]);
         r.register(
@@ -231,6 +263,7 @@ impl RouteMetrics {
             bounces_sent,
             slack_posts,
             gocd_fetches,
+            gocd_untracked,
             reloads,
             last_reload_ok,
             spool_messages,
@@ -238,7 +271,24 @@ impl RouteMetrics {
             gocd_last_success_age,
             gocd_pipelines_known,
             connections_open,
+            auth_failures,
+            auth_refused,
+            connections_refused,
         }
+    }
+
+    pub fn auth_failed(&self) {
+        self.auth_failures.inc();
+    }
+
+    pub fn auth_refused(&self) {
+        self.auth_refused.inc();
+    }
+
+    /// A connection refused at once; `per_client`: by
+    /// `max-connections-per-client` rather than `max-connections`.
+    pub fn connection_refused(&self, per_client: bool) {
+        self.connections_refused[usize::from(per_client)].inc();
     }
 
     /// A message's final reply after DATA, by its code.
@@ -296,9 +346,16 @@ impl RouteMetrics {
             l.push(("result", result.to_string()));
             self.gocd_fetches.get_or_create_owned(&l)
         };
+        let untracked = |reason: &str| {
+            let mut l = labels.clone();
+            l.push(("reason", reason.to_string()));
+            self.gocd_untracked.get_or_create_owned(&l)
+        };
         FetchCounters {
             ok: with("ok"),
             failed: with("failed"),
+            untracked_long_name: untracked("name_too_long"),
+            untracked_table_full: untracked("table_full"),
         }
     }
 

@@ -82,6 +82,7 @@ pub mod bounce;
 pub mod check;
 pub mod config;
 pub mod forward;
+pub mod limit;
 pub mod managers;
 pub mod metrics;
 pub mod retry;

@@ -296,7 +296,7 @@ impl Router {
             trace.push("dropped: no rule matched".into());
             tracing::info!(
                 manager = %cfg.name,
-                subject = %facts.subject,
+                subject = %crate::route::limit::clip(&facts.subject, crate::route::limit::LOG_CLIP),
                 from = env.mail_from.as_deref().unwrap_or("<>"),
                 "message dropped: no rule matched"
             );

@@ -16,6 +16,7 @@
 //! only save the few lines of `command.rs`. The state machine is small and
 //! every limit is ours to enforce without buffering unboundedly.
 
+mod clients;
 mod command;
 mod session;
 
@@ -23,7 +24,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -33,7 +33,10 @@ use super::config::{ServerSettings, TlsFiles};
 use super::metrics::RouteMetrics;
 use super::Inbound;
 
+pub use clients::{Full, OpenConnections};
 pub use command::{parse as parse_command, Command, CommandError};
+/// The DATA reader, public for the fuzz targets (`fuzz/`).
+pub use session::{read_data, DataRead, MAX_DATA_LINE};
 
 /// The final SMTP reply to one message (after DATA).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,44 +132,6 @@ pub fn tls_acceptor(files: &TlsFiles) -> Result<tokio_native_tls::TlsAcceptor, S
     Ok(tokio_native_tls::TlsAcceptor::from(acceptor))
 }
 
-/// Inbound connections open now, over every listener (a reload that
-/// moves `local-smtp` leaves the old listener's sessions running while
-/// the new one accepts; both count against `max-connections`).
-#[derive(Debug, Default)]
-pub struct OpenConnections(AtomicUsize);
-
-impl OpenConnections {
-    pub fn get(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
-    }
-
-    /// Takes a slot unless `max` are open.
-    fn try_open(self: &Arc<Self>, max: usize) -> Option<ConnectionSlot> {
-        let mut n = self.0.load(Ordering::SeqCst);
-        loop {
-            if n >= max {
-                return None;
-            }
-            match self
-                .0
-                .compare_exchange(n, n + 1, Ordering::SeqCst, Ordering::SeqCst)
-            {
-                Ok(_) => return Some(ConnectionSlot(self.clone())),
-                Err(now) => n = now,
-            }
-        }
-    }
-}
-
-/// One open connection; freed when dropped.
-struct ConnectionSlot(Arc<OpenConnections>);
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// Resolves `local-smtp` (`host:port`) to the address to bind.
 pub async fn resolve(local_smtp: &str) -> Result<SocketAddr, ServerError> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host(local_smtp)
@@ -248,22 +213,29 @@ impl Server {
             };
             let _ = socket.set_nodelay(true);
             let cfg = config.borrow().clone();
-            match open.try_open(cfg.settings.max_connections.max(1)) {
-                Some(permit) => {
+            let limits = (
+                cfg.settings.max_connections.max(1),
+                cfg.settings.max_connections_per_client,
+            );
+            match open.try_open(peer.ip(), limits.0, limits.1) {
+                Ok(permit) => {
                     let stop = stop.clone();
+                    let clients = open.clone();
                     sessions.spawn(async move {
-                        session::run(socket, peer, cfg, stop).await;
+                        session::run(socket, peer, cfg, clients, stop).await;
                         drop(permit);
                     });
                 }
-                None => {
-                    debug!(%peer, "connection limit reached; 421");
+                Err(full) => {
+                    let why = match full {
+                        Full::Total => "Too many connections",
+                        Full::Client => "Too many connections from your address",
+                    };
+                    debug!(%peer, ?full, "connection limit reached; 421");
+                    cfg.metrics.connection_refused(full == Full::Client);
                     sessions.spawn(session::refuse(
                         socket,
-                        format!(
-                            "421 4.7.0 {} Too many connections, try again later",
-                            cfg.hostname
-                        ),
+                        format!("421 4.7.0 {} {why}, try again later", cfg.hostname),
                     ));
                 }
             }

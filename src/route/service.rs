@@ -325,6 +325,9 @@ fn warn_oddities(cfg: &RouteConfig) {
     for w in &cfg.warnings {
         warn!("configuration accepted as mail2alert accepted it: {w}");
     }
+    for w in &cfg.exposed_secrets {
+        warn!("a file with a secret is readable by others: {w}");
+    }
 }
 
 /// Runs the router until SIGTERM/SIGINT.

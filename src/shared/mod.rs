@@ -9,11 +9,13 @@
 //! - [`logging`]: plain-text or journald logging, one line per event.
 //! - [`systemd`]: readiness, status, watchdog.
 //! - [`shutdown`]: the one stop signal of a daemon and its listeners.
+//! - [`secret_file`]: WARN when a file with a secret is readable by others.
 
 pub mod address;
 pub mod did_you_mean;
 pub mod logging;
 pub mod metrics;
+pub mod secret_file;
 pub mod shutdown;
 pub mod smtp;
 pub mod systemd;

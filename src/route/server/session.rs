@@ -16,6 +16,9 @@
 //! the next does not), so no later byte of that connection can be trusted
 //! as a command, and relaying such bytes would hand the ambiguity on. Only
 //! `<CR><LF>.<CR><LF>` ends the data.
+//!
+//! Bounded reading (lines, DATA) is in [`read`], the AUTH exchange in
+//! [`auth`]; this file is the state machine.
 
 use std::io;
 use std::net::SocketAddr;
@@ -24,14 +27,22 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use base64::Engine;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use super::clients::OpenConnections;
 use super::command::{self, printable, Command};
 use super::SessionConfig;
+use crate::route::limit::WarnLimiter;
 use crate::route::{Envelope, Inbound};
+
+mod auth;
+mod read;
+
+pub use read::{read_data, DataRead};
+use read::{read_line, LineRead};
 
 /// Longest command line (RFC 5321 allows 512 octets; AUTH responses and
 /// long addresses with parameters need a bit more).
@@ -91,116 +102,6 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// The outcome of reading one line.
-#[derive(Debug, PartialEq, Eq)]
-enum LineRead {
-    /// A complete line (with its LF) is in the buffer.
-    Line,
-    /// Longer than the limit; it was read to its end and dropped.
-    TooLong,
-    /// The client closed the connection (possibly mid-line).
-    Eof,
-}
-
-/// Reads one line of at most `limit` octets into `buf` without ever
-/// holding more than that.
-async fn read_line<R: AsyncBufRead + Unpin>(
-    rd: &mut R,
-    buf: &mut Vec<u8>,
-    limit: usize,
-) -> io::Result<LineRead> {
-    let mut overflow = false;
-    loop {
-        let avail = rd.fill_buf().await?;
-        if avail.is_empty() {
-            return Ok(LineRead::Eof);
-        }
-        let (take, complete) = match avail.iter().position(|&b| b == b'\n') {
-            Some(i) => (i + 1, true),
-            None => (avail.len(), false),
-        };
-        if !overflow {
-            if buf.len() + take <= limit {
-                buf.extend_from_slice(&avail[..take]);
-            } else {
-                overflow = true;
-                buf.clear();
-            }
-        }
-        rd.consume(take);
-        if complete {
-            return Ok(if overflow {
-                LineRead::TooLong
-            } else {
-                LineRead::Line
-            });
-        }
-    }
-}
-
-/// What became of a DATA phase.
-#[derive(Debug, PartialEq, Eq)]
-enum DataRead {
-    Message(Vec<u8>),
-    TooBig,
-    LineTooLong,
-    /// A LF without CR, or a CR without LF.
-    BareLineEnd,
-    Eof,
-    Timeout,
-}
-
-/// Reads message data up to the `.` line, undoing dot-stuffing, keeping at
-/// most `max` octets.
-async fn read_data<R: AsyncBufRead + Unpin>(
-    rd: &mut R,
-    max: usize,
-    timeout: std::time::Duration,
-) -> io::Result<DataRead> {
-    let mut data = Vec::new();
-    let mut line = Vec::new();
-    let (mut too_big, mut too_long) = (false, false);
-    loop {
-        line.clear();
-        let read =
-            match tokio::time::timeout(timeout, read_line(rd, &mut line, MAX_DATA_LINE)).await {
-                Ok(r) => r?,
-                Err(_) => return Ok(DataRead::Timeout),
-            };
-        match read {
-            LineRead::Eof => return Ok(DataRead::Eof),
-            LineRead::TooLong => {
-                too_long = true;
-                continue;
-            }
-            LineRead::Line => {}
-        }
-        // The line ends at its first LF, so a bare LF shows as a missing
-        // CR before it; a bare CR is one anywhere before the final CRLF.
-        if !line.ends_with(b"\r\n") || line[..line.len() - 2].contains(&b'\r') {
-            return Ok(DataRead::BareLineEnd);
-        }
-        if line == b".\r\n" {
-            break;
-        }
-        let part = line.strip_prefix(b".").unwrap_or(&line);
-        if too_big || data.len() + part.len() > max {
-            // Keep reading to the end to stay in sync, but keep nothing.
-            too_big = true;
-            data = Vec::new();
-        } else {
-            data.extend_from_slice(part);
-        }
-    }
-    Ok(if too_long {
-        DataRead::LineTooLong
-    } else if too_big {
-        DataRead::TooBig
-    } else {
-        DataRead::Message(data)
-    })
-}
-
 /// Says `line` and hangs up (connection limit).
 pub(super) async fn refuse(mut socket: TcpStream, line: String) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
@@ -215,6 +116,7 @@ pub(super) async fn run(
     socket: TcpStream,
     peer: SocketAddr,
     cfg: Arc<SessionConfig>,
+    clients: Arc<OpenConnections>,
     stop: watch::Receiver<bool>,
 ) {
     debug!(%peer, "SMTP connection");
@@ -223,6 +125,7 @@ pub(super) async fn run(
         out: Vec::new(),
         peer,
         cfg,
+        clients,
         stop,
         helo: None,
         tls_active: false,
@@ -251,6 +154,7 @@ struct Session {
     out: Vec<u8>,
     peer: SocketAddr,
     cfg: Arc<SessionConfig>,
+    clients: Arc<OpenConnections>,
     stop: watch::Receiver<bool>,
     helo: Option<String>,
     tls_active: bool,
@@ -480,10 +384,26 @@ impl Session {
         self.flush().await?;
         let max = self.cfg.settings.max_message_size;
         let timeout = self.cfg.settings.command_timeout;
-        let read = read_data(&mut self.rd, max, timeout).await?;
+        let deadline = self.cfg.settings.data_timeout;
+        // However the client paces its lines, DATA ends by the deadline:
+        // a line every few seconds must not hold a slot for hours.
+        let read = match tokio::time::timeout(deadline, read_data(&mut self.rd, max, timeout)).await
+        {
+            Ok(r) => r?,
+            Err(_) => DataRead::Deadline,
+        };
         let txn = self.txn.take().expect("checked above");
         let data = match read {
             DataRead::Message(d) => d,
+            DataRead::Deadline => {
+                info!(peer = %self.peer, ?deadline, "DATA not finished within data-timeout; nothing accepted");
+                self.reply(&format!(
+                    "421 4.4.2 {} DATA not finished within {}s, closing connection",
+                    self.cfg.hostname,
+                    deadline.as_secs()
+                ));
+                return Ok(Next::Close);
+            }
             DataRead::Eof => {
                 info!(peer = %self.peer, "client left during DATA; nothing accepted");
                 return Ok(Next::Close);
@@ -619,145 +539,8 @@ impl Session {
             }
         }
     }
-
-    async fn auth(&mut self, mechanism: &str, initial: Option<String>) -> io::Result<Next> {
-        let Some(creds) = self.cfg.settings.auth.clone() else {
-            self.reply("502 5.5.1 AUTH not offered");
-            return Ok(Next::Continue);
-        };
-        if !self.auth_offered() {
-            self.reply("538 5.7.11 Encryption required for requested authentication mechanism");
-            return Ok(Next::Continue);
-        }
-        if self.authed {
-            self.reply("503 5.5.1 Already authenticated");
-            return Ok(Next::Continue);
-        }
-        if self.txn.is_some() || self.helo.is_none() {
-            self.reply("503 5.5.1 AUTH only after EHLO and outside a mail transaction");
-            return Ok(Next::Continue);
-        }
-        let (user, pass) = match mechanism {
-            "PLAIN" => {
-                let response = match initial {
-                    Some(r) => r,
-                    None => match self.challenge("").await? {
-                        Challenge::Answer(r) => r,
-                        c => return Ok(self.abandon(c)),
-                    },
-                };
-                let Some(raw) = decode(&response) else {
-                    self.reply("501 5.5.2 Cannot decode AUTH response");
-                    return Ok(Next::Continue);
-                };
-                // authzid NUL authcid NUL passwd
-                let mut parts = raw.split(|&b| b == 0);
-                match (parts.next(), parts.next(), parts.next(), parts.next()) {
-                    (Some(_), Some(u), Some(p), None) => (u.to_vec(), p.to_vec()),
-                    _ => {
-                        self.reply("501 5.5.2 Malformed AUTH PLAIN response");
-                        return Ok(Next::Continue);
-                    }
-                }
-            }
-            "LOGIN" => {
-                let user = match initial {
-                    Some(r) => r,
-                    // "Username:"
-                    None => match self.challenge("VXNlcm5hbWU6").await? {
-                        Challenge::Answer(r) => r,
-                        c => return Ok(self.abandon(c)),
-                    },
-                };
-                // "Password:"
-                let pass = match self.challenge("UGFzc3dvcmQ6").await? {
-                    Challenge::Answer(r) => r,
-                    c => return Ok(self.abandon(c)),
-                };
-                match (decode(&user), decode(&pass)) {
-                    (Some(u), Some(p)) => (u, p),
-                    _ => {
-                        self.reply("501 5.5.2 Cannot decode AUTH response");
-                        return Ok(Next::Continue);
-                    }
-                }
-            }
-            _ => {
-                self.reply("504 5.5.4 Unrecognized authentication type");
-                return Ok(Next::Continue);
-            }
-        };
-        if user == creds.username.as_bytes() && same(&pass, creds.password.as_bytes()) {
-            self.authed = true;
-            self.reply("235 2.7.0 Authentication successful");
-            return Ok(Next::Continue);
-        }
-        self.auth_failures += 1;
-        warn!(
-            peer = %self.peer,
-            user = %printable(&String::from_utf8_lossy(&user), 64),
-            "SMTP authentication failed"
-        );
-        self.reply("535 5.7.8 Authentication credentials invalid");
-        if self.auth_failures >= MAX_AUTH_FAILURES {
-            self.reply("421 4.7.0 Too many authentication failures");
-            return Ok(Next::Close);
-        }
-        Ok(Next::Continue)
-    }
-
-    /// Sends a `334` challenge and reads the client's answer. A `*`
-    /// cancels (RFC 4954 §4).
-    async fn challenge(&mut self, text: &str) -> io::Result<Challenge> {
-        self.reply(&format!("334 {text}"));
-        self.flush().await?;
-        match self.next_line(MAX_COMMAND_LINE).await? {
-            Incoming::Line(l) => {
-                let l = String::from_utf8_lossy(&l).trim_end().to_string();
-                if l == "*" {
-                    // Cancelling is not a protocol error: go on serving.
-                    return Ok(Challenge::Cancelled);
-                }
-                Ok(Challenge::Answer(l))
-            }
-            Incoming::TooLong => {
-                self.reply("500 5.5.6 Authentication exchange line is too long");
-                Ok(Challenge::Refused)
-            }
-            Incoming::Timeout => {
-                self.reply("421 4.4.2 Timeout, closing connection");
-                Ok(Challenge::End)
-            }
-            Incoming::Eof | Incoming::Stop => Ok(Challenge::End),
-        }
-    }
 }
 
-/// The client's answer to a `334` challenge.
-enum Challenge {
-    Answer(String),
-    /// `*`: the exchange ends, the session not.
-    Cancelled,
-    /// An answer too long to read (already replied to); the session goes on.
-    Refused,
-    /// The session ends (timeout, EOF, shutdown).
-    End,
-}
-
-impl Session {
-    fn abandon(&mut self, c: Challenge) -> Next {
-        match c {
-            Challenge::Cancelled => {
-                self.reply("501 5.7.0 Authentication cancelled");
-                Next::Continue
-            }
-            Challenge::Refused => Next::Continue,
-            _ => Next::Close,
-        }
-    }
-}
-
-/// Base64 of an AUTH response (`=` is the empty initial response).
 /// `Received:` fields in the header block (up to the first empty line).
 fn received_count(data: &[u8]) -> usize {
     let mut n = 0;
@@ -770,95 +553,4 @@ fn received_count(data: &[u8]) -> usize {
         }
     }
     n
-}
-
-fn decode(s: &str) -> Option<Vec<u8>> {
-    if s == "=" {
-        return Some(Vec::new());
-    }
-    base64::engine::general_purpose::STANDARD.decode(s).ok()
-}
-
-/// Compares without an early exit, so timing does not tell how much of a
-/// guessed password was right.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[tokio::test]
-    async fn lines_are_bounded() {
-        let input: &[u8] = b"short\r\n0123456789abcdef\r\nnext\n";
-        let mut rd = BufReader::with_capacity(4, input);
-        let mut buf = Vec::new();
-        assert_eq!(
-            read_line(&mut rd, &mut buf, 10).await.unwrap(),
-            LineRead::Line
-        );
-        assert_eq!(buf, b"short\r\n");
-        buf.clear();
-        assert_eq!(
-            read_line(&mut rd, &mut buf, 10).await.unwrap(),
-            LineRead::TooLong
-        );
-        assert!(buf.is_empty());
-        assert_eq!(
-            read_line(&mut rd, &mut buf, 10).await.unwrap(),
-            LineRead::Line
-        );
-        assert_eq!(buf, b"next\n");
-        buf.clear();
-        assert_eq!(
-            read_line(&mut rd, &mut buf, 10).await.unwrap(),
-            LineRead::Eof
-        );
-    }
-
-    async fn data(input: &[u8], max: usize) -> DataRead {
-        let mut rd = BufReader::new(input);
-        read_data(&mut rd, max, Duration::from_secs(1))
-            .await
-            .unwrap()
-    }
-
-    #[tokio::test]
-    async fn data_is_unstuffed_and_8bit_kept() {
-        assert_eq!(
-            data(b"Subject: x\r\n\r\n..dot\r\n\xff\xfe\r\n.\r\nQUIT\r\n", 100).await,
-            DataRead::Message(b"Subject: x\r\n\r\n.dot\r\n\xff\xfe\r\n".to_vec())
-        );
-    }
-
-    #[tokio::test]
-    async fn data_refusals() {
-        assert_eq!(data(b"0123456789\r\n.\r\n", 5).await, DataRead::TooBig);
-        assert_eq!(data(b"a\nb\r\n.\r\n", 100).await, DataRead::BareLineEnd);
-        // Refused at the first bare LF, before any "end" it may suggest.
-        assert_eq!(data(b"a\r\n.\nRSET\r\n", 100).await, DataRead::BareLineEnd);
-        // Bare CR: inside a line, and the <CR>.<CR> "end" some relays see.
-        assert_eq!(data(b"a\rb\r\n.\r\n", 100).await, DataRead::BareLineEnd);
-        assert_eq!(
-            data(b"x\r\n\r.\rMAIL FROM:<e@x>\r\n.\r\n", 100).await,
-            DataRead::BareLineEnd
-        );
-        assert_eq!(data(b"a\r\r\n.\r\n", 100).await, DataRead::BareLineEnd);
-        assert_eq!(data(b"a\r\nno end", 100).await, DataRead::Eof);
-        let mut long = vec![b'x'; MAX_DATA_LINE + 1];
-        long.extend_from_slice(b"\r\n.\r\n");
-        assert_eq!(data(&long, usize::MAX).await, DataRead::LineTooLong);
-    }
-
-    #[test]
-    fn password_comparison() {
-        assert!(same(b"secret", b"secret"));
-        assert!(!same(b"secret", b"secreT"));
-        assert!(!same(b"secret", b"secret2"));
-        assert_eq!(decode("="), Some(vec![]));
-        assert_eq!(decode("AGEAYg==").unwrap(), b"\0a\0b");
-        assert_eq!(decode("!!"), None);
-    }
 }

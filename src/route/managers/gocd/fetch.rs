@@ -14,8 +14,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
-use super::state::{BuildState, StateTable};
+use super::state::{Advanced, BuildState, StateTable};
 use super::{GocdSettings, PipelineGroups};
+use crate::route::limit::{clip, WarnLimiter, LOG_CLIP};
 use crate::route::metrics::FetchCounters;
 
 /// Largest answer read from GoCD (a big installation's pipeline groups
@@ -65,6 +66,13 @@ pub struct GocdSource {
     pub fetches_failed: AtomicU64,
 }
 
+/// Why a stage's result is not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Untracked {
+    NameTooLong,
+    TableFull,
+}
+
 /// For logs, `--test` and metrics.
 #[derive(Debug, Clone, Default)]
 pub struct Status {
@@ -101,6 +109,11 @@ impl GocdSource {
             .user_agent(concat!("mailgend/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("cannot set up an HTTP client for GoCD: {}", error_chain(&e)))?;
+        knowledge
+            .states
+            .lock()
+            .expect("not poisoned")
+            .set_max(settings.max_states);
         if settings.url.is_empty() {
             // Nothing to ask: the "first answer" is there at once.
             knowledge.first_attempt.send_replace(true);
@@ -129,13 +142,50 @@ impl GocdSource {
         &self.knowledge
     }
 
-    /// Corrects `event` by the pipeline's last state and records it.
-    pub fn advance(&self, pipeline: &str, event: super::Event) -> super::Event {
-        self.knowledge
+    /// Corrects `event` by the stage's last state and records it (when
+    /// there is room: see [`Self::untracked`]).
+    pub fn advance(&self, stage: &str, event: super::Event) -> Advanced {
+        let a = self
+            .knowledge
             .states
             .lock()
             .expect("not poisoned")
-            .advance(pipeline, event)
+            .advance(stage, event);
+        if a.table_full {
+            self.untracked(Untracked::TableFull, stage);
+        }
+        a
+    }
+
+    /// Counts a stage whose result is not kept, with a WARN at most once
+    /// a minute (the subjects are the sender's choice).
+    pub fn untracked(&self, why: Untracked, stage: &str) {
+        static WARN: WarnLimiter = WarnLimiter::new(Duration::from_secs(60));
+        let reason = match why {
+            Untracked::NameTooLong => {
+                self.counters.untracked_long_name.inc();
+                format!(
+                    "its pipeline or stage name is longer than GoCD allows ({} characters)",
+                    super::state::MAX_NAME
+                )
+            }
+            Untracked::TableFull => {
+                self.counters.untracked_table_full.inc();
+                format!(
+                    "max-states ({}) stages are known already",
+                    self.settings.max_states
+                )
+            }
+        };
+        if let Some(held_back) = WARN.allow() {
+            tracing::warn!(
+                url = %self.settings.url,
+                stage = %clip(stage, LOG_CLIP),
+                held_back,
+                "GoCD stage result not kept: {reason}; routed on GoCD's own word \
+                 (at most one such WARN a minute; held_back counts the others)"
+            );
+        }
     }
 
     /// How many pipelines have a known last state.

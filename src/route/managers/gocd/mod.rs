@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 
 use super::{BuildContext, Manager, ManagerSpec};
 use crate::route::config::{ManagerConfig, ManagerSettings, MapView, Reader, RuleConfig};
+use crate::route::limit::{clip, LOG_CLIP};
 use crate::route::rules::{Facts, Verdict};
 
 pub use fetch::GocdSource;
@@ -116,6 +117,8 @@ pub struct GocdSettings {
     /// `startup-wait`: how long after start the manager's mail is held
     /// for GoCD's first answer.
     pub startup_wait: Duration,
+    /// `max-states`: how many stages' last results are kept at most.
+    pub max_states: usize,
 }
 
 impl std::fmt::Debug for GocdSettings {
@@ -126,6 +129,7 @@ impl std::fmt::Debug for GocdSettings {
             .field("refresh_interval", &self.refresh_interval)
             .field("timeout", &self.timeout)
             .field("startup_wait", &self.startup_wait)
+            .field("max_states", &self.max_states)
             .finish_non_exhaustive()
     }
 }
@@ -139,6 +143,7 @@ pub const SPEC: ManagerSpec = ManagerSpec {
         "refresh-interval",
         "timeout",
         "startup-wait",
+        "max-states",
     ],
     has_events: true,
     parse,
@@ -186,7 +191,7 @@ fn parse(r: &mut Reader, m: &MapView<'_>, k: &str, rules: &[RuleConfig]) -> Mana
     let mut passwd = m
         .get("passwd")
         .filter(|n| !n.is_null())
-        .and_then(|n| r.string(n, &key("passwd")));
+        .and_then(|n| r.secret(n, &key("passwd")));
     if passwd.is_some() && user.is_none() {
         // plugin/gocd.py:84-91: without user, GoCD is asked anonymously.
         r.oddity(
@@ -214,6 +219,10 @@ fn parse(r: &mut Reader, m: &MapView<'_>, k: &str, rules: &[RuleConfig]) -> Mana
     // Long enough for a slow GoCD's first answer (its own `timeout` is
     // 10 s): held mail waits at most this long after start.
     let startup_wait = secs(r, "startup-wait", 0.0, 3600.0, 60.0);
+    let max_states = m
+        .get("max-states")
+        .and_then(|n| r.int(n, &key("max-states"), 1, 10_000_000))
+        .map_or(state::DEFAULT_MAX_STATES, |v| v as usize);
     ManagerSettings::Gocd(GocdSettings {
         url,
         user,
@@ -221,6 +230,7 @@ fn parse(r: &mut Reader, m: &MapView<'_>, k: &str, rules: &[RuleConfig]) -> Mana
         refresh_interval,
         timeout,
         startup_wait,
+        max_states,
     })
 }
 
@@ -320,7 +330,7 @@ impl Manager for GocdManager {
             if !self.source.first_attempt_done() {
                 tracing::warn!(
                     url = %self.source.settings().url,
-                    subject = %subject,
+                    subject = %clip(&subject, LOG_CLIP),
                     "GoCD mail routed before GoCD's first answer (startup-wait is over): \
                      FIXED/BREAKS and group rules judged without it"
                 );
@@ -342,7 +352,8 @@ impl Manager for GocdManager {
                 Some(run @ subject::StageRun { event: None, .. }) => {
                     trace.push(format!(
                         "pipeline {}, stage {}, no known event in the subject",
-                        run.pipeline, run.stage
+                        clip(&run.pipeline, LOG_CLIP),
+                        clip(&run.stage, LOG_CLIP)
                     ));
                     (Some(run.pipeline), None)
                 }
@@ -351,19 +362,41 @@ impl Manager for GocdManager {
                         event: Some(ev), ..
                     },
                 ) => {
-                    let corrected = self.source.advance(&run.key(), ev);
+                    let (p, s) = (clip(&run.pipeline, LOG_CLIP), clip(&run.stage, LOG_CLIP));
+                    if run.pipeline.chars().count() > state::MAX_NAME
+                        || run.stage.chars().count() > state::MAX_NAME
+                    {
+                        // No GoCD pipeline: routed on the subject's word,
+                        // never stored (the sender chooses its length).
+                        self.source
+                            .untracked(fetch::Untracked::NameTooLong, &run.key());
+                        trace.push(format!(
+                            "pipeline {p}, stage {s}, event {} (name longer than GoCD allows: \
+                             not corrected, not remembered)",
+                            ev.name()
+                        ));
+                        return Facts {
+                            subject,
+                            pipeline: Some(run.pipeline),
+                            event: Some(ev),
+                            groups,
+                        };
+                    }
+                    let advanced = self.source.advance(&run.key(), ev);
+                    let corrected = advanced.event;
+                    let kept = if advanced.table_full {
+                        " (max-states reached: not remembered)"
+                    } else {
+                        ""
+                    };
                     if corrected == ev {
                         trace.push(format!(
-                            "pipeline {}, stage {}, event {}",
-                            run.pipeline,
-                            run.stage,
+                            "pipeline {p}, stage {s}, event {}{kept}",
                             ev.name()
                         ));
                     } else {
                         trace.push(format!(
-                            "pipeline {}, stage {}, event {} (GoCD said {}; corrected by the stage's last result)",
-                            run.pipeline,
-                            run.stage,
+                            "pipeline {p}, stage {s}, event {} (GoCD said {}; corrected by the stage's last result)",
                             corrected.name(),
                             ev.name()
                         ));
