@@ -33,10 +33,10 @@ pub use yaml::{Kind, Node};
 use manager_section::read_managers;
 use server::{host_port, read_remote, read_server};
 
-use crate::shared::smtp::{SmtpConfig, SmtpTls};
 use crate::route::actions::{self, Action};
 use crate::route::managers::{self, gocd::Event};
 use crate::route::rules::{self, RuleFunction};
+use crate::shared::smtp::{SmtpConfig, SmtpTls};
 
 /// The environment variable naming the file when `-c` is not given
 /// (mail2alert's).
