@@ -39,6 +39,9 @@ pub mod ticket;
 
 pub mod mail;
 
+/// Fitting mails to the relay's size limit (compress, split, error).
+pub mod fit;
+
 pub mod signature;
 
 pub mod outbox;

@@ -12,7 +12,7 @@ use super::tree::{join_path, parse_document, Node, Problems, TableReader, Value}
 use super::xarf::{self, EventField, FieldFormat, Scalar, XarfSpec};
 use super::{
     Action, Computed, CopySpec, DataLocation, FormatLoadError, FormatProblem, LocationSpec,
-    Matcher, Postpone, Rule, Scope, StrMatch, TemplateChoice,
+    Matcher, Oversize, Postpone, Rule, Scope, StrMatch, TemplateChoice,
 };
 use crate::notify::render::table::{Column, TableFormat};
 use crate::notify::render::template::{Part, Template, TemplateText};
@@ -152,6 +152,7 @@ const DEFAULT_KEYS: &[&str] = &[
     "match",
     "postpone",
     "data_location",
+    "oversize",
     "template",
     "copies",
     "variables",
@@ -163,6 +164,7 @@ const RULE_KEYS: &[&str] = &[
     "postpone",
     "columns",
     "data_location",
+    "oversize",
     "template",
     "copies",
     "variables",
@@ -190,6 +192,7 @@ struct Settings {
     matcher: MatchParts,
     postpone: PostponeParts,
     location: Option<LocationSpec>,
+    oversize: Option<Oversize>,
     template: Option<TemplateChoice>,
     copies: Option<bool>,
     variables: BTreeMap<String, String>,
@@ -890,6 +893,26 @@ fn read_settings_into(t: &mut TableReader, s: &mut Settings, p: &mut Problems) {
             None => None,
         };
     }
+    if let Some(n) = t.get("oversize") {
+        let key = t.path("oversize");
+        s.oversize = match p.expect_str(&key, n) {
+            Some("compress") => Some(Oversize::Compress),
+            Some("split") => Some(Oversize::Split),
+            Some("error") => Some(Oversize::Error),
+            Some(other) => {
+                p.at(
+                    &key,
+                    n,
+                    format!(
+                        "unknown oversize choice {other:?}; use \"compress\", \"split\" \
+                         or \"error\""
+                    ),
+                );
+                None
+            }
+            None => None,
+        };
+    }
     if let Some(n) = t.get("template") {
         s.template = read_template_choice(&t.path("template"), n, p);
     }
@@ -1221,7 +1244,7 @@ fn read_rule(
         return None;
     }
     if has("xarf") || has("reject") {
-        for k in ["columns", "data_location", "copies"] {
+        for k in ["columns", "data_location", "oversize", "copies"] {
             if has(k) {
                 p.at(
                     &join_path(key, k),
@@ -1235,6 +1258,7 @@ fn read_rule(
         for k in [
             "columns",
             "data_location",
+            "oversize",
             "copies",
             "template",
             "xarf",
@@ -1327,6 +1351,7 @@ fn read_rule(
                 .unwrap_or(LocationSpec::Fixed(DataLocation::Inline)),
             template,
             copies: own.copies.or(defaults.copies).unwrap_or(true),
+            oversize: own.oversize.or(defaults.oversize).unwrap_or_default(),
         }
     };
     Some(Rule {

@@ -66,6 +66,30 @@ pub enum DataLocation {
     Attachment,
 }
 
+/// What to do with a table mail over the relay's size limit (the format
+/// key `oversize`; docs/formats.md). Applied by `notify::fit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Oversize {
+    /// The CSV goes as a zip attachment (`events.zip` holding
+    /// `events.csv`); still too big: split into zipped parts.
+    #[default]
+    Compress,
+    /// Several mails, each with a part of the events and its own ticket.
+    Split,
+    /// The group fails with an ERROR and stays pending.
+    Error,
+}
+
+impl Oversize {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Oversize::Compress => "compress",
+            Oversize::Split => "split",
+            Oversize::Error => "error",
+        }
+    }
+}
+
 /// The decision for one group.
 #[derive(Debug, Clone)]
 pub enum Decision {
@@ -252,6 +276,7 @@ pub(crate) enum Action {
         location: LocationSpec,
         template: TemplateChoice,
         copies: bool,
+        oversize: Oversize,
     },
     Xarf {
         spec: xarf::XarfSpec,
@@ -384,6 +409,7 @@ impl FormatSet {
             return Decision::Send(Plan {
                 rule: rule.clone(),
                 location,
+                attach_all: false,
                 shared: self.shared.clone(),
             });
         }
@@ -528,6 +554,9 @@ pub struct Plan {
     rule: Arc<Rule>,
     /// For table mails: where the main mail puts its data.
     location: Option<DataLocation>,
+    /// Every table mail (copies too) attaches its CSV: set by
+    /// [`Plan::attached`] for a mail over the size limit.
+    attach_all: bool,
     shared: Arc<Shared>,
 }
 
@@ -549,6 +578,27 @@ impl Plan {
             Action::Xarf { .. } => distinct_event_count,
             Action::Table { .. } => 1,
             Action::Reject { .. } | Action::Continue => 0,
+        }
+    }
+
+    /// What to do when a table mail is over the relay's limit (`None`
+    /// for X-ARF: one event per mail cannot be made smaller).
+    pub fn oversize(&self) -> Option<Oversize> {
+        match &self.rule.action {
+            Action::Table { oversize, .. } => Some(*oversize),
+            _ => None,
+        }
+    }
+
+    /// This plan with the CSV of every table mail (the main one and the
+    /// copies) as the attachment `events.csv`: what an inline CSV over the
+    /// size limit becomes before it is compressed or split.
+    pub fn attached(&self) -> Plan {
+        Plan {
+            rule: self.rule.clone(),
+            location: self.location.map(|_| DataLocation::Attachment),
+            attach_all: true,
+            shared: self.shared.clone(),
         }
     }
 
@@ -612,7 +662,11 @@ impl Plan {
                                 &template,
                                 &label,
                                 &csv,
-                                copy.location,
+                                if self.attach_all {
+                                    DataLocation::Attachment
+                                } else {
+                                    copy.location
+                                },
                                 ticket,
                                 Some(copy.recipients.clone()),
                                 false,
