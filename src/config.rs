@@ -163,6 +163,9 @@ pub struct ServiceConfig {
 pub struct Config {
     pub database: DatabaseConfig,
     pub smtp: SmtpConfig,
+    /// `smtp.max_message_size`: the largest mail (octets) handed to the
+    /// relay, besides the relay's own `SIZE` (docs/operations.md).
+    pub max_message_size: Option<usize>,
     pub openpgp: OpenPgpConfig,
     pub template_dir: PathBuf,
     pub script_directory: PathBuf,
@@ -801,6 +804,7 @@ impl Config {
                 "password",
                 "password_file",
                 "timeout",
+                "max_message_size",
             ],
         );
         let tls = match r.string("smtp.tls").as_deref() {
@@ -854,6 +858,10 @@ impl Config {
             password,
             timeout: Duration::from_secs(r.integer("smtp.timeout", 1, 3600).unwrap_or(60) as u64),
         };
+        // Below ~10 KB not even a small notification fits.
+        let max_message_size = r
+            .integer("smtp.max_message_size", 10_000, i64::MAX)
+            .map(|n| n as usize);
 
         // openpgp
         r.section(
@@ -1031,6 +1039,7 @@ impl Config {
         Ok(Config {
             database,
             smtp,
+            max_message_size,
             openpgp,
             template_dir,
             script_directory,

@@ -2657,3 +2657,37 @@ match.event_data_format = "x"
     );
     assert!(err.contains("give it a `postpone`"), "{err}");
 }
+
+#[test]
+fn oversize_takes_compress_split_or_error_and_table_rules_only() {
+    // Issue 19: what a mail over the relay's size limit becomes.
+    let good = format_dir(&[(
+        "10big.toml",
+        "[defaults]\noversize = \"split\"\n\n[[format]]\nname = \"a\"\noversize = \"error\"\n\n\
+         [[format]]\nname = \"b\"\n",
+    )]);
+    load(good.path()).unwrap_or_else(|e| panic!("{e}"));
+    let bad = format_dir(&[(
+        "10big.toml",
+        "[[format]]\nname = \"a\"\noversize = \"zip\"\n\n\
+         [[format]]\nname = \"b\"\nreject = \"no\"\noversize = \"split\"\n",
+    )]);
+    let err = load(bad.path()).unwrap_err();
+    let reasons: Vec<String> = err
+        .0
+        .iter()
+        .map(|p| format!("{}: {}", p.key, p.reason))
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("format[0].oversize: unknown oversize choice \"zip\"")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("format[1].oversize: only table rules")),
+        "{reasons:?}"
+    );
+}

@@ -345,6 +345,7 @@ async fn intelmqcbmail_1_4_runs_on_a_file_with_every_mailgend_key() {
     smtp.insert("password".into(), json!("relay secret"));
     smtp.insert("password_file".into(), json!(password_file));
     smtp.insert("timeout".into(), json!(30));
+    smtp.insert("max_message_size".into(), json!(10_240_000));
     // libpq's names in database.event: psycopg2 gets name, user, password,
     // host and port only (intelmqmail/db.py), so 1.4 ignores them.
     let client_cert = dir.join("client.crt");

@@ -39,6 +39,12 @@ pub mod ticket;
 
 pub mod mail;
 
+/// Fitting mails to the relay's size limit (compress, split, error).
+pub mod fit;
+
+/// VERP bounce addresses carrying a ticket (groundwork, not yet used).
+pub mod verp;
+
 pub mod signature;
 
 pub mod outbox;

@@ -69,6 +69,30 @@ pub enum DataLocation {
     Attachment,
 }
 
+/// What to do with a table mail over the relay's size limit (the format
+/// key `oversize`; docs/formats.md). Applied by `notify::fit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Oversize {
+    /// The CSV goes as a zip attachment (`events.zip` holding
+    /// `events.csv`); still too big: split into zipped parts.
+    #[default]
+    Compress,
+    /// Several mails, each with a part of the events and its own ticket.
+    Split,
+    /// The group fails with an ERROR and stays pending.
+    Error,
+}
+
+impl Oversize {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Oversize::Compress => "compress",
+            Oversize::Split => "split",
+            Oversize::Error => "error",
+        }
+    }
+}
+
 /// The decision for one group.
 #[derive(Debug, Clone)]
 pub enum Decision {
@@ -255,6 +279,7 @@ pub(crate) enum Action {
         location: LocationSpec,
         template: TemplateChoice,
         copies: bool,
+        oversize: Oversize,
     },
     Xarf {
         spec: xarf::XarfSpec,
@@ -387,6 +412,7 @@ impl FormatSet {
             return Decision::Send(Plan {
                 rule: rule.clone(),
                 location,
+                attach_all: false,
                 shared: self.shared.clone(),
             });
         }

@@ -8,6 +8,9 @@ pub struct Plan {
     pub(super) rule: Arc<Rule>,
     /// For table mails: where the main mail puts its data.
     pub(super) location: Option<DataLocation>,
+    /// Every table mail (copies too) attaches its CSV: set by
+    /// [`Plan::attached`] for a mail over the size limit.
+    pub(super) attach_all: bool,
     pub(super) shared: Arc<Shared>,
 }
 
@@ -29,6 +32,27 @@ impl Plan {
             Action::Xarf { .. } => distinct_event_count,
             Action::Table { .. } => 1,
             Action::Reject { .. } | Action::Continue => 0,
+        }
+    }
+
+    /// What to do when a table mail is over the relay's limit (`None`
+    /// for X-ARF: one event per mail cannot be made smaller).
+    pub fn oversize(&self) -> Option<Oversize> {
+        match &self.rule.action {
+            Action::Table { oversize, .. } => Some(*oversize),
+            _ => None,
+        }
+    }
+
+    /// This plan with the CSV of every table mail (the main one and the
+    /// copies) as the attachment `events.csv`: what an inline CSV over the
+    /// size limit becomes before it is compressed or split.
+    pub fn attached(&self) -> Plan {
+        Plan {
+            rule: self.rule.clone(),
+            location: self.location.map(|_| DataLocation::Attachment),
+            attach_all: true,
+            shared: self.shared.clone(),
         }
     }
 
@@ -92,7 +116,11 @@ impl Plan {
                                 &template,
                                 &label,
                                 &csv,
-                                copy.location,
+                                if self.attach_all {
+                                    DataLocation::Attachment
+                                } else {
+                                    copy.location
+                                },
                                 ticket,
                                 Some(copy.recipients.clone()),
                                 false,

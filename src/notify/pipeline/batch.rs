@@ -279,9 +279,15 @@ async fn run(
     let built = build(p, rendered, now).await?;
 
     let mut ready: Vec<Ready> = Vec::new();
+    // A group with a mail over the relay's size limit goes alone, where
+    // notify::fit handles it (its ticket drawn here stays unused).
+    let limit = crate::notify::fit::limit(p).await;
     for ((i, mails), marks) in built.into_iter().zip(marks) {
         let w = &works[i];
         match mails {
+            Ok(mails) if !crate::notify::fit::all_fit(mails.iter().map(|m| &m.mail), limit) => {
+                fates[w.slot] = Fate::Alone
+            }
             Ok(mails) => ready.push(Ready {
                 slot: w.slot,
                 group: w.group,

@@ -96,7 +96,8 @@ impl Pipeline {
         } else {
             None
         };
-        let outbound = Outbound::new(&config.smtp, config.service.workers as u32)?;
+        let outbound = Outbound::new(&config.smtp, config.service.workers as u32)?
+            .with_max_message_size(config.max_message_size);
         let mail_ctx = MailContext {
             sender: config.sender.clone(),
             sender_address: config.sender_address.clone(),
@@ -112,6 +113,13 @@ impl Pipeline {
             instance: instance_name(),
             metrics,
         })
+    }
+}
+
+impl Pipeline {
+    /// The sender settings every mail is built with.
+    pub fn mail_ctx(&self) -> &MailContext {
+        &self.mail_ctx
     }
 }
 
@@ -208,6 +216,8 @@ pub enum GroupError {
     Ticket(#[from] TicketError),
     #[error("building the mail: {0}")]
     Mail(#[from] crate::notify::mail::MailError),
+    #[error(transparent)]
+    TooBig(#[from] crate::notify::fit::TooBig),
     #[error("sending to {relay}: {source}")]
     Smtp {
         relay: String,
@@ -415,19 +425,23 @@ struct Outgoing {
 
 /// The directives a notification marks sent: none for copies, the covered
 /// events' directives for per-event mails (X-ARF), else the whole group.
-fn marked_directives(group: &Group, n: &Notification) -> Vec<DirectiveId> {
+pub(crate) fn marked_directives(group: &Group, n: &Notification) -> Vec<DirectiveId> {
     if !n.mark_sent {
         return Vec::new();
     }
     match &n.covers {
         None => group.directive_ids.clone(),
-        Some(events) => group
-            .directive_ids
-            .iter()
-            .zip(&group.event_ids)
-            .filter(|(_, e)| events.contains(e))
-            .map(|(d, _)| *d)
-            .collect(),
+        Some(events) => {
+            // A set: a split part covers up to the whole group's events.
+            let events: std::collections::HashSet<_> = events.iter().collect();
+            group
+                .directive_ids
+                .iter()
+                .zip(&group.event_ids)
+                .filter(|(_, e)| events.contains(e))
+                .map(|(d, _)| *d)
+                .collect()
+        }
     }
 }
 
@@ -552,21 +566,27 @@ pub async fn process_group(
     drop(preview);
     let tickets = ticket::draw_committed(side, Some(side_cache), needed).await?;
     let notifications = render(&tickets)?;
+    // Built, then brought under the relay's size limit (notify::fit),
+    // which may render parts of the events anew.
+    let outgoing: Vec<Outgoing> = crate::notify::fit::fit_group(
+        p,
+        &plan,
+        group,
+        &events,
+        notifications,
+        now,
+        side,
+        side_cache,
+    )
+    .await?
+    .into_iter()
+    .map(|f| Outgoing {
+        mail: f.mail,
+        ticket: f.ticket,
+        marks: f.marks,
+    })
+    .collect();
     drop(events);
-    let meta: Vec<(Ticket, Vec<DirectiveId>)> = notifications
-        .iter()
-        .map(|n| (n.ticket.clone(), marked_directives(group, n)))
-        .collect();
-    let mails = build_all(p, notifications, now).await?;
-    let outgoing: Vec<Outgoing> = mails
-        .into_iter()
-        .zip(meta)
-        .map(|(mail, (ticket, marks))| Outgoing {
-            mail,
-            ticket,
-            marks,
-        })
-        .collect();
 
     // The intent, durable before SMTP sees anything.
     let intents: Vec<outbox::Intent> = outgoing

@@ -128,6 +128,8 @@ struct Inner {
     max_idle: usize,
     idle: Mutex<Vec<(Conn, Instant)>>,
     relay: String,
+    /// The notifier's `smtp.max_message_size` (`None`: no own limit).
+    max_message_size: Option<usize>,
 }
 
 /// An open session with what [`Outbound::send`] needs to know about it.
@@ -277,8 +279,33 @@ impl Outbound {
                 max_idle: max_connections.max(1) as usize,
                 idle: Mutex::new(Vec::new()),
                 relay: format!("{}:{}", cfg.host, cfg.port),
+                max_message_size: None,
             }),
         })
+    }
+
+    /// Adds a limit of our own to the relay's `SIZE`: no mail larger than
+    /// `max` (octets, as SIZE counts them) is offered. Call before the
+    /// client is cloned.
+    pub fn with_max_message_size(mut self, max: Option<usize>) -> Outbound {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.max_message_size = max.filter(|m| *m > 0);
+        }
+        self
+    }
+
+    /// The largest message (octets, counted as SIZE counts them) this
+    /// client will offer: the smaller of the relay's announced `SIZE` and
+    /// the configured maximum; `None` when neither limits it. Learning the
+    /// relay's `SIZE` takes a connection (pooled for the next mail).
+    pub async fn message_limit(&self) -> Result<Option<usize>, SmtpError> {
+        let conn = self.checkout().await.map_err(|e| match e {
+            SmtpError::Permanent(why) => SmtpError::RelayRefused(why),
+            other => other,
+        })?;
+        let announced = conn.size.flatten();
+        self.put_back(conn);
+        Ok(min_limit(announced, self.inner.max_message_size))
     }
 
     /// `host:port`, for logs.
@@ -447,7 +474,12 @@ impl Outbound {
                 self.inner.relay
             ))
         } else {
-            None
+            self.inner
+                .max_message_size
+                .filter(|m| octets > *m)
+                .map(|max| {
+                    format!("the message is {octets} bytes, over smtp.max_message_size ({max})")
+                })
         };
         if let Some(why) = unsendable {
             self.put_back(conn);
@@ -543,6 +575,14 @@ impl Outbound {
             self.discard(conn).await;
         }
         Err(err)
+    }
+}
+
+/// The smaller of two optional limits.
+fn min_limit(a: Option<usize>, b: Option<usize>) -> Option<usize> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

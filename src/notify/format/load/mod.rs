@@ -17,7 +17,7 @@ use super::tree::{join_path, parse_document, Node, Problems, TableReader, Value}
 use super::xarf::{self, EventField, FieldFormat, Scalar, XarfSpec};
 use super::{
     Action, Computed, CopySpec, DataLocation, FormatLoadError, FormatProblem, LocationSpec,
-    Matcher, Postpone, Rule, Scope, StrMatch, TemplateChoice,
+    Matcher, Oversize, Postpone, Rule, Scope, StrMatch, TemplateChoice,
 };
 use crate::notify::render::table::{Column, TableFormat};
 use crate::notify::render::template::{Part, Template, TemplateText};
@@ -167,6 +167,7 @@ const DEFAULT_KEYS: &[&str] = &[
     "match",
     "postpone",
     "data_location",
+    "oversize",
     "template",
     "copies",
     "variables",
@@ -178,6 +179,7 @@ const RULE_KEYS: &[&str] = &[
     "postpone",
     "columns",
     "data_location",
+    "oversize",
     "template",
     "copies",
     "variables",
@@ -205,6 +207,7 @@ struct Settings {
     matcher: MatchParts,
     postpone: PostponeParts,
     location: Option<LocationSpec>,
+    oversize: Option<Oversize>,
     template: Option<TemplateChoice>,
     copies: Option<bool>,
     variables: BTreeMap<String, String>,
@@ -396,6 +399,26 @@ fn read_settings_into(t: &mut TableReader, s: &mut Settings, p: &mut Problems) {
             None => None,
         };
     }
+    if let Some(n) = t.get("oversize") {
+        let key = t.path("oversize");
+        s.oversize = match p.expect_str(&key, n) {
+            Some("compress") => Some(Oversize::Compress),
+            Some("split") => Some(Oversize::Split),
+            Some("error") => Some(Oversize::Error),
+            Some(other) => {
+                p.at(
+                    &key,
+                    n,
+                    format!(
+                        "unknown oversize choice {other:?}; use \"compress\", \"split\" \
+                         or \"error\""
+                    ),
+                );
+                None
+            }
+            None => None,
+        };
+    }
     if let Some(n) = t.get("template") {
         s.template = read_template_choice(&t.path("template"), n, p);
     }
@@ -469,7 +492,7 @@ fn read_rule(
         return None;
     }
     if has("xarf") || has("reject") {
-        for k in ["columns", "data_location", "copies"] {
+        for k in ["columns", "data_location", "oversize", "copies"] {
             if has(k) {
                 p.at(
                     &join_path(key, k),
@@ -483,6 +506,7 @@ fn read_rule(
         for k in [
             "columns",
             "data_location",
+            "oversize",
             "copies",
             "template",
             "xarf",
@@ -575,6 +599,7 @@ fn read_rule(
                 .unwrap_or(LocationSpec::Fixed(DataLocation::Inline)),
             template,
             copies: own.copies.or(defaults.copies).unwrap_or(true),
+            oversize: own.oversize.or(defaults.oversize).unwrap_or_default(),
         }
     };
     Some(Rule {
