@@ -420,7 +420,7 @@ impl<'a> Reader<'a> {
                         self.unknown.push(ConfigProblem {
                             file: self.merged.origin_of(&full),
                             key: full,
-                            reason: "unknown key, ignored".into(),
+                            reason: unknown_key(k, known),
                         });
                     }
                 }
@@ -646,6 +646,15 @@ impl SessionAttrs {
     }
 }
 
+/// Unknown keys are ignored, as intelmqcbmail ignored them, with a WARN
+/// that names the likely intended key.
+fn unknown_key(k: &str, known: &[&str]) -> String {
+    match crate::shared::did_you_mean::did_you_mean(k, known) {
+        Some(m) => format!("unknown key, ignored; did you mean `{m}`?"),
+        None => "unknown key, ignored".into(),
+    }
+}
+
 fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -717,7 +726,7 @@ impl Config {
                 r.unknown.push(ConfigProblem {
                     file: merged.origin_of(k),
                     key: k.clone(),
-                    reason: "unknown key, ignored".into(),
+                    reason: unknown_key(k, TOP_KEYS),
                 });
             }
         }
@@ -1286,6 +1295,11 @@ mod tests {
         assert_eq!(c.sender_domain, "example.net");
         assert_eq!(c.unknown_keys.len(), 1);
         assert_eq!(c.unknown_keys[0].file, user.display().to_string());
+        assert_eq!(c.unknown_keys[0].reason, "unknown key, ignored");
+        assert_eq!(
+            unknown_key("smpt", TOP_KEYS),
+            "unknown key, ignored; did you mean `smtp`?"
+        );
 
         std::fs::write(&user, r#"{"smtp": {"port": 0}}"#).unwrap();
         let err = Config::load(&src).unwrap_err();

@@ -466,7 +466,6 @@ fn slack_used(top: &MapView<'_>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::reader::close;
     use super::server::metrics_address;
     use super::*;
 
@@ -519,11 +518,18 @@ mod tests {
     }
 
     #[test]
-    fn close_keys() {
-        assert!(close("event", "events"));
-        assert!(close("fuction", "function"));
-        assert!(close("remote-smpt", "remote-smtp"));
-        assert!(close("messages_we_want", "messages-we-want"));
-        assert!(!close("colour", "rules"));
+    fn typos_get_a_hint() {
+        use crate::shared::did_you_mean::did_you_mean;
+        assert_eq!(did_you_mean("event", &["events"]), Some("events"));
+        assert_eq!(did_you_mean("fuction", &["function"]), Some("function"));
+        assert_eq!(
+            did_you_mean("remote-smpt", &["remote-smtp"]),
+            Some("remote-smtp")
+        );
+        assert_eq!(
+            did_you_mean("messages_we_want", &["messages-we-want"]),
+            Some("messages-we-want")
+        );
+        assert_eq!(did_you_mean("colour", &["rules"]), None);
     }
 }

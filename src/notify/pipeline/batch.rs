@@ -214,7 +214,18 @@ async fn run(
                 events: Vec::new(),
                 needed: 0,
             }),
-            Decision::Postpone { reason, until, .. } => {
+            Decision::Postpone {
+                format,
+                reason,
+                until,
+            } => {
+                // The same line a group on its own gets (pipeline::process_group).
+                tracing::debug!(
+                    target: "mailgend::notify::pipeline",
+                    directive_ids = %g.directive_ids_display(),
+                    format = %format,
+                    "postponed: {reason}"
+                );
                 fates[slot] = Fate::Done(Ok(GroupOutcome::Postponed { reason, until }))
             }
             Decision::NoMatch => {

@@ -91,11 +91,7 @@ impl Reader<'_> {
     pub fn known_keys(&mut self, m: &MapView<'_>, key: &str, known: &[&str]) {
         for (name, k, _) in &m.entries {
             if !known.contains(name) {
-                let hint = known
-                    .iter()
-                    .find(|c| close(name, c))
-                    .map(|c| format!("; did you mean `{c}`?"))
-                    .unwrap_or_else(|| format!("; known here: {}", known.join(", ")));
+                let hint = hint(name, known);
                 self.oddity(
                     k.line,
                     &join(key, name),
@@ -111,11 +107,7 @@ impl Reader<'_> {
     pub fn known_keys_strict(&mut self, m: &MapView<'_>, key: &str, known: &[&str]) {
         for (name, k, _) in &m.entries {
             if !known.contains(name) {
-                let hint = known
-                    .iter()
-                    .find(|c| close(name, c))
-                    .map(|c| format!("; did you mean `{c}`?"))
-                    .unwrap_or_else(|| format!("; known here: {}", known.join(", ")));
+                let hint = hint(name, known);
                 self.problem(k.line, &join(key, name), format!("unknown key{hint}"));
             }
         }
@@ -233,39 +225,12 @@ pub(super) fn join(key: &str, name: &str) -> String {
     }
 }
 
-/// Close enough to suggest: differs by case, `-`/`_`, a trailing `s`, or
-/// one edit.
-pub(super) fn close(a: &str, b: &str) -> bool {
-    let norm = |s: &str| s.to_ascii_lowercase().replace('_', "-");
-    let (a, b) = (norm(a), norm(b));
-    if a == b || a.trim_end_matches('s') == b.trim_end_matches('s') {
-        return true;
+/// `; did you mean `k`?` for a likely typo, else the keys known here.
+fn hint(name: &str, known: &[&str]) -> String {
+    match crate::shared::did_you_mean::did_you_mean(name, known) {
+        Some(k) => format!("; did you mean `{k}`?"),
+        None => format!("; known here: {}", known.join(", ")),
     }
-    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
-    if a.len().abs_diff(b.len()) > 1 {
-        return false;
-    }
-    // Optimal string alignment distance ≤ 1 (one insertion, deletion,
-    // substitution or swap of neighbours: `remote-smpt`).
-    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
-    for (i, row) in d.iter_mut().enumerate() {
-        row[0] = i;
-    }
-    for (j, cell) in d[0].iter_mut().enumerate() {
-        *cell = j;
-    }
-    for i in 1..=a.len() {
-        for j in 1..=b.len() {
-            let cost = usize::from(a[i - 1] != b[j - 1]);
-            d[i][j] = (d[i - 1][j] + 1)
-                .min(d[i][j - 1] + 1)
-                .min(d[i - 1][j - 1] + cost);
-            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
-            }
-        }
-    }
-    d[a.len()][b.len()] <= 1
 }
 
 /// Python's `os.path.expandvars` (posixpath), which mail2alert applied
