@@ -9,8 +9,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mailgend::sandbox::SmtpSink;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+#[path = "common/raw_smtp.rs"]
+mod raw_smtp;
+use raw_smtp::{code, Raw};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -157,81 +161,6 @@ mailgend:
     }
 }
 
-/// A raw SMTP session.
-struct Raw {
-    rd: BufReader<tokio::net::tcp::OwnedReadHalf>,
-    wr: tokio::net::tcp::OwnedWriteHalf,
-}
-
-impl Raw {
-    async fn connect(port: u16) -> (Raw, String) {
-        Self::connect_from(port, "127.0.0.1").await
-    }
-
-    /// From a chosen loopback address (127.0.0.0/8 are all ours): another
-    /// "client IP" for the per-client limits.
-    async fn connect_from(port: u16, ip: &str) -> (Raw, String) {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind(format!("{ip}:0").parse().unwrap()).unwrap();
-        let s = sock
-            .connect(format!("127.0.0.1:{port}").parse().unwrap())
-            .await
-            .unwrap();
-        let (r, w) = s.into_split();
-        let mut raw = Raw {
-            rd: BufReader::new(r),
-            wr: w,
-        };
-        let greeting = raw.reply().await;
-        (raw, greeting)
-    }
-
-    /// One (possibly multi-line) reply; empty at EOF.
-    async fn reply(&mut self) -> String {
-        let mut all = String::new();
-        loop {
-            let mut line = String::new();
-            let n = tokio::time::timeout(WAIT, self.rd.read_line(&mut line))
-                .await
-                .expect("a reply in time")
-                .unwrap_or(0);
-            if n == 0 {
-                return all;
-            }
-            all.push_str(&line);
-            if line.len() < 4 || line.as_bytes()[3] != b'-' {
-                return all;
-            }
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        // The server may have hung up: the reply says so.
-        let _ = self.wr.write_all(bytes).await;
-    }
-
-    async fn cmd(&mut self, line: &str) -> String {
-        self.send(format!("{line}\r\n").as_bytes()).await;
-        self.reply().await
-    }
-
-    /// MAIL, RCPT…, DATA, the bytes, `.`: the final reply (after EHLO).
-    async fn mail(&mut self, from: &str, to: &[&str], data: &[u8]) -> String {
-        assert_eq!(code(&self.cmd(&format!("MAIL FROM:<{from}>")).await), "250");
-        for t in to {
-            assert_eq!(code(&self.cmd(&format!("RCPT TO:<{t}>")).await), "250");
-        }
-        assert_eq!(code(&self.cmd("DATA").await), "354");
-        self.send(data).await;
-        self.send(b".\r\n").await;
-        self.reply().await
-    }
-}
-
-fn code(reply: &str) -> &str {
-    &reply[..3.min(reply.len())]
-}
-
 /// Finding 2: GoCD state grew with every pipeline name a sender made up
 /// (200 mails with 400 kB names: 18 → 97 MB, and 200 MB of log).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,7 +174,7 @@ async fn gocd_state_stays_bounded_whatever_the_subjects() {
     for i in 0..100 {
         let data = format!("Subject: Stage [made-up-{i}/1/build/1] failed\r\n\r\nx\r\n");
         let r = raw
-            .mail("gocd@example.com", &["gocd@example.org"], data.as_bytes())
+            .transaction("gocd@example.com", &["gocd@example.org"], data.as_bytes())
             .await;
         assert_eq!(code(&r), "250", "{r}");
     }
@@ -253,7 +182,7 @@ async fn gocd_state_stays_bounded_whatever_the_subjects() {
     let data = b"Subject: Stage [made-up-0/2/build/1] passed\r\n\r\nx\r\n";
     assert_eq!(
         code(
-            &raw.mail("gocd@example.com", &["gocd@example.org"], data)
+            &raw.transaction("gocd@example.com", &["gocd@example.org"], data)
                 .await
         ),
         "250"
@@ -265,7 +194,7 @@ async fn gocd_state_stays_bounded_whatever_the_subjects() {
     for i in 0..60 {
         let data = format!("Subject: Stage [{huge}{i}/1/build/1] passed\r\n\r\nx\r\n");
         let r = raw
-            .mail("gocd@example.com", &["gocd@example.org"], data.as_bytes())
+            .transaction("gocd@example.com", &["gocd@example.org"], data.as_bytes())
             .await;
         assert_eq!(code(&r), "250", "{r}");
     }
@@ -405,7 +334,7 @@ async fn auth_guessing_is_slow_and_bounded_per_address() {
         .await;
     assert_eq!(code(&r), "235", "{r}");
     let r = raw
-        .mail(
+        .transaction(
             "gocd@example.com",
             &["gocd@example.org"],
             b"Subject: Stage [p/1/s/1] passed\r\n\r\nx\r\n",
@@ -472,7 +401,7 @@ async fn one_client_cannot_hold_every_slot_nor_dribble_data_forever() {
     assert_eq!(code(&d.cmd("RCPT TO:<gocd@example.org>").await), "250");
     assert_eq!(code(&d.cmd("DATA").await), "354");
     let started = Instant::now();
-    let Raw { mut rd, mut wr } = d;
+    let Raw { mut rd, mut wr, .. } = d;
     let writer = tokio::spawn(async move {
         for i in 0..20 {
             if wr
@@ -506,7 +435,7 @@ async fn one_client_cannot_hold_every_slot_nor_dribble_data_forever() {
     // Nothing of it was accepted; the other client still sends.
     other.cmd("EHLO other.test").await;
     let r = other
-        .mail(
+        .transaction(
             "gocd@example.com",
             &["gocd@example.org"],
             b"Subject: Stage [p/1/s/1] passed\r\n\r\nx\r\n",
@@ -789,7 +718,7 @@ mailgend:
         data.extend_from_slice(s);
         data.extend_from_slice(b"\r\n\r\nbody\r\n");
         let r = raw
-            .mail("alerts@example.org", &["x@example.net"], &data)
+            .transaction("alerts@example.org", &["x@example.net"], &data)
             .await;
         assert_eq!(code(&r), "250", "{r}");
         sent += 1;
@@ -799,7 +728,7 @@ mailgend:
         data.extend_from_slice(s);
         data.extend_from_slice(b"\r\n\r\nbody\r\n");
         let r = raw
-            .mail("gocd@example.com", &["gocd@example.org"], &data)
+            .transaction("gocd@example.com", &["gocd@example.org"], &data)
             .await;
         assert_eq!(code(&r), "250", "{r}");
         sent += 1;
@@ -885,11 +814,7 @@ async fn send_once(port: u16, token: &str) -> bool {
     else {
         return false;
     };
-    let (r, w) = s.into_split();
-    let mut raw = Raw {
-        rd: BufReader::new(r),
-        wr: w,
-    };
+    let mut raw = Raw::new(s);
     let step = async {
         if code(&raw.reply().await) != "220" {
             return false;

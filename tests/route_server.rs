@@ -14,8 +14,11 @@ use lettre::address::Envelope;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 use mailgend::sandbox::smtp_sink::{Failure, Fault, Scope, Stage};
 use mailgend::sandbox::SmtpSink;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[path = "common/raw_smtp.rs"]
+mod raw_smtp;
+use raw_smtp::{code, Raw};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -205,70 +208,6 @@ fn python_send(port: u16, from: &str, to: &[&str], data: &[u8]) -> String {
     child.stdin.take().unwrap().write_all(data).unwrap();
     let out = child.wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// A raw SMTP session.
-struct Raw {
-    rd: BufReader<tokio::net::tcp::OwnedReadHalf>,
-    wr: tokio::net::tcp::OwnedWriteHalf,
-}
-
-impl Raw {
-    async fn connect(port: u16) -> (Raw, String) {
-        let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let (r, w) = s.into_split();
-        let mut raw = Raw {
-            rd: BufReader::new(r),
-            wr: w,
-        };
-        let greeting = raw.reply().await;
-        (raw, greeting)
-    }
-
-    /// One (possibly multi-line) reply; empty at EOF.
-    async fn reply(&mut self) -> String {
-        let mut all = String::new();
-        loop {
-            let mut line = String::new();
-            let n = tokio::time::timeout(WAIT, self.rd.read_line(&mut line))
-                .await
-                .expect("a reply in time")
-                .unwrap_or(0);
-            if n == 0 {
-                return all;
-            }
-            all.push_str(&line);
-            if line.len() < 4 || line.as_bytes()[3] != b'-' {
-                return all;
-            }
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.wr.write_all(bytes).await.unwrap();
-    }
-
-    async fn cmd(&mut self, line: &str) -> String {
-        self.send(format!("{line}\r\n").as_bytes()).await;
-        self.reply().await
-    }
-
-    /// EHLO, MAIL, RCPT…, DATA, the bytes, `.`: the final reply.
-    async fn mail(&mut self, from: &str, to: &[&str], data: &[u8]) -> String {
-        assert!(self.cmd("EHLO raw.test").await.starts_with("250"));
-        assert_eq!(&self.cmd(&format!("MAIL FROM:<{from}>")).await[..3], "250");
-        for t in to {
-            assert_eq!(&self.cmd(&format!("RCPT TO:<{t}>")).await[..3], "250");
-        }
-        assert_eq!(&self.cmd("DATA").await[..3], "354");
-        self.send(data).await;
-        self.send(b".\r\n").await;
-        self.reply().await
-    }
-}
-
-fn code(reply: &str) -> &str {
-    &reply[..3.min(reply.len())]
 }
 
 /// The message as the client sent it: checks that `data` starts with one
