@@ -37,6 +37,7 @@ use crate::notify::db::wakeup::{self, Wakeup};
 use crate::notify::directive::{self, Group, GroupKey};
 use crate::notify::event::EventColumns;
 use crate::notify::pipeline::{self, Connections, GroupError, GroupOutcome, Pipeline, RunOptions};
+use crate::shared::shutdown::ShutdownSignal;
 use crate::shared::systemd;
 
 #[derive(Debug, thiserror::Error)]
@@ -100,18 +101,15 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
     // The endpoint before the database: while PostgreSQL is away at start,
     // scrapes show mailgend_up 0 and mailgend_database_up 0 rather than no
     // target at all.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop = ShutdownSignal::new();
     if let Some(addr) = config.service.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| ServiceError::MetricsBind { addr, source })?;
         info!("metrics on http://{addr}/metrics");
-        let mut stop = stop_rx.clone();
+        let shutdown = stop.subscribe().wait();
         let m = metrics.clone();
         tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stop.wait_for(|s| *s).await;
-            };
             if let Err(e) = crate::shared::metrics::serve(listener, m, shutdown).await {
                 error!("metrics endpoint stopped: {e}");
             }
@@ -333,7 +331,7 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
         pool.abort_all();
     }
     while pool.join_next().await.is_some() {}
-    let _ = stop_tx.send(true);
+    stop.trigger();
     signals_handle.close();
     info!("stopped");
     Ok(())

@@ -28,6 +28,7 @@ use tracing::{debug, error, info, warn};
 use super::forward::{add_bounce, decide_held, Decide, Forwarder, Queue};
 use super::spool::{Entry, Job, SpoolError, State};
 use super::{Envelope, Inbound};
+use crate::shared::shutdown::Shutdown;
 
 /// How often a held entry is looked at while its manager still holds it.
 pub const HELD_POLL: Duration = Duration::from_millis(250);
@@ -55,7 +56,7 @@ pub async fn run(
     queue: Arc<Queue>,
     forward: watch::Receiver<Arc<Forwarder>>,
     router: watch::Receiver<Arc<dyn Decide>>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     // id → when it is due.
     let mut due: BTreeMap<String, Instant> = BTreeMap::new();
@@ -66,7 +67,7 @@ pub async fn run(
     let mut relay_waiting: HashSet<String> = HashSet::new();
     let mut rescan = true;
     loop {
-        if *stop.borrow() {
+        if stop.is_shutdown() {
             return;
         }
         if rescan {
@@ -92,7 +93,7 @@ pub async fn run(
         let fw = forward.borrow().clone();
         let decide = router.borrow().clone();
         for id in ready {
-            if *stop.borrow() {
+            if stop.is_shutdown() {
                 return;
             }
             let (pass, delivered) = deliver(&queue, &fw, &*decide, &id).await;
@@ -145,7 +146,7 @@ pub async fn run(
                     }
                 }
             }
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.recv() => return,
         }
     }
 }

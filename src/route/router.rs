@@ -17,7 +17,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::route::actions::mailto;
@@ -28,6 +27,7 @@ use crate::route::managers::{self, gocd::GocdSource, BuildContext, Manager};
 use crate::route::metrics::{manager_labels, RouteMetrics};
 use crate::route::rules::{Facts, Verdict};
 use crate::route::{Delivery, Envelope, Inbound, Routing, SlackPost};
+use crate::shared::shutdown::ShutdownSignal;
 
 /// The running decision side. Send + Sync; share it behind an `Arc`.
 pub struct Router {
@@ -38,7 +38,7 @@ pub struct Router {
     routed: Vec<Option<prometheus_client::metrics::counter::Counter>>,
     metrics: Option<Arc<RouteMetrics>>,
     slack: Option<SlackClient>,
-    shutdown: watch::Sender<bool>,
+    shutdown: ShutdownSignal,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -109,7 +109,7 @@ impl Router {
             routed,
             metrics,
             slack,
-            shutdown: watch::channel(false).0,
+            shutdown: ShutdownSignal::new(),
             tasks: Mutex::new(Vec::new()),
         })
     }
@@ -134,7 +134,7 @@ impl Router {
 
     /// Stops the background tasks; `route` keeps working on the data it has.
     pub fn shutdown(&self) {
-        self.shutdown.send_replace(true);
+        self.shutdown.trigger();
         for t in self.tasks.lock().expect("not poisoned").drain(..) {
             t.abort();
         }

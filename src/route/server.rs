@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 use super::config::{ServerSettings, TlsFiles};
 use super::metrics::RouteMetrics;
 use super::Inbound;
+use crate::shared::shutdown::Shutdown;
 
 pub use clients::{Full, OpenConnections};
 pub use command::{parse as parse_command, Command, CommandError};
@@ -191,14 +192,14 @@ impl Server {
         self,
         config: watch::Receiver<Arc<SessionConfig>>,
         open: Arc<OpenConnections>,
-        mut stop: watch::Receiver<bool>,
+        mut stop: Shutdown,
     ) -> JoinSet<()> {
         let mut sessions = JoinSet::new();
         info!(addr = %self.addr, "listening for SMTP");
         loop {
             let accepted = tokio::select! {
                 a = self.listener.accept() => a,
-                _ = stop.wait_for(|s| *s) => break,
+                _ = stop.recv() => break,
                 // Reap finished sessions so the set does not grow.
                 Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
             };

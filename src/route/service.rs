@@ -44,6 +44,7 @@ use super::server::{self, OpenConnections, Server, ServerError, SessionConfig};
 use super::spool::{Spool, SpoolError};
 use super::{retry, Inbound, Routing, SlackPost};
 use crate::shared::metrics::Exposition;
+use crate::shared::shutdown::ShutdownSignal;
 use crate::shared::smtp::{Outbound, SmtpError};
 use crate::shared::systemd;
 
@@ -159,7 +160,7 @@ struct Listening {
     /// What `local-smtp` resolved to (a reload compares with it).
     requested: SocketAddr,
     addr: SocketAddr,
-    stop: watch::Sender<bool>,
+    stop: ShutdownSignal,
     task: JoinHandle<JoinSet<()>>,
 }
 
@@ -169,12 +170,14 @@ impl Listening {
         config: watch::Receiver<Arc<SessionConfig>>,
         open: Arc<OpenConnections>,
     ) -> Listening {
-        let (stop, stop_rx) = watch::channel(false);
+        let stop = ShutdownSignal::new();
+        let (requested, addr) = (server.requested_addr(), server.local_addr());
+        let task = tokio::spawn(server.serve(config, open, stop.subscribe()));
         Listening {
-            requested: server.requested_addr(),
-            addr: server.local_addr(),
+            requested,
+            addr,
             stop,
-            task: tokio::spawn(server.serve(config, open, stop_rx)),
+            task,
         }
     }
 
@@ -182,7 +185,7 @@ impl Listening {
     /// flight may finish within [`SHUTDOWN_DEADLINE`], then the rest is
     /// cut off.
     async fn drain(self) {
-        let _ = self.stop.send(true);
+        self.stop.trigger();
         let mut sessions = match self.task.await {
             Ok(s) => s,
             Err(e) => {
@@ -211,7 +214,7 @@ impl Listening {
 struct MetricsEndpoint {
     /// What `metrics-listen` resolved to (a reload compares with it).
     requested: SocketAddr,
-    stop: watch::Sender<bool>,
+    stop: ShutdownSignal,
     task: JoinHandle<()>,
 }
 
@@ -244,13 +247,11 @@ impl MetricsEndpoint {
         (requested, listener): (SocketAddr, TcpListener),
         page: Arc<Scrape>,
     ) -> MetricsEndpoint {
-        let (stop, mut stop_rx) = watch::channel(false);
+        let stop = ShutdownSignal::new();
         let addr = listener.local_addr().unwrap_or(requested);
         info!("metrics on http://{addr}/metrics");
+        let shutdown = stop.subscribe().wait();
         let task = tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stop_rx.wait_for(|s| *s).await;
-            };
             if let Err(e) = crate::shared::metrics::serve(listener, page, shutdown).await {
                 error!("the metrics endpoint stopped: {e}");
             }
@@ -263,7 +264,7 @@ impl MetricsEndpoint {
     }
 
     async fn stop(self) {
-        let _ = self.stop.send(true);
+        self.stop.trigger();
         let _ = self.task.await;
     }
 }
@@ -360,7 +361,7 @@ pub async fn run(path: &Path) -> Result<(), RouteServiceError> {
 
     let (session_tx, session_rx) = watch::channel(current.session.clone());
     let (forward_tx, forward_rx) = watch::channel(current.forward.clone());
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = ShutdownSignal::new();
     let mut listening = Listening::start(server, session_rx.clone(), open.clone());
     // Listeners given up by a reload, finishing their sessions.
     let mut draining: JoinSet<()> = JoinSet::new();
@@ -369,7 +370,7 @@ pub async fn run(path: &Path) -> Result<(), RouteServiceError> {
         queue.clone(),
         forward_rx,
         router_rx,
-        stop_rx.clone(),
+        stop.subscribe(),
     ));
 
     let status = |addr: SocketAddr, g: &Generation| {
@@ -444,7 +445,7 @@ pub async fn run(path: &Path) -> Result<(), RouteServiceError> {
     // Shutdown: stop accepting; idle sessions hear 421, transactions in
     // flight get the deadline to finish (on every listener).
     systemd::stopping();
-    let _ = stop_tx.send(true);
+    stop.trigger();
     draining.spawn(listening.drain());
     while draining.join_next().await.is_some() {}
     // The worker ends after its current attempt (progress is recorded).

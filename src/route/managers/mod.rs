@@ -13,12 +13,12 @@ pub mod mail;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::route::config::{ManagerConfig, ManagerSettings, MapView, Reader, RuleConfig};
 use crate::route::metrics::RouteMetrics;
 use crate::route::rules::Facts;
+use crate::shared::shutdown::Shutdown;
 
 /// A running manager.
 pub trait Manager: Send + Sync {
@@ -26,7 +26,7 @@ pub trait Manager: Send + Sync {
 
     /// Starts background work (GoCD polling); stopped when `shutdown`
     /// becomes true.
-    fn start(&self, _shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+    fn start(&self, _shutdown: Shutdown) -> Vec<JoinHandle<()>> {
         Vec::new()
     }
 

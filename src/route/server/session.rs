@@ -29,7 +29,6 @@ use std::task::{Context, Poll};
 use base64::Engine;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::clients::OpenConnections;
@@ -37,6 +36,7 @@ use super::command::{self, printable, Command};
 use super::SessionConfig;
 use crate::route::limit::WarnLimiter;
 use crate::route::{Envelope, Inbound};
+use crate::shared::shutdown::Shutdown;
 
 mod auth;
 mod read;
@@ -117,7 +117,7 @@ pub(super) async fn run(
     peer: SocketAddr,
     cfg: Arc<SessionConfig>,
     clients: Arc<OpenConnections>,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) {
     debug!(%peer, "SMTP connection");
     let mut s = Session {
@@ -155,7 +155,7 @@ struct Session {
     peer: SocketAddr,
     cfg: Arc<SessionConfig>,
     clients: Arc<OpenConnections>,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
     helo: Option<String>,
     tls_active: bool,
     authed: bool,
@@ -220,7 +220,7 @@ impl Session {
                     LineRead::Eof => Incoming::Eof,
                 }),
             },
-            _ = stop.wait_for(|s| *s), if idle => Ok(Incoming::Stop),
+            _ = stop.recv(), if idle => Ok(Incoming::Stop),
         }
     }
 
@@ -228,7 +228,7 @@ impl Session {
         let host = self.cfg.hostname.clone();
         self.reply(&format!("220 {host} ESMTP mailgend route"));
         loop {
-            if *self.stop.borrow() && self.txn.is_none() {
+            if self.stop.is_shutdown() && self.txn.is_none() {
                 self.reply(&format!("421 4.3.2 {host} Service shutting down"));
                 return self.flush().await;
             }

@@ -18,6 +18,7 @@ use super::state::{Advanced, BuildState, StateTable};
 use super::{GocdSettings, PipelineGroups};
 use crate::route::limit::{clip, WarnLimiter, LOG_CLIP};
 use crate::route::metrics::FetchCounters;
+use crate::shared::shutdown::Shutdown;
 
 /// Largest answer read from GoCD (a big installation's pipeline groups
 /// are a few MB).
@@ -305,7 +306,7 @@ impl GocdSource {
     }
 
     /// Refreshes every `refresh_interval` until `shutdown` turns true.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
         if self.settings.url.is_empty() {
             return;
         }
@@ -313,7 +314,7 @@ impl GocdSource {
             let started = Instant::now();
             tokio::select! {
                 _ = self.refresh() => {}
-                _ = shutdown.wait_for(|s| *s) => return,
+                _ = shutdown.recv() => return,
             }
             let next = self
                 .settings
@@ -321,7 +322,7 @@ impl GocdSource {
                 .saturating_sub(started.elapsed());
             tokio::select! {
                 _ = tokio::time::sleep(next) => {}
-                _ = shutdown.wait_for(|s| *s) => return,
+                _ = shutdown.recv() => return,
             }
         }
     }

@@ -22,13 +22,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{BuildContext, Manager, ManagerSpec};
 use crate::route::config::{ManagerConfig, ManagerSettings, MapView, Reader, RuleConfig};
 use crate::route::limit::{clip, LOG_CLIP};
 use crate::route::rules::{Facts, Verdict};
+use crate::shared::shutdown::Shutdown;
 
 pub use fetch::GocdSource;
 
@@ -298,7 +298,7 @@ impl Manager for GocdManager {
         &self.cfg
     }
 
-    fn start(&self, shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+    fn start(&self, shutdown: Shutdown) -> Vec<JoinHandle<()>> {
         vec![tokio::spawn(self.source.clone().run(shutdown))]
     }
 
