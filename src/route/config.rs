@@ -270,7 +270,7 @@ impl RuleConfig {
 }
 
 /// One problem with the configuration file.
-pub type RouteConfigProblem = crate::config::LocatedProblem;
+pub type RouteConfigProblem = crate::shared::problem::LocatedProblem;
 
 /// Every problem found; the configuration is refused as a whole.
 #[derive(Debug, Clone, thiserror::Error)]

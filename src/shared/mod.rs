@@ -3,7 +3,8 @@
 //! - [`smtp`]: the outbound SMTP client (TLS, AUTH, failure classes) and
 //!   its settings.
 //! - [`address`]: recipient addresses from untrusted data.
-//! - [`did_you_mean`]: the hint for a mistyped configuration key.
+//! - [`problem`], [`did_you_mean`]: a configuration problem located in
+//!   its file, and the hint for a mistyped key.
 //! - [`metrics`]: the exposition formats, build-info and process series,
 //!   and the `/metrics` HTTP endpoint.
 //! - [`logging`]: plain-text or journald logging, one line per event.
@@ -15,6 +16,7 @@ pub mod address;
 pub mod did_you_mean;
 pub mod logging;
 pub mod metrics;
+pub mod problem;
 pub mod secret_file;
 pub mod shutdown;
 pub mod smtp;

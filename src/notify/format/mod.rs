@@ -44,7 +44,7 @@ use crate::notify::ticket::Ticket;
 pub const OBSERVATION_KEY: &str = "time.observation";
 
 /// One problem in the format files.
-pub type FormatProblem = crate::config::LocatedProblem;
+pub type FormatProblem = crate::shared::problem::LocatedProblem;
 
 /// Every problem found while loading the formats; the set is refused.
 #[derive(Debug, Clone, thiserror::Error)]
