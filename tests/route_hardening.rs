@@ -3,7 +3,6 @@
 //! client would. Each test names the finding it guards.
 
 use std::collections::BTreeSet;
-use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,17 +13,9 @@ use tokio::net::TcpStream;
 
 #[path = "common/raw_smtp.rs"]
 mod raw_smtp;
-use raw_smtp::{code, Raw};
+use raw_smtp::{code, free_port, Raw};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A running `mailgend route` on `dir/configuration.yml`, logging to
 /// `dir/route.log` (plain text, as under a terminal or a log file).

@@ -18,17 +18,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[path = "common/raw_smtp.rs"]
 mod raw_smtp;
-use raw_smtp::{code, Raw};
+use raw_smtp::{code, free_port, Raw};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A configuration: one `mail` manager taking mail from
 /// alerts@example.org (subject words server+backup → backup-team), one

@@ -104,3 +104,12 @@ impl Raw {
 pub fn code(reply: &str) -> &str {
     &reply[..3.min(reply.len())]
 }
+
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
