@@ -481,17 +481,31 @@ async fn two_instances_over_tls_one_started_before_the_database() {
         read(&a_log),
         read(&b_log)
     );
-    // Both over verified TLS with their client certificate.
-    let sessions = admin
-        .query(
-            "SELECT a.application_name, s.ssl, s.client_dn FROM pg_stat_activity a \
-               JOIN pg_stat_ssl s USING (pid) WHERE a.application_name LIKE 'mailgend/%'",
-            &[],
-        )
-        .await
-        .unwrap();
-    let names: std::collections::BTreeSet<String> = sessions.iter().map(|r| r.get(0)).collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    // Both over verified TLS with their client certificate. A reconnects
+    // on its own backoff (1 s, 2 s, 4 s …), so B may have sent everything
+    // before A is back: wait for A's sessions rather than assume them.
+    let start = std::time::Instant::now();
+    let sessions = loop {
+        let sessions = admin
+            .query(
+                "SELECT a.application_name, s.ssl, s.client_dn FROM pg_stat_activity a \
+                   JOIN pg_stat_ssl s USING (pid) WHERE a.application_name LIKE 'mailgend/%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let names: std::collections::BTreeSet<String> =
+            sessions.iter().map(|r| r.get(0)).collect();
+        if names.len() == 2 {
+            break sessions;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{names:?}\nA:\n{}",
+            read(&a_log)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     for r in &sessions {
         let (ssl, dn): (bool, Option<String>) = (r.get(1), r.get(2));
         assert!(ssl && dn.as_deref() == Some("/CN=certuser"));

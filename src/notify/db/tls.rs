@@ -17,6 +17,8 @@
 //! `sslnegotiation=direct`, and its key-file permission check.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
 
 use postgres_native_tls::MakeTlsConnector;
 
@@ -139,7 +141,21 @@ impl Settings {
 
     /// The connector that makes the TLS session (certificate checks
     /// included); tokio-postgres decides whether to use it.
+    ///
+    /// Built once per process and kept: building one loads the system's
+    /// CA bundle, which OpenSSL 3 parses certificate by certificate (tens
+    /// of milliseconds of CPU), and every worker opens two connections.
+    /// Built per connection, that was a whole core for a second at every
+    /// start, doubled the one-shot's CPU and put the service's first mails
+    /// ~1 s late (docs/performance.md, session 6). The key holds the files'
+    /// modification times, so a renewed certificate or key is read at the
+    /// next connection.
     pub fn connector(&self) -> Result<MakeTlsConnector, TlsError> {
+        static CACHE: Cache<MakeTlsConnector> = Cache::new();
+        CACHE.get_or_build(self, || self.build_connector())
+    }
+
+    fn build_connector(&self) -> Result<MakeTlsConnector, TlsError> {
         let mut b = native_tls::TlsConnector::builder();
         match &self.roots {
             None => {
@@ -194,6 +210,59 @@ impl Settings {
             SslMode::Disable | SslMode::Allow => T::Disable,
             SslMode::Prefer => T::Prefer,
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => T::Require,
+        }
+    }
+}
+
+/// The last connector built, and what from.
+struct Cache<T> {
+    slot: Mutex<Option<(CacheKey, T)>>,
+}
+
+impl<T: Clone> Cache<T> {
+    const fn new() -> Cache<T> {
+        Cache {
+            slot: Mutex::new(None),
+        }
+    }
+
+    fn get_or_build<E>(&self, s: &Settings, build: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+        let key = CacheKey::of(s);
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((k, c)) = slot.as_ref() {
+            if *k == key {
+                return Ok(c.clone());
+            }
+        }
+        let built = build()?;
+        *slot = Some((key, built.clone()));
+        Ok(built)
+    }
+}
+
+/// What a cached connector was built from.
+#[derive(PartialEq, Eq)]
+struct CacheKey {
+    settings: Settings,
+    modified: Vec<Option<SystemTime>>,
+}
+
+impl CacheKey {
+    fn of(s: &Settings) -> CacheKey {
+        let mut files: Vec<&Path> = Vec::new();
+        if let Some(RootCert::File(p)) = &s.roots {
+            files.push(p);
+        }
+        if let Some((c, k)) = &s.identity {
+            files.push(c);
+            files.push(k);
+        }
+        CacheKey {
+            settings: s.clone(),
+            modified: files
+                .into_iter()
+                .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+                .collect(),
         }
     }
 }
@@ -307,5 +376,51 @@ mod tests {
             ),
             Err(TlsError::SystemNeedsVerifyFull(SslMode::Require))
         ));
+    }
+
+    #[test]
+    fn a_connector_is_built_once_per_settings_and_again_when_a_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root.crt");
+        std::fs::write(&root, "old").unwrap();
+        let cache: Cache<u32> = Cache::new();
+        let builds = std::cell::Cell::new(0u32);
+        let build = || -> Result<u32, ()> {
+            builds.set(builds.get() + 1);
+            Ok(builds.get())
+        };
+        let prefer = Settings {
+            mode: SslMode::Prefer,
+            roots: Some(RootCert::File(root.clone())),
+            identity: None,
+        };
+        assert_eq!(cache.get_or_build(&prefer, build), Ok(1));
+        assert_eq!(cache.get_or_build(&prefer, build), Ok(1));
+        assert_eq!(
+            builds.get(),
+            1,
+            "same settings, same files: no second build"
+        );
+
+        let require = Settings {
+            mode: SslMode::Require,
+            ..prefer.clone()
+        };
+        assert_eq!(cache.get_or_build(&require, build), Ok(2));
+
+        // A renewed root certificate: a newer modification time.
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&root)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        assert_eq!(cache.get_or_build(&require, build), Ok(3));
+        assert_eq!(cache.get_or_build(&require, build), Ok(3));
+
+        // A failed build keeps nothing.
+        assert_eq!(cache.get_or_build(&prefer, || Err(())), Err(()));
+        assert_eq!(cache.get_or_build(&prefer, build), Ok(4));
     }
 }
