@@ -28,6 +28,8 @@
 //! - [`shared`]: what both daemons use: the outbound SMTP client and its
 //!   settings, recipient addresses, the metrics exposition and `/metrics`
 //!   endpoint, logging, and systemd notification.
+//! - [`fuzzing`]: the fuzz targets' bodies (`fuzz/` wraps them), so the
+//!   normal build compiles and tests them.
 //! - [`sandbox`]: throw-away PostgreSQL, SMTP receiver and event feed for
 //!   the tests, `demo` and `bench`; never used by the daemons.
 //!
@@ -36,6 +38,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod fuzzing;
 pub mod notify;
 pub mod route;
 pub mod sandbox;
