@@ -210,7 +210,17 @@ fn parse_help(text: &str) -> (Vec<String>, Vec<String>) {
 /// Every key `src/config/` accepts, dotted (`smtp.tls`): the top-level
 /// keys and the known keys of each `r.section(...)`.
 fn config_keys() -> BTreeSet<String> {
-    let src = read("src/config/mod.rs");
+    // The top-level keys are in `mod.rs`, each section's in its own file.
+    let mut names: Vec<_> = std::fs::read_dir(repo_path("src/config"))
+        .expect("src/config/")
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".rs"))
+        .collect();
+    names.sort();
+    let src: String = names
+        .iter()
+        .map(|n| read(&format!("src/config/{n}")))
+        .collect();
     let quoted = |s: &str| -> Vec<String> {
         s.split('"')
             .enumerate()
