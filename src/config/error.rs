@@ -3,25 +3,11 @@
 
 use std::fmt;
 
-/// One problem with the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigProblem {
-    /// The file the offending key came from (or the files searched).
-    pub file: String,
-    /// Dotted key path, e.g. `smtp.port`; empty for whole-file problems.
-    pub key: String,
-    pub reason: String,
-}
-
-impl fmt::Display for ConfigProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.key.is_empty() {
-            write!(f, "{}: {}", self.file, self.reason)
-        } else {
-            write!(f, "{}: key `{}`: {}", self.file, self.key, self.reason)
-        }
-    }
-}
+/// One problem with the configuration: the file the offending key came
+/// from (or the files searched), the dotted key path (`smtp.port`, empty
+/// for whole-file problems) and the reason. The JSON reader has no lines,
+/// so `line` is always `None` and it prints as `file: key `k`: reason`.
+pub type ConfigProblem = crate::shared::problem::LocatedProblem;
 
 /// Every problem found while loading; the config is refused as a whole.
 #[derive(Debug, Clone, thiserror::Error)]

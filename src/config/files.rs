@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
+use crate::shared::problem::Problems;
+
 use super::{ConfigError, ConfigProblem, SYSTEM_CONFIG, USER_CONFIG};
 
 /// Which files to read.
@@ -86,30 +88,27 @@ fn read_json_file(
         // inaccessible: for the optional user file that means "no file".
         Err(e) if optional && e.kind() == std::io::ErrorKind::PermissionDenied => return Ok(None),
         Err(e) => {
-            return Err(ConfigProblem {
-                file: path.display().to_string(),
-                key: String::new(),
-                reason: format!("cannot read: {e}"),
-            })
+            return Err(ConfigProblem::whole_file(
+                path.display().to_string(),
+                format!("cannot read: {e}"),
+            ))
         }
     };
     match serde_json::from_str::<Value>(&text) {
         Ok(Value::Object(map)) => Ok(Some(map)),
-        Ok(_) => Err(ConfigProblem {
-            file: path.display().to_string(),
-            key: String::new(),
-            reason: "the top level must be a JSON object".into(),
-        }),
-        Err(e) => Err(ConfigProblem {
-            file: path.display().to_string(),
-            key: String::new(),
-            reason: format!("not valid JSON: {e}"),
-        }),
+        Ok(_) => Err(ConfigProblem::whole_file(
+            path.display().to_string(),
+            "the top level must be a JSON object",
+        )),
+        Err(e) => Err(ConfigProblem::whole_file(
+            path.display().to_string(),
+            format!("not valid JSON: {e}"),
+        )),
     }
 }
 
 pub(super) fn merge(source: &ConfigSource) -> Result<Merged, ConfigError> {
-    let mut problems = Vec::new();
+    let mut problems = Problems::new();
     let mut merged = Merged {
         root: Map::new(),
         origin: BTreeMap::new(),
@@ -117,11 +116,10 @@ pub(super) fn merge(source: &ConfigSource) -> Result<Merged, ConfigError> {
     };
     let system = source.system_path();
     if source.system_file.is_some() && !system.exists() {
-        problems.push(ConfigProblem {
-            file: system.display().to_string(),
-            key: String::new(),
-            reason: "file does not exist".into(),
-        });
+        problems.refuse(ConfigProblem::whole_file(
+            system.display().to_string(),
+            "file does not exist",
+        ));
     }
     let mut paths = vec![(system, false)];
     paths.extend(source.user_path().map(|p| (p, true)));
@@ -130,7 +128,7 @@ pub(super) fn merge(source: &ConfigSource) -> Result<Merged, ConfigError> {
             Ok(Some(m)) => m,
             Ok(None) => continue,
             Err(p) => {
-                problems.push(p);
+                problems.refuse(p);
                 continue;
             }
         };
@@ -156,8 +154,8 @@ pub(super) fn merge(source: &ConfigSource) -> Result<Merged, ConfigError> {
             }
         }
     }
-    if !problems.is_empty() {
-        return Err(ConfigError(problems));
+    if let Err(refusal) = problems.finish() {
+        return Err(ConfigError(refusal.problems));
     }
     if merged.files.is_empty() {
         let searched = std::iter::once(source.system_path())
@@ -165,11 +163,10 @@ pub(super) fn merge(source: &ConfigSource) -> Result<Merged, ConfigError> {
             .map(|p| p.display().to_string())
             .collect::<Vec<_>>()
             .join(", ");
-        return Err(ConfigError(vec![ConfigProblem {
-            file: searched,
-            key: String::new(),
-            reason: "no configuration found".into(),
-        }]));
+        return Err(ConfigError(vec![ConfigProblem::whole_file(
+            searched,
+            "no configuration found",
+        )]));
     }
     Ok(merged)
 }

@@ -22,6 +22,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
+use crate::shared::problem::Problems;
 use crate::shared::smtp::SmtpConfig;
 
 pub use database::{DatabaseConfig, RootCert, SessionAttrs, SslMode};
@@ -95,18 +96,16 @@ impl Config {
         let root = match serde_json::from_str::<Value>(text) {
             Ok(Value::Object(m)) => m,
             Ok(_) => {
-                return Err(ConfigError(vec![ConfigProblem {
-                    file: name.into(),
-                    key: String::new(),
-                    reason: "the top level must be a JSON object".into(),
-                }]))
+                return Err(ConfigError(vec![ConfigProblem::whole_file(
+                    name,
+                    "the top level must be a JSON object",
+                )]))
             }
             Err(e) => {
-                return Err(ConfigError(vec![ConfigProblem {
-                    file: name.into(),
-                    key: String::new(),
-                    reason: format!("not valid JSON: {e}"),
-                }]))
+                return Err(ConfigError(vec![ConfigProblem::whole_file(
+                    name,
+                    format!("not valid JSON: {e}"),
+                )]))
             }
         };
         let merged = Merged {
@@ -120,16 +119,11 @@ impl Config {
     fn from_merged(merged: &Merged) -> Result<Config, ConfigError> {
         let mut r = Reader {
             merged,
-            problems: Vec::new(),
-            unknown: Vec::new(),
+            problems: Problems::new(),
         };
         for k in merged.root.keys() {
             if !TOP_KEYS.contains(&k.as_str()) {
-                r.unknown.push(ConfigProblem {
-                    file: merged.origin_of(k),
-                    key: k.clone(),
-                    reason: unknown_key(k, TOP_KEYS),
-                });
+                r.warn(k, unknown_key(k, TOP_KEYS));
             }
         }
 
@@ -186,9 +180,10 @@ impl Config {
         let service = service::read(&mut r);
 
         r.warn_exposed_secrets(&openpgp, key_file_key);
-        if !r.problems.is_empty() {
-            return Err(ConfigError(r.problems));
-        }
+        let unknown_keys = match r.problems.finish() {
+            Ok(warnings) => warnings,
+            Err(refusal) => return Err(ConfigError(refusal.problems)),
+        };
         Ok(Config {
             database,
             smtp,
@@ -204,7 +199,7 @@ impl Config {
             xarf_schemacache,
             service,
             files: merged.files.clone(),
-            unknown_keys: r.unknown,
+            unknown_keys,
             rollback_problems: rollback_problems(merged),
         })
     }

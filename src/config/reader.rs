@@ -6,22 +6,30 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::files::Merged;
+use crate::shared::problem::Problems;
+
 use super::{ConfigProblem, OpenPgpConfig};
 
 /// Reads typed values out of the merged JSON, collecting every problem.
 pub(super) struct Reader<'a> {
     pub(super) merged: &'a Merged,
-    pub(super) problems: Vec<ConfigProblem>,
-    pub(super) unknown: Vec<ConfigProblem>,
+    pub(super) problems: Problems,
 }
 
 impl<'a> Reader<'a> {
-    pub(super) fn problem(&mut self, key: &str, reason: impl Into<String>) {
-        self.problems.push(ConfigProblem {
+    /// `key` with the file it came from.
+    fn at(&self, key: &str, reason: impl Into<String>) -> ConfigProblem {
+        ConfigProblem {
             file: self.merged.origin_of(key),
+            line: None,
             key: key.to_string(),
             reason: reason.into(),
-        });
+        }
+    }
+
+    pub(super) fn problem(&mut self, key: &str, reason: impl Into<String>) {
+        let p = self.at(key, reason);
+        self.problems.refuse(p);
     }
 
     pub(super) fn lookup(&self, key: &str) -> Option<&'a Value> {
@@ -58,11 +66,8 @@ impl<'a> Reader<'a> {
 
     /// A WARN about `key` that does not refuse the configuration.
     pub(super) fn warn(&mut self, key: &str, reason: impl Into<String>) {
-        self.unknown.push(ConfigProblem {
-            file: self.merged.origin_of(key),
-            key: key.to_string(),
-            reason: reason.into(),
-        });
+        let p = self.at(key, reason);
+        self.problems.warn(p);
     }
 
     pub(super) fn section(&mut self, key: &str, known: &[&str]) -> bool {
@@ -72,11 +77,7 @@ impl<'a> Reader<'a> {
                 for k in map.keys() {
                     if !known.contains(&k.as_str()) {
                         let full = format!("{key}.{k}");
-                        self.unknown.push(ConfigProblem {
-                            file: self.merged.origin_of(&full),
-                            key: full,
-                            reason: unknown_key(k, known),
-                        });
+                        self.warn(&full, unknown_key(k, known));
                     }
                 }
                 true

@@ -14,6 +14,7 @@ pub(super) fn rollback_problems(merged: &Merged) -> Vec<ConfigProblem> {
     let mut note = |key: &str, reason: String| {
         out.push(ConfigProblem {
             file: merged.origin_of(key),
+            line: None,
             key: key.to_string(),
             reason: format!("rollback: {reason}"),
         })
