@@ -23,12 +23,9 @@ pub(super) fn read(r: &mut Reader) -> (SmtpConfig, Option<usize>) {
             "max_message_size",
         ],
     );
-    let tls = match r.string("smtp.tls").as_deref() {
-        None | Some("none") => SmtpTls::None,
-        Some("starttls") => SmtpTls::StartTls,
-        Some("opportunistic") => SmtpTls::Opportunistic,
-        Some("tls") | Some("implicit") => SmtpTls::Implicit,
-        Some(other) => {
+    let tls = match r.string("smtp.tls") {
+        None => SmtpTls::None,
+        Some(other) => SmtpTls::parse(&other).unwrap_or_else(|| {
             r.problem(
                 "smtp.tls",
                 format!(
@@ -37,7 +34,7 @@ pub(super) fn read(r: &mut Reader) -> (SmtpConfig, Option<usize>) {
                 ),
             );
             SmtpTls::None
-        }
+        }),
     };
     let ca_file = r.string("smtp.ca_file").map(PathBuf::from);
     if let Some(p) = &ca_file {
