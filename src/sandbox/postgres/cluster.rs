@@ -201,11 +201,7 @@ impl PgCluster {
             "pg_ctl stop -m fast",
         );
         if fast.is_err() {
-            run(
-                self.pg_ctl()
-                    .args(["stop", "-m", "immediate", "-w", "-t", "30"]),
-                "pg_ctl stop -m immediate",
-            )?;
+            self.kill()?;
         }
         self.running = false;
         Ok(())
