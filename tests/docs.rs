@@ -13,6 +13,10 @@
 //! `send --all --dry-run`, `status`, `in-doubt list`, `send --all`) and
 //! `in-doubt discard` are run for real here, against a sandbox database and
 //! SMTP receiver.
+//!
+//! Long (over 800 lines) because it is the one place where docs and source
+//! meet: the documented commands with their tests, and a reader for each
+//! form it compares (`--help`, roff, Markdown, the source's messages).
 
 mod common;
 
