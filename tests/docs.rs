@@ -2,7 +2,7 @@
 //!
 //! - every subcommand and long option that `mailgend --help` (and each
 //!   subcommand's `--help`) prints is in `man/mailgend.8`;
-//! - every key `src/config.rs` accepts is in `man/mailgend.conf.5` and in
+//! - every key `src/config/` accepts is in `man/mailgend.conf.5` and in
 //!   `docs/config.md`;
 //! - both man pages render with groff without a warning;
 //! - every `mailgend …` command shown in a fenced code block of README.md
@@ -13,6 +13,10 @@
 //! `send --all --dry-run`, `status`, `in-doubt list`, `send --all`) and
 //! `in-doubt discard` are run for real here, against a sandbox database and
 //! SMTP receiver.
+//!
+//! Long (over 800 lines) because it is the one place where docs and source
+//! meet: the documented commands with their tests, and a reader for each
+//! form it compares (`--help`, roff, Markdown, the source's messages).
 
 mod common;
 
@@ -207,10 +211,20 @@ fn parse_help(text: &str) -> (Vec<String>, Vec<String>) {
     (commands, options)
 }
 
-/// Every key `src/config.rs` accepts, dotted (`smtp.tls`): the top-level
+/// Every key `src/config/` accepts, dotted (`smtp.tls`): the top-level
 /// keys and the known keys of each `r.section(...)`.
 fn config_keys() -> BTreeSet<String> {
-    let src = read("src/config.rs");
+    // The top-level keys are in `mod.rs`, each section's in its own file.
+    let mut names: Vec<_> = std::fs::read_dir(repo_path("src/config"))
+        .expect("src/config/")
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".rs"))
+        .collect();
+    names.sort();
+    let src: String = names
+        .iter()
+        .map(|n| read(&format!("src/config/{n}")))
+        .collect();
     let quoted = |s: &str| -> Vec<String> {
         s.split('"')
             .enumerate()
@@ -222,7 +236,7 @@ fn config_keys() -> BTreeSet<String> {
     let top = src
         .split("const TOP_KEYS: &[&str] = &[")
         .nth(1)
-        .expect("TOP_KEYS in src/config.rs");
+        .expect("TOP_KEYS in src/config/mod.rs");
     keys.extend(quoted(&top[..top.find("];").unwrap()]));
     let mut sections = 0;
     for call in src.split("r.section(").skip(1) {

@@ -1,10 +1,14 @@
 //! `mailgend route` against a hostile network (issue 16): the real binary,
 //! a real relay ([`SmtpSink`]) and raw SMTP clients that do what no polite
 //! client would. Each test names the finding it guards.
+//!
+//! Long (over 800 lines) because each test is one whole scenario against
+//! the real binary with its own configuration and traffic; what they share
+//! (starting the router, the raw SMTP client) is in `tests/common/`.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mailgend::sandbox::SmtpSink;
@@ -15,63 +19,33 @@ use tokio::net::TcpStream;
 mod raw_smtp;
 use raw_smtp::{code, free_port, Raw};
 
+#[path = "common/route_process.rs"]
+mod route_process;
+use route_process::RouteProcess;
+
 const WAIT: Duration = Duration::from_secs(20);
 
 /// A running `mailgend route` on `dir/configuration.yml`, logging to
 /// `dir/route.log` (plain text, as under a terminal or a log file).
 struct Route {
-    child: Child,
-    log: PathBuf,
+    process: RouteProcess,
     port: u16,
     metrics: u16,
 }
 
+impl std::ops::Deref for Route {
+    type Target = RouteProcess;
+    fn deref(&self) -> &RouteProcess {
+        &self.process
+    }
+}
+
 impl Route {
     fn start(dir: &Path, port: u16, metrics: u16) -> Route {
-        let log = dir.join("route.log");
-        let before = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default())
-            .matches("mailgend route running")
-            .count();
-        // Appended: a restarted router's lines follow the killed one's.
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_mailgend"))
-            .arg("route")
-            .arg("-c")
-            .arg(dir.join("configuration.yml"))
-            .env("LOGLEVEL", "DEBUG")
-            .env_remove("MAILGEND_LOG")
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn mailgend route");
-        let r = Route {
-            child,
-            log,
+        Route {
+            process: RouteProcess::start(dir, WAIT),
             port,
             metrics,
-        };
-        r.wait_log("mailgend route running", before + 1);
-        r
-    }
-
-    fn log(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
-    }
-
-    fn wait_log(&self, needle: &str, n: usize) {
-        let start = Instant::now();
-        while self.log().matches(needle).count() < n {
-            assert!(
-                start.elapsed() < WAIT,
-                "no {n}× {needle:?} in the log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -101,13 +75,6 @@ impl Route {
             .trim()
             .parse()
             .unwrap()
-    }
-}
-
-impl Drop for Route {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -4,11 +4,15 @@
 //! what the gocd manager learnt when GoCD's settings are unchanged, and
 //! SIGHUP moving `local-smtp` and changing `max-connections` without a
 //! restart.
+//!
+//! Long (over 800 lines) because each test is one whole scenario against
+//! the real binary with its own configuration and traffic; what they share
+//! (starting the router, the raw SMTP client) is in `tests/common/`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener as StdListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,13 +26,13 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[path = "common/raw_smtp.rs"]
 mod raw_smtp;
-use raw_smtp::{code, Raw};
+use raw_smtp::{code, free_port, Raw};
+
+#[path = "common/route_process.rs"]
+mod route_process;
+use route_process::RouteProcess as Route;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn free_port() -> u16 {
-    free_ports::<1>()[0]
-}
 
 /// `N` distinct free ports (held together while picked, so no two are the
 /// same).
@@ -143,82 +147,8 @@ fn cctray(ppp: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------
-// The binary, SMTP clients, the scraper
+// SMTP clients, the scraper (the binary: common/route_process.rs)
 // ---------------------------------------------------------------------------
-
-struct Route {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Route {
-    fn spawn(config: &Path, log: &Path) -> Route {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_mailgend"))
-            .arg("route")
-            .arg("-c")
-            .arg(config)
-            .env("LOGLEVEL", "DEBUG")
-            .env_remove("MAILGEND_LOG")
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn mailgend route");
-        Route {
-            child,
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn start(dir: &Path) -> Route {
-        let r = Self::spawn(&dir.join("configuration.yml"), &dir.join("route.log"));
-        r.wait_log("mailgend route running", 1);
-        r
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_log(&self, needle: &str, n: usize) {
-        let start = Instant::now();
-        while self.log().matches(needle).count() < n {
-            assert!(
-                start.elapsed() < WAIT,
-                "no {n}× {needle:?} in the log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-
-    fn stop(mut self) -> Option<i32> {
-        self.signal("TERM");
-        self.child.wait().unwrap().code()
-    }
-}
-
-impl Drop for Route {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 async fn lettre_send(port: u16, from: &str, to: &[&str], data: &[u8]) {
     let data = data.strip_suffix(b"\r\n").unwrap_or(data);
@@ -329,7 +259,7 @@ mailgend:
         spool = dir.path().join("spool").display(),
     );
     std::fs::write(dir.path().join("configuration.yml"), &text).unwrap();
-    let route = Route::start(dir.path());
+    let route = Route::start(dir.path(), WAIT);
     route.wait_log(&format!("metrics on http://127.0.0.1:{mport}/metrics"), 1);
 
     // GoCD fails: counted per manager; cctray still seeded both pipelines;
@@ -705,7 +635,7 @@ async fn sighup_keeps_gocd_knowledge_when_gocd_is_unchanged() {
         .unwrap()
     };
     write("", "");
-    let route = Route::start(dir.path());
+    let route = Route::start(dir.path(), WAIT);
     route.wait_log("pipeline states seeded from cctray.xml", 1);
     route.wait_log("GoCD pipeline groups fetched", 1);
 
@@ -830,7 +760,7 @@ async fn sighup_moves_local_smtp_and_applies_max_connections() {
         plain_config(old, sink.port(), &spool, 100, "team@example.net"),
     )
     .unwrap();
-    let route = Route::start(dir.path());
+    let route = Route::start(dir.path(), WAIT);
 
     // A session in the middle of a transaction on the old port.
     let (mut open, _) = Raw::connect(old).await;

@@ -3,11 +3,15 @@
 //! ([`SmtpSink`], with fault injection), and real SMTP clients talking to
 //! it: lettre, Python's smtplib and raw TCP for sessions no polite client
 //! would hold.
+//!
+//! Long (over 800 lines) because each test is one whole scenario against
+//! the real binary with its own configuration and traffic; what they share
+//! (starting the router, the raw SMTP client) is in `tests/common/`.
 
 use std::io::Write as _;
 use std::net::TcpListener as StdListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lettre::address::Envelope;
@@ -19,6 +23,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 #[path = "common/raw_smtp.rs"]
 mod raw_smtp;
 use raw_smtp::{code, free_port, Raw};
+
+#[path = "common/route_process.rs"]
+mod route_process;
+use route_process::RouteProcess;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -56,85 +64,41 @@ mailgend:
     )
 }
 
-/// A running `mailgend route`.
+/// A running `mailgend route` and the port it listens on.
 struct Route {
-    child: Child,
-    log: PathBuf,
+    process: RouteProcess,
     port: u16,
 }
 
 impl Route {
-    fn spawn(config: &Path, log: &Path) -> Child {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        Command::new(env!("CARGO_BIN_EXE_mailgend"))
-            .arg("route")
-            .arg("-c")
-            .arg(config)
-            .env("LOGLEVEL", "DEBUG")
-            .env_remove("MAILGEND_LOG")
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn mailgend route")
-    }
-
     /// Starts on the configuration in `dir/configuration.yml` and waits
     /// until it says it runs.
     fn start(dir: &Path, port: u16) -> Route {
-        let log = dir.join("route.log");
-        let child = Self::spawn(&dir.join("configuration.yml"), &log);
-        let r = Route { child, log, port };
-        r.wait_log("mailgend route running", 1);
-        r
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until `needle` occurs `n` times in the log.
-    fn wait_log(&self, needle: &str, n: usize) {
-        let start = Instant::now();
-        while self.log().matches(needle).count() < n {
-            assert!(
-                start.elapsed() < WAIT,
-                "no {n}× {needle:?} in the log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        Route {
+            process: RouteProcess::start(dir, WAIT),
+            port,
         }
     }
 
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
+    fn stop(self) -> Option<i32> {
+        self.process.stop()
     }
 
-    fn stop(mut self) -> Option<i32> {
-        self.signal("TERM");
-        self.child.wait().unwrap().code()
-    }
-
-    fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn kill9(self) {
+        self.process.kill9()
     }
 }
 
-impl Drop for Route {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl std::ops::Deref for Route {
+    type Target = RouteProcess;
+    fn deref(&self) -> &RouteProcess {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Route {
+    fn deref_mut(&mut self) -> &mut RouteProcess {
+        &mut self.process
     }
 }
 

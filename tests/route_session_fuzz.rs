@@ -9,8 +9,6 @@
 //! `ROUTE_FUZZ_SESSIONS=N` makes it longer (default 1000, a few seconds).
 
 use std::collections::BTreeSet;
-use std::net::TcpListener as StdListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mailgend::sandbox::SmtpSink;
@@ -19,24 +17,15 @@ use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
+#[path = "common/raw_smtp.rs"]
+mod raw_smtp;
+use raw_smtp::free_port;
+
+#[path = "common/route_process.rs"]
+mod route_process;
+use route_process::RouteProcess;
+
 const WAIT: Duration = Duration::from_secs(20);
-
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// What one session's replies said.
 #[derive(Default)]
@@ -328,24 +317,7 @@ mailgend:
         ),
     )
     .unwrap();
-    let log = dir.path().join("route.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_mailgend"))
-        .args(["route", "-c"])
-        .arg(dir.path().join("configuration.yml"))
-        .env("LOGLEVEL", "INFO")
-        .env_remove("MAILGEND_LOG")
-        .env_remove("NOTIFY_SOCKET")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut child = Killed(child);
-    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    let start = Instant::now();
-    while !read_log().contains("mailgend route running") {
-        assert!(start.elapsed() < WAIT, "{}", read_log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut route = RouteProcess::start_at(dir.path(), "INFO", WAIT);
 
     // Four clients at a time, each with its own stream of the seed.
     let mut all = Outcome::default();
@@ -370,9 +342,9 @@ mailgend:
         }
     }
     assert!(
-        child.0.try_wait().unwrap().is_none(),
+        route.child.try_wait().unwrap().is_none(),
         "the router exited (ROUTE_FUZZ_SEED={seed}):\n{}",
-        read_log()
+        route.log()
     );
 
     // Every acknowledged message reached the relay (routed: the ops copy
@@ -397,14 +369,14 @@ mailgend:
     assert!(
         lost.is_empty(),
         "acknowledged but not delivered (ROUTE_FUZZ_SEED={seed}): {lost:?}\n{}",
-        read_log()
+        route.log()
     );
     let unexpected: Vec<_> = delivered.difference(&all.acked).collect();
     assert!(
         unexpected.is_empty(),
         "delivered but never acknowledged (ROUTE_FUZZ_SEED={seed}): {unexpected:?}"
     );
-    let log_text = read_log();
+    let log_text = route.log();
     assert!(!log_text.contains("panicked"), "{log_text}");
     println!(
         "{sessions} sessions: {} messages acknowledged and delivered, {} refused or abandoned",

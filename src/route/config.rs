@@ -36,6 +36,7 @@ use server::{host_port, read_remote, read_server};
 use crate::route::actions::{self, Action};
 use crate::route::managers::{self, gocd::Event};
 use crate::route::rules::{self, RuleFunction};
+use crate::shared::problem::Problems;
 use crate::shared::smtp::{SmtpConfig, SmtpTls};
 
 /// The environment variable naming the file when `-c` is not given
@@ -326,35 +327,41 @@ pub fn load(path: &Path) -> Result<RouteConfig, RouteConfigError> {
 pub fn parse_str(text: &str, path: &Path) -> Result<RouteConfig, RouteConfigError> {
     let mut r = Reader {
         file: path.display().to_string(),
-        problems: Vec::new(),
-        oddities: Vec::new(),
+        problems: Problems::new(),
         literal_secrets: Vec::new(),
         env: &|name| std::env::var(name).ok(),
     };
     let root = match yaml::parse(text) {
         Ok(n) => n,
         Err(e) => {
-            r.problem(e.line, "", e.reason);
-            return Err(RouteConfigError(r.problems));
+            return Err(RouteConfigError(vec![RouteConfigProblem {
+                file: r.file,
+                line: Some(e.line),
+                key: String::new(),
+                reason: e.reason,
+            }]));
         }
     };
     let cfg = read_root(&mut r, &root, path);
-    if r.problems.is_empty() {
-        if let Some(mut cfg) = cfg {
-            r.oddities.sort_by_key(|p| p.line);
-            cfg.warnings = r.oddities;
-            cfg.exposed_secrets = exposed_secrets(&cfg, &r.literal_secrets);
+    let literal_secrets = std::mem::take(&mut r.literal_secrets);
+    let (mut problems, oddities) = match (r.problems.finish(), cfg) {
+        (Ok(mut oddities), Some(mut cfg)) => {
+            oddities.sort_by_key(|p| p.line);
+            cfg.warnings = oddities;
+            cfg.exposed_secrets = exposed_secrets(&cfg, &literal_secrets);
             return Ok(cfg);
         }
-    }
+        (Ok(oddities), None) => (Vec::new(), oddities),
+        (Err(refusal), _) => (refusal.problems, refusal.warnings),
+    };
     // The oddities too, marked, so that a refused file shows what led to
     // the problem (`filtre:` ignored, so `filter` is missing).
-    for mut o in r.oddities {
+    for mut o in oddities {
         o.reason = format!("warning: {}", o.reason);
-        r.problems.push(o);
+        problems.push(o);
     }
-    r.problems.sort_by_key(|p| p.line);
-    Err(RouteConfigError(r.problems))
+    problems.sort_by_key(|p| p.line);
+    Err(RouteConfigError(problems))
 }
 
 const TOP_KEYS: &[&str] = &[

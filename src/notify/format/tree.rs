@@ -12,6 +12,7 @@ use std::ops::Range;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use super::FormatProblem;
+use crate::shared::problem::Problems;
 
 /// A TOML value with the byte range it was written at. toml knows no
 /// position for tables made implicitly by dotted keys or headers
@@ -217,18 +218,19 @@ pub(crate) fn parse_document(text: &str) -> Result<Vec<(String, Node)>, SyntaxEr
 }
 
 /// Collects the problems of one file.
-pub(crate) struct Problems<'a> {
+pub(crate) struct FileProblems<'a> {
     pub file: String,
     pub text: &'a str,
-    pub list: Vec<FormatProblem>,
+    /// Every problem in a format file refuses the set.
+    pub found: Problems,
 }
 
-impl<'a> Problems<'a> {
-    pub fn new(file: String, text: &'a str) -> Problems<'a> {
-        Problems {
+impl<'a> FileProblems<'a> {
+    pub fn new(file: String, text: &'a str) -> FileProblems<'a> {
+        FileProblems {
             file,
             text,
-            list: Vec::new(),
+            found: Problems::new(),
         }
     }
 
@@ -243,7 +245,7 @@ impl<'a> Problems<'a> {
 
     pub fn add(&mut self, key: &str, span: Option<&Range<usize>>, reason: impl Into<String>) {
         let line = span.map(|s| self.line_of(s.start));
-        self.list.push(FormatProblem {
+        self.found.refuse(FormatProblem {
             file: self.file.clone(),
             key: key.to_string(),
             line,
@@ -380,7 +382,7 @@ impl<'n> TableReader<'n> {
     }
 
     /// Reports the keys not asked for, suggesting the nearest known one.
-    pub fn finish(self, problems: &mut Problems, known: &[&str]) {
+    pub fn finish(self, problems: &mut FileProblems, known: &[&str]) {
         for (i, (key, node)) in self.entries.iter().enumerate() {
             if self.used[i] {
                 continue;
@@ -419,7 +421,7 @@ mod tests {
     fn spans_reach_nested_values() {
         let text = "a = 1\n[t]\nb = [\"x\",\n  { c = true }]\nd = 1979-05-27\n";
         let doc = parse_document(text).unwrap();
-        let p = Problems::new("f".into(), text);
+        let p = FileProblems::new("f".into(), text);
         let (_, t) = doc.iter().find(|(k, _)| k == "t").unwrap();
         let Value::Table(entries) = &t.value else {
             panic!()

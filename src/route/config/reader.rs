@@ -3,6 +3,7 @@
 //! mail2alert's `$VAR` expansion.
 
 use super::*;
+use crate::shared::problem::Problems;
 
 /// A mapping with its keys as strings (duplicates reported).
 pub struct MapView<'n> {
@@ -22,8 +23,9 @@ impl<'n> MapView<'n> {
 /// Reads typed values out of the YAML tree, collecting every problem.
 pub struct Reader<'e> {
     pub(super) file: String,
-    pub(super) problems: Vec<RouteConfigProblem>,
-    pub(super) oddities: Vec<RouteConfigProblem>,
+    /// Problems refuse the file; oddities (what mail2alert ran with) are
+    /// its warnings.
+    pub(super) problems: Problems,
     /// Secrets written into the file itself (not `$VAR`): line and key.
     pub(super) literal_secrets: Vec<(usize, String)>,
     pub(super) env: &'e dyn Fn(&str) -> Option<String>,
@@ -31,7 +33,7 @@ pub struct Reader<'e> {
 
 impl Reader<'_> {
     pub fn problem(&mut self, line: usize, key: &str, reason: impl Into<String>) {
-        self.problems.push(RouteConfigProblem {
+        self.problems.refuse(RouteConfigProblem {
             file: self.file.clone(),
             line: Some(line),
             key: key.to_string(),
@@ -41,7 +43,7 @@ impl Reader<'_> {
 
     /// Something mail2alert ran with: accepted, and one WARN.
     pub fn oddity(&mut self, line: usize, key: &str, reason: impl Into<String>) {
-        self.oddities.push(RouteConfigProblem {
+        self.problems.warn(RouteConfigProblem {
             file: self.file.clone(),
             line: Some(line),
             key: key.to_string(),

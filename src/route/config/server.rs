@@ -98,12 +98,9 @@ pub(super) fn read_remote(r: &mut Reader, n: &Node) -> Option<SmtpConfig> {
             .unwrap_or(25) as u16;
         let mut cfg = base(host.clone().unwrap_or_default(), port);
         if let Some(t) = m.get("tls") {
-            cfg.tls = match r.string(t, "remote-smtp.tls").as_deref() {
-                None | Some("none") => SmtpTls::None,
-                Some("starttls") => SmtpTls::StartTls,
-                Some("opportunistic") => SmtpTls::Opportunistic,
-                Some("tls") | Some("implicit") => SmtpTls::Implicit,
-                Some(other) => {
+            cfg.tls = match r.string(t, "remote-smtp.tls") {
+                None => SmtpTls::None,
+                Some(other) => SmtpTls::parse(&other).unwrap_or_else(|| {
                     r.problem(
                         t.line,
                         "remote-smtp.tls",
@@ -112,7 +109,7 @@ pub(super) fn read_remote(r: &mut Reader, n: &Node) -> Option<SmtpConfig> {
                         ),
                     );
                     SmtpTls::None
-                }
+                }),
             };
         }
         if let Some(c) = m.get("ca-file") {

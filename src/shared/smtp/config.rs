@@ -18,6 +18,20 @@ pub enum SmtpTls {
     Implicit,
 }
 
+impl SmtpTls {
+    /// The value of `tls` in either daemon's config (`implicit` is an alias
+    /// of `tls`); `None` for an unknown one.
+    pub fn parse(s: &str) -> Option<SmtpTls> {
+        Some(match s {
+            "none" => SmtpTls::None,
+            "starttls" => SmtpTls::StartTls,
+            "opportunistic" => SmtpTls::Opportunistic,
+            "tls" | "implicit" => SmtpTls::Implicit,
+            _ => return None,
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SmtpConfig {
     pub host: String,

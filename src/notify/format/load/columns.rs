@@ -6,7 +6,7 @@ pub(super) fn read_computed(
     key: &str,
     node: &Node,
     into: &mut Vec<(String, Computed)>,
-    p: &mut Problems,
+    p: &mut FileProblems,
 ) {
     let Some(mut t) = p.table(key, node) else {
         return;
@@ -32,7 +32,11 @@ pub(super) fn read_computed(
     }
 }
 
-pub(super) fn read_computed_table(key: &str, node: &Node, p: &mut Problems) -> Option<Computed> {
+pub(super) fn read_computed_table(
+    key: &str,
+    node: &Node,
+    p: &mut FileProblems,
+) -> Option<Computed> {
     let mut t = p.table(key, node)?;
     let text = t.get("text");
     let first_of = t.get("first_of");
@@ -118,7 +122,7 @@ pub(super) fn read_columns(
     key: &str,
     node: &Node,
     titles: &BTreeMap<String, String>,
-    p: &mut Problems,
+    p: &mut FileProblems,
 ) -> Option<Vec<Column>> {
     let items = p.expect_array(key, node)?;
     if items.is_empty() {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use chrono::Duration;
 
-use super::tree::{join_path, parse_document, Node, Problems, TableReader, Value};
+use super::tree::{join_path, parse_document, FileProblems, Node, TableReader, Value};
 use super::xarf::{self, EventField, FieldFormat, Scalar, XarfSpec};
 use super::{
     Action, Computed, CopySpec, DataLocation, FormatLoadError, FormatProblem, LocationSpec,
@@ -21,6 +21,7 @@ use super::{
 };
 use crate::notify::render::table::{Column, TableFormat};
 use crate::notify::render::template::{Part, Template, TemplateText};
+use crate::shared::problem::Problems;
 
 mod columns;
 mod rule_parts;
@@ -61,12 +62,12 @@ pub(super) fn load_dir(dir: &Path) -> Result<Loaded, FormatLoadError> {
     })?;
     let mut toml_files = Vec::new();
     let mut python = Vec::new();
-    let mut problems = Vec::new();
+    let mut problems = Problems::new();
     for entry in entries {
         let entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                problems.push(FormatProblem {
+                problems.refuse(FormatProblem {
                     file: dir_name.clone(),
                     key: String::new(),
                     line: None,
@@ -97,7 +98,7 @@ pub(super) fn load_dir(dir: &Path) -> Result<Loaded, FormatLoadError> {
                 python.len()
             ));
         }
-        problems.push(FormatProblem {
+        problems.refuse(FormatProblem {
             file: dir_name,
             key: String::new(),
             line: None,
@@ -113,7 +114,7 @@ pub(super) fn load_dir(dir: &Path) -> Result<Loaded, FormatLoadError> {
             Ok(bytes) => match String::from_utf8(bytes) {
                 Ok(t) => t,
                 Err(_) => {
-                    problems.push(FormatProblem {
+                    problems.refuse(FormatProblem {
                         file,
                         key: String::new(),
                         line: None,
@@ -123,7 +124,7 @@ pub(super) fn load_dir(dir: &Path) -> Result<Loaded, FormatLoadError> {
                 }
             },
             Err(e) => {
-                problems.push(FormatProblem {
+                problems.refuse(FormatProblem {
                     file,
                     key: String::new(),
                     line: None,
@@ -136,20 +137,19 @@ pub(super) fn load_dir(dir: &Path) -> Result<Loaded, FormatLoadError> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| file.clone());
-        let mut p = Problems::new(file, &text);
+        let mut p = FileProblems::new(file, &text);
         let (file_rules, next_scope) = load_file(path, &short, &text, &scope, &mut p);
-        problems.append(&mut p.list);
+        problems.append(p.found);
         rules.extend(file_rules);
         scope = next_scope;
     }
-    if problems.is_empty() {
-        Ok(Loaded {
+    match problems.finish() {
+        Ok(_) => Ok(Loaded {
             files: toml_files,
             python,
             rules,
-        })
-    } else {
-        Err(FormatLoadError(problems))
+        }),
+        Err(refusal) => Err(FormatLoadError(refusal.problems)),
     }
 }
 
@@ -284,7 +284,7 @@ fn load_file(
     short: &str,
     text: &str,
     inherited: &Arc<Scope>,
-    p: &mut Problems,
+    p: &mut FileProblems,
 ) -> (Vec<Rule>, Arc<Scope>) {
     let doc = match parse_document(text) {
         Ok(d) => d,
@@ -372,7 +372,7 @@ fn load_file(
 
 /// The settings shared by `[defaults]` and `[[format]]`; other keys are
 /// left for the caller (a rule) or reported (defaults).
-fn read_settings_into(t: &mut TableReader, s: &mut Settings, p: &mut Problems) {
+fn read_settings_into(t: &mut TableReader, s: &mut Settings, p: &mut FileProblems) {
     if let Some(n) = t.get("match") {
         s.matcher = read_match(&t.path("match"), n, p);
     }
@@ -433,7 +433,7 @@ fn read_settings_into(t: &mut TableReader, s: &mut Settings, p: &mut Problems) {
     }
 }
 
-fn read_settings(key: &str, node: &Node, known: &[&str], p: &mut Problems) -> Option<Settings> {
+fn read_settings(key: &str, node: &Node, known: &[&str], p: &mut FileProblems) -> Option<Settings> {
     let mut t = p.table(key, node)?;
     let mut s = Settings::default();
     read_settings_into(&mut t, &mut s, p);
@@ -449,7 +449,7 @@ fn read_rule(
     defaults: &Settings,
     titles: &BTreeMap<String, String>,
     file_scope: &Arc<Scope>,
-    p: &mut Problems,
+    p: &mut FileProblems,
 ) -> Option<Rule> {
     let mut t = p.table(key, node)?;
     let name = match t.get("name") {

@@ -3,7 +3,7 @@
 
 use super::*;
 
-pub(super) fn read_location(key: &str, node: &Node, p: &mut Problems) -> Option<DataLocation> {
+pub(super) fn read_location(key: &str, node: &Node, p: &mut FileProblems) -> Option<DataLocation> {
     match p.expect_str(key, node)? {
         "inline" => Some(DataLocation::Inline),
         "attachment" => Some(DataLocation::Attachment),
@@ -18,7 +18,7 @@ pub(super) fn read_location(key: &str, node: &Node, p: &mut Problems) -> Option<
     }
 }
 
-pub(super) fn read_copies(key: &str, node: &Node, into: &mut Vec<CopySpec>, p: &mut Problems) {
+pub(super) fn read_copies(key: &str, node: &Node, into: &mut Vec<CopySpec>, p: &mut FileProblems) {
     let Some(items) = p.expect_array(key, node) else {
         return;
     };
@@ -78,7 +78,7 @@ pub(super) fn table_has(node: &Node, key: &str) -> bool {
     matches!(&node.value, Value::Table(e) if e.iter().any(|(k, _)| k == key))
 }
 
-pub(super) fn read_str_match(key: &str, node: &Node, p: &mut Problems) -> Option<StrMatch> {
+pub(super) fn read_str_match(key: &str, node: &Node, p: &mut FileProblems) -> Option<StrMatch> {
     match &node.value {
         Value::Str(_) | Value::Array(_) => Some(StrMatch {
             equals: p.expect_strings(key, node)?,
@@ -125,7 +125,7 @@ pub(super) fn read_str_match(key: &str, node: &Node, p: &mut Problems) -> Option
     }
 }
 
-pub(super) fn read_match(key: &str, node: &Node, p: &mut Problems) -> MatchParts {
+pub(super) fn read_match(key: &str, node: &Node, p: &mut FileProblems) -> MatchParts {
     let mut m = MatchParts::default();
     let Some(mut t) = p.table(key, node) else {
         return m;
@@ -184,7 +184,11 @@ pub(crate) fn parse_duration(s: &str) -> Option<Duration> {
     Duration::try_seconds(total)
 }
 
-pub(super) fn read_duration(key: &str, node: &Node, p: &mut Problems) -> Option<Option<Duration>> {
+pub(super) fn read_duration(
+    key: &str,
+    node: &Node,
+    p: &mut FileProblems,
+) -> Option<Option<Duration>> {
     let d = match &node.value {
         Value::Int(n) if *n >= 0 => Duration::try_seconds(*n),
         Value::Str(s) => parse_duration(s),
@@ -204,7 +208,7 @@ pub(super) fn read_duration(key: &str, node: &Node, p: &mut Problems) -> Option<
     }
 }
 
-pub(super) fn read_postpone(key: &str, node: &Node, p: &mut Problems) -> PostponeParts {
+pub(super) fn read_postpone(key: &str, node: &Node, p: &mut FileProblems) -> PostponeParts {
     let mut out = PostponeParts::default();
     let Some(mut t) = p.table(key, node) else {
         return out;
@@ -225,7 +229,7 @@ pub(super) fn read_postpone(key: &str, node: &Node, p: &mut Problems) -> Postpon
 pub(super) fn read_template_choice(
     key: &str,
     node: &Node,
-    p: &mut Problems,
+    p: &mut FileProblems,
 ) -> Option<TemplateChoice> {
     match &node.value {
         Value::Str(s) if s.is_empty() => {

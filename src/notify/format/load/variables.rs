@@ -7,7 +7,7 @@ pub(super) fn read_variables_file(
     key: &str,
     node: &Node,
     into: &mut BTreeMap<String, String>,
-    p: &mut Problems,
+    p: &mut FileProblems,
 ) {
     let (rel, section) = match &node.value {
         Value::Str(s) => (s.clone(), None),
@@ -46,8 +46,8 @@ pub(super) fn read_variables_file(
     };
     let path = base.join(&rel);
     let shown = path.display().to_string();
-    let json_problem = |p: &mut Problems, jkey: &str, reason: String| {
-        p.list.push(FormatProblem {
+    let json_problem = |p: &mut FileProblems, jkey: &str, reason: String| {
+        p.found.refuse(FormatProblem {
             file: shown.clone(),
             key: jkey.to_string(),
             line: None,
@@ -124,7 +124,7 @@ pub(super) fn read_variables(
     key: &str,
     node: &Node,
     into: &mut BTreeMap<String, String>,
-    p: &mut Problems,
+    p: &mut FileProblems,
 ) {
     let Some(mut t) = p.table(key, node) else {
         return;
@@ -136,7 +136,7 @@ pub(super) fn read_variables(
     }
 }
 
-pub(super) fn template_text(key: &str, node: &Node, p: &mut Problems) -> Option<TemplateText> {
+pub(super) fn template_text(key: &str, node: &Node, p: &mut FileProblems) -> Option<TemplateText> {
     let s = p.expect_str(key, node)?;
     match TemplateText::parse(s, Part::Text) {
         Ok(t) => Some(t),

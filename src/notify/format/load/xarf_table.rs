@@ -2,7 +2,7 @@
 
 use super::*;
 
-pub(super) fn read_xarf(key: &str, node: &Node, p: &mut Problems) -> Option<XarfSpec> {
+pub(super) fn read_xarf(key: &str, node: &Node, p: &mut FileProblems) -> Option<XarfSpec> {
     let mut t = p.table(key, node)?;
     let mut ok = true;
     let mut spec = XarfSpec {
@@ -10,26 +10,27 @@ pub(super) fn read_xarf(key: &str, node: &Node, p: &mut Problems) -> Option<Xarf
         fields: Vec::new(),
     };
     let mut seen: Vec<String> = Vec::new();
-    let mut check_key = |raw: &str, path: &str, node: &Node, p: &mut Problems| -> Option<String> {
-        let Some(k) = xarf::normalise_key(raw) else {
-            p.at(
-                path,
-                node,
-                format!("{raw:?} is not an X-ARF field name (letters, digits, `-`, `_`)"),
-            );
-            return None;
+    let mut check_key =
+        |raw: &str, path: &str, node: &Node, p: &mut FileProblems| -> Option<String> {
+            let Some(k) = xarf::normalise_key(raw) else {
+                p.at(
+                    path,
+                    node,
+                    format!("{raw:?} is not an X-ARF field name (letters, digits, `-`, `_`)"),
+                );
+                return None;
+            };
+            if xarf::RESERVED.contains(&k.as_str()) {
+                p.at(path, node, format!("`{k}` is filled in by mailgend"));
+                return None;
+            }
+            if seen.contains(&k) {
+                p.at(path, node, format!("`{k}` is given twice"));
+                return None;
+            }
+            seen.push(k.clone());
+            Some(k)
         };
-        if xarf::RESERVED.contains(&k.as_str()) {
-            p.at(path, node, format!("`{k}` is filled in by mailgend"));
-            return None;
-        }
-        if seen.contains(&k) {
-            p.at(path, node, format!("`{k}` is given twice"));
-            return None;
-        }
-        seen.push(k.clone());
-        Some(k)
-    };
     if let Some(n) = t.get("static") {
         let skey = join_path(key, "static");
         if let Some(mut st) = p.table(&skey, n) {
