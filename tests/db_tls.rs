@@ -494,8 +494,7 @@ async fn two_instances_over_tls_one_started_before_the_database() {
             )
             .await
             .unwrap();
-        let names: std::collections::BTreeSet<String> =
-            sessions.iter().map(|r| r.get(0)).collect();
+        let names: std::collections::BTreeSet<String> = sessions.iter().map(|r| r.get(0)).collect();
         if names.len() == 2 {
             break sessions;
         }
