@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
 
 use super::parse::Report;
 use crate::notify::ticket::Ticket;
@@ -42,14 +42,16 @@ pub async fn sent(client: &Client, ticket: &Ticket) -> Result<Option<Sent>, toki
     }))
 }
 
-/// Records one failed recipient of a report; returns the row's id.
+/// Records one failed recipient of a report; returns the row's id, or
+/// `None` when the same report (ticket, Message-Id, recipient, status) was
+/// recorded before: the MTA sent it again because our reply got lost.
 pub async fn record(
-    client: &Client,
+    client: &impl GenericClient,
     ticket: &Ticket,
     sent: &Sent,
     report: &Report,
     message_id: Option<&str>,
-) -> Result<i64, tokio_postgres::Error> {
+) -> Result<Option<i64>, tokio_postgres::Error> {
     // A report without Final-Recipient is about the notification's
     // recipient when it had exactly one.
     let recipient = report
@@ -57,10 +59,16 @@ pub async fn record(
         .clone()
         .or_else(|| (sent.recipients.len() == 1).then(|| sent.recipients[0].clone()));
     let row = client
-        .query_one(
+        .query_opt(
             "INSERT INTO mailgend.bounce \
                (ticket, sent_id, recipient, status, class, diagnostic, reporting_mta, message_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+             SELECT $1::text, $2::bigint, $3::text, $4::text, $5::text, $6::text, $7::text, \
+                    $8::text \
+              WHERE $8::text IS NULL OR NOT EXISTS ( \
+                    SELECT 1 FROM mailgend.bounce \
+                     WHERE ticket = $1 AND message_id = $8 AND status = $4 \
+                       AND recipient IS NOT DISTINCT FROM $3) \
+             RETURNING id",
             &[
                 &ticket.as_str(),
                 &sent.sent_id,
@@ -73,7 +81,7 @@ pub async fn record(
             ],
         )
         .await?;
-    Ok(row.get(0))
+    Ok(row.map(|r| r.get(0)))
 }
 
 /// Permanent bounces of `recipient` received since `since`.
