@@ -387,6 +387,10 @@ async fn a_dsn_through_mailgend_route_is_listed_with_its_ticket() {
     assert_eq!(code(&end), "250", "{end}\n{}", route.log());
 
     let listed = bounces_json(&conf, &[]);
+    println!(
+        "MAIL FROM of the notification: {}\n$ mailgend bounces --json\n{listed:#}",
+        mail.mail_from
+    );
     let rows = listed["bounces"].as_array().unwrap();
     assert_eq!(rows.len(), 1, "{listed}");
     let b = &rows[0];
@@ -547,6 +551,8 @@ async fn a_dsn_through_mailgend_route_is_listed_with_its_ticket() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
+    // Shown with `--no-capture` (the demo in the closing note).
+    println!("$ mailgend bounces --since 7d\n{text}");
     assert_eq!(
         text.lines().count(),
         4,
@@ -575,6 +581,7 @@ async fn a_dsn_through_mailgend_route_is_listed_with_its_ticket() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
+    println!("$ mailgend status --bounces\n{text}");
     assert!(
         text.contains("\nbounces 24 h        3 permanent, 0 temporary\n"),
         "{text}"
@@ -600,6 +607,48 @@ async fn unknown_and_malformed_bounce_addresses_are_refused_at_rcpt() {
         .unwrap();
     let remote = SmtpSink::start();
     let route = Route::start(env.dir.path(), remote.port(), &conf);
+    // `route --check` reads bounces-config as the router does.
+    let check = |yml: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_mailgend"))
+            .args(["route", "--check", "-c"])
+            .arg(yml)
+            .output()
+            .unwrap()
+    };
+    let yml = env.dir.path().join("configuration.yml");
+    let out = check(&yml);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("bounces: mail to bounces+<ticket>-<mac>@cert.example is recorded"),
+        "{text}"
+    );
+    let mut no_verp = env.config_json.clone();
+    no_verp["mailgend"].as_object_mut().unwrap().remove("verp");
+    let no_verp_file = env.dir.path().join("no-verp.conf");
+    std::fs::write(&no_verp_file, no_verp.to_string()).unwrap();
+    let bad = env.dir.path().join("bad.yml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&yml).unwrap().replace(
+            &conf.display().to_string(),
+            &no_verp_file.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let out = check(&bad);
+    // `--check` prints its findings on stdout.
+    let err = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("mailgend.bounces-config") && err.contains("sets no mailgend.verp"),
+        "{err}"
+    );
+
     let (mut s, _) = Raw::connect(route.port).await;
     assert_eq!(code(&s.cmd("EHLO relay.net.example").await), "250");
     assert_eq!(code(&s.cmd("MAIL FROM:<>").await), "250");
