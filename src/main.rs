@@ -83,7 +83,28 @@ enum Command {
     /// SIGTERM (SIGHUP reloads the configuration).
     Run,
     /// Show what is pending, due, held or in doubt, and what was sent lately.
-    Status,
+    Status {
+        /// Also the bounces to VERP addresses: counts by class, the newest.
+        #[arg(long)]
+        bounces: bool,
+    },
+    /// List the bounces `mailgend route` recorded for VERP addresses, newest
+    /// first, with their tickets (see docs/operations.md).
+    Bounces {
+        /// Only those received since: a duration back from now (7d, 12h)
+        /// or a date (2026-12-01, RFC 3339).
+        #[arg(long, value_name = "DURATION|DATE")]
+        since: Option<String>,
+        /// Only those for this recipient (case-insensitive).
+        #[arg(long, value_name = "ADDRESS")]
+        recipient: Option<String>,
+        /// At most N bounces.
+        #[arg(long, value_name = "N", default_value_t = 1000)]
+        limit: i64,
+        /// One JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Mails whose delivery is in doubt after a crash (see docs/operations.md).
     InDoubt {
         #[command(subcommand)]
@@ -331,7 +352,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             mailgend::notify::service::run(source(&cli), config).await?;
             ExitCode::SUCCESS
         }
-        Command::Status => cli::status::run(&source(&cli), v).await?,
+        Command::Status { bounces } => cli::status::run(&source(&cli), v, *bounces).await?,
+        Command::Bounces {
+            since,
+            recipient,
+            limit,
+            json,
+        } => {
+            let o = cli::bounces::BouncesOptions {
+                since: since.clone(),
+                recipient: recipient.clone(),
+                json: *json,
+                limit: *limit,
+            };
+            cli::bounces::run(&source(&cli), v, &o).await?
+        }
         Command::InDoubt { command } => {
             use cli::status::{InDoubtAction as A, InDoubtCommand as C};
             let c = match command {

@@ -34,6 +34,21 @@ use serde_json::json;
 /// `file::function`, that runs it with the real binary.
 const TESTED_COMMANDS: &[(&str, &str, &str)] = &[
     (
+        "bounces --since",
+        "tests/bounces.rs",
+        "a_dsn_through_mailgend_route_is_listed_with_its_ticket",
+    ),
+    (
+        "bounces --recipient --json",
+        "tests/bounces.rs",
+        "a_dsn_through_mailgend_route_is_listed_with_its_ticket",
+    ),
+    (
+        "status --bounces",
+        "tests/bounces.rs",
+        "a_dsn_through_mailgend_route_is_listed_with_its_ticket",
+    ),
+    (
         "route",
         "tests/route_server.rs",
         "unwanted_mail_is_forwarded_byte_identical_with_its_envelope",

@@ -972,6 +972,7 @@ fn sender_with_display_name() {
         sender: "a@example.org".into(),
         sender_address: "a@example.org".into(),
         sender_domain: "example.org>\r\nX: y".into(),
+        verp: None,
     };
     assert!(matches!(
         build(&n, &bad, None, now()),

@@ -335,6 +335,8 @@ async fn intelmqcbmail_1_4_runs_on_a_file_with_every_mailgend_key() {
     std::fs::write(&password_file, "relay secret\n").unwrap();
     let ca_file = dir.join("ca.pem");
     std::fs::write(&ca_file, "not read by either tool in this test\n").unwrap();
+    let verp_key = dir.join("verp.key");
+    std::fs::write(&verp_key, "0123456789abcdef0123456789abcdef\n").unwrap();
 
     let mut config = site.localise(shipped_example());
     let smtp = config["smtp"].as_object_mut().unwrap();
@@ -363,6 +365,8 @@ async fn intelmqcbmail_1_4_runs_on_a_file_with_every_mailgend_key() {
         "sweep_interval": 60,
         "metrics_listen": "127.0.0.1:9469",
         "signing_key_file": repo_path("tests/fixtures/keys/test-signing.sec.asc"),
+        "verp": {"address": "bounces@cert.example", "key_file": verp_key},
+        "bounces": {"warn_after": 3, "window": "30d"},
     });
 
     // Every key the docs list as mailgend's is in the file ...

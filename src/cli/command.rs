@@ -41,6 +41,8 @@ pub enum CommandError {
     },
     #[error(transparent)]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Bounces(#[from] super::bounces::BouncesError),
 }
 
 /// The configuration `-c FILE` names (else the system file), merged with

@@ -6,6 +6,7 @@
 //! - [`send`]: `mailgend send`; [`review`] is its interactive review.
 //! - [`preview`]: `mailgend preview`, what `send` would send.
 //! - [`status`]: `mailgend status` and `mailgend in-doubt`.
+//! - [`bounces`]: `mailgend bounces`, the bounces to VERP addresses.
 //! - [`migrate`]: `mailgend db migrate`.
 //! - [`check_config`]: `mailgend check-config`.
 //! - [`route`]: `mailgend route` and its offline modes.
@@ -13,6 +14,7 @@
 //!   (the binary offers them only with the cargo feature `dev-tools`).
 
 pub mod bench;
+pub mod bounces;
 pub mod check_config;
 pub mod command;
 pub mod demo;

@@ -339,9 +339,15 @@ async fn lock_pending<C: GenericClient>(
 pub async fn run(
     source: &crate::config::ConfigSource,
     verbose: u8,
+    bounces: bool,
 ) -> Result<std::process::ExitCode, super::command::CommandError> {
     let config = super::command::load_config(source, verbose)?;
-    let (out, ok) = status_command(&config).await;
+    let (mut out, ok) = status_command(&config).await;
+    if bounces && ok {
+        // `--bounces`: the section of `mailgend bounces` (cli::bounces).
+        let client = crate::notify::db::connect(&config.database).await?;
+        out.push_str(&super::bounces::status_section(&client).await?);
+    }
     print!("{out}");
     Ok(if ok {
         std::process::ExitCode::SUCCESS

@@ -59,6 +59,10 @@ pub struct Config {
     pub xarf_reportdomain: Option<String>,
     pub xarf_schemacache: Option<PathBuf>,
     pub service: ServiceConfig,
+    /// `mailgend.verp` / `mailgend.bounces` (`notify::bounce`): VERP
+    /// envelope senders, and the per-recipient bounce policy.
+    pub verp: Option<crate::notify::verp::Verp>,
+    pub bounce_policy: Option<crate::notify::bounce::Policy>,
     /// The files that were read, in merge order.
     pub files: Vec<PathBuf>,
     /// Keys to WARN about, with their file: keys not known, old spellings
@@ -178,6 +182,17 @@ impl Config {
         let xarf_schemacache = r.string("xarf_schemacache").map(PathBuf::from);
 
         let service = service::read(&mut r);
+        r.section("mailgend.verp", &["address", "key_file"]);
+        r.section("mailgend.bounces", &["warn_after", "window"]);
+        let bounces = crate::notify::bounce::settings(
+            r.lookup("mailgend.verp"),
+            r.lookup("mailgend.bounces"),
+        );
+        bounces
+            .problems
+            .iter()
+            .for_each(|(k, why)| r.problem(k, why));
+        bounces.warnings.iter().for_each(|(k, why)| r.warn(k, why));
 
         r.warn_exposed_secrets(&openpgp, key_file_key);
         let unknown_keys = match r.problems.finish() {
@@ -198,6 +213,8 @@ impl Config {
             xarf_reportdomain,
             xarf_schemacache,
             service,
+            verp: bounces.verp,
+            bounce_policy: bounces.policy,
             files: merged.files.clone(),
             unknown_keys,
             rollback_problems: rollback_problems(merged),

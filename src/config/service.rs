@@ -54,6 +54,8 @@ pub(super) fn read(r: &mut Reader) -> ServiceConfig {
             "sweep_interval",
             "metrics_listen",
             "signing_key_file",
+            "verp",
+            "bounces",
         ],
     );
     let in_doubt = match r.string("mailgend.in_doubt").as_deref() {

@@ -42,6 +42,8 @@ pub mod mail;
 /// Fitting mails to the relay's size limit (compress, split, error).
 pub mod fit;
 
+/// Bounces to VERP addresses: settings, parsing, their table.
+pub mod bounce;
 /// VERP bounce addresses carrying a ticket (groundwork, not yet used).
 pub mod verp;
 

@@ -1,7 +1,8 @@
 //! VERP bounce addresses that carry a notification's ticket (issue 19,
-//! item 2) — groundwork: the address format and its check. Not yet used:
-//! no configuration key sets it and the router has no bounces manager yet,
-//! so the envelope sender of every mail is still `sender`'s address.
+//! item 2): the address format and its check. With `mailgend.verp` set
+//! (`notify::bounce::settings`) every notification's envelope sender is
+//! its VERP address (`notify::mail`), and `mailgend route` takes the
+//! bounces to it (`route::verp`).
 //!
 //! A notification with ticket `20261203-10000042`, sent with the bounce
 //! address `bounces@cert.example`, gets the envelope sender
@@ -31,6 +32,14 @@ pub struct Verp {
     domain: String,
     key: Vec<u8>,
 }
+
+impl PartialEq for Verp {
+    fn eq(&self, other: &Self) -> bool {
+        self.local == other.local && self.domain == other.domain && self.key == other.key
+    }
+}
+
+impl Eq for Verp {}
 
 impl std::fmt::Debug for Verp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -80,6 +89,17 @@ impl Verp {
         let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
         mac.update(ticket.as_bytes());
         mac
+    }
+
+    /// The bounce address without a ticket (`bounces@cert.example`).
+    pub fn base(&self) -> String {
+        format!("{}@{}", self.local, self.domain)
+    }
+
+    /// Whether `address` has the form of one of our bounce addresses
+    /// (`local+…@domain`, case ignored), whatever follows the `+`.
+    pub fn is_ours(&self, address: &str) -> bool {
+        !matches!(self.ticket(address), Err(VerpError::NotOurs(_)))
     }
 
     /// The envelope sender for a mail with `ticket`.

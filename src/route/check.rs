@@ -22,6 +22,31 @@ pub fn check(path: &Path, strict: bool) -> Result<String, RouteConfigError> {
         let _ = writeln!(out, "WARN {w}");
     }
     out.push_str(&summary(&cfg));
+    // `bounces-config` is read as `route` would read it (route::verp).
+    if let Some(p) = &cfg.server.bounces_config {
+        match crate::route::verp::BounceIntake::load(p, None) {
+            Ok(intake) => {
+                let (local, domain) = intake.base().rsplit_once('@').map_or_else(
+                    || (intake.base(), String::new()),
+                    |(l, d)| (l.to_string(), d.to_string()),
+                );
+                let _ = writeln!(
+                    out,
+                    "bounces: mail to {local}+<ticket>-<mac>@{domain} is recorded in the \
+                     database of {}",
+                    p.display()
+                );
+            }
+            Err(e) => {
+                return Err(RouteConfigError(vec![config::RouteConfigProblem {
+                    file: cfg.path.display().to_string(),
+                    line: None,
+                    key: "mailgend.bounces-config".into(),
+                    reason: e.to_string(),
+                }]))
+            }
+        }
+    }
     Ok(out)
 }
 

@@ -154,6 +154,10 @@ pub struct ServerSettings {
     /// `max-received`: mail that already passed more `Received:` lines is
     /// refused (554 5.4.6), as a mail loop. Postfix's `hopcount_limit`.
     pub max_received: usize,
+    /// `bounces-config`: the notifier's JSON configuration; with
+    /// `mailgend.verp` set there, mail to its VERP addresses is taken as
+    /// bounces and recorded in its database (`route::verp`).
+    pub bounces_config: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,6 +192,7 @@ impl Default for ServerSettings {
             metrics_listen: None,
             case_insensitive: false,
             max_received: 50,
+            bounces_config: None,
         }
     }
 }

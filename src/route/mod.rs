@@ -91,3 +91,4 @@ pub mod rules;
 pub mod server;
 pub mod service;
 pub mod spool;
+pub mod verp;

@@ -93,6 +93,9 @@ pub struct SessionConfig {
     pub hostname: String,
     /// Counts each message's final reply.
     pub metrics: Arc<RouteMetrics>,
+    /// Takes mail to the notifier's VERP addresses (`mailgend.bounces-config`);
+    /// such mail never reaches `accept`.
+    pub bounces: Option<Arc<crate::route::verp::BounceIntake>>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -66,6 +66,8 @@ pub enum RouteServiceError {
     Signals(std::io::Error),
     #[error("metrics-listen {addr:?}: {reason}")]
     Metrics { addr: String, reason: String },
+    #[error("{0}")]
+    Bounces(#[from] crate::route::verp::IntakeError),
 }
 
 impl Decide for Router {
@@ -136,6 +138,14 @@ async fn generation(
         host.clone(),
         metrics.clone(),
     ));
+    let bounces = match &cfg.server.bounces_config {
+        Some(path) => {
+            let intake = crate::route::verp::BounceIntake::load(path, Some(metrics.clone()))?;
+            info!(address = %intake.base(), config = %path.display(), "taking bounces to VERP addresses");
+            Some(Arc::new(intake))
+        }
+        None => None,
+    };
     let session = Arc::new(SessionConfig {
         settings: Arc::new(cfg.server.clone()),
         accept: Arc::new(Dispatcher {
@@ -146,6 +156,7 @@ async fn generation(
         tls,
         hostname: host,
         metrics: metrics.clone(),
+        bounces,
     });
     Ok(Generation {
         cfg,

@@ -283,6 +283,7 @@ async fn render_groups(
         sender: p.config.sender.clone(),
         sender_address: p.config.sender_address.clone(),
         sender_domain: p.config.sender_domain.clone(),
+        verp: p.config.verp.clone(),
     };
     for group in groups {
         // As in `send`: mails an earlier attempt left open come first.

@@ -30,6 +30,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "outbox_group_index",
         include_str!("../../../migrations/0004_outbox_group_index.sql"),
     ),
+    (
+        5,
+        "bounces",
+        include_str!("../../../migrations/0005_bounces.sql"),
+    ),
 ];
 
 /// Owners and SECURITY DEFINER search paths, re-applied after every run

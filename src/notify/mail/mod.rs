@@ -126,6 +126,10 @@ pub struct MailContext {
     pub sender_address: String,
     /// Its domain (Message-Id domain).
     pub sender_domain: String,
+    /// `mailgend.verp`: when set, the envelope sender is the mail's VERP
+    /// address (its ticket, signed) instead of `sender_address`; the
+    /// `From` header stays.
+    pub verp: Option<crate::notify::verp::Verp>,
 }
 
 impl MailContext {
@@ -146,6 +150,7 @@ impl MailContext {
             sender: s.to_string(),
             sender_address: addr.to_string(),
             sender_domain: domain.to_string(),
+            verp: None,
         };
         ctx.check()?;
         Ok(ctx)
@@ -464,7 +469,10 @@ fn build_inner(
         bytes,
         message_id,
         date,
-        envelope_from: ctx.sender_address.clone(),
+        envelope_from: match &ctx.verp {
+            Some(v) => v.address(&n.ticket),
+            None => ctx.sender_address.clone(),
+        },
         envelope_to: envelope.iter().map(|r| r.address().to_string()).collect(),
         smtputf8,
     })

@@ -102,6 +102,7 @@ impl Pipeline {
             sender: config.sender.clone(),
             sender_address: config.sender_address.clone(),
             sender_domain: config.sender_domain.clone(),
+            verp: config.verp.clone(),
         };
         Ok(Pipeline {
             config,

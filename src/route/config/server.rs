@@ -26,6 +26,7 @@ pub(super) const SERVER_KEYS: &[&str] = &[
     "metrics-listen",
     "case-insensitive",
     "max-received",
+    "bounces-config",
 ];
 
 /// `host:port`, `host` (port 25) or `[v6]:port`.
@@ -164,6 +165,11 @@ pub(super) fn read_server(r: &mut Reader, n: &Node) -> ServerSettings {
     if let Some(v) = m.get("spool") {
         if let Some(p) = r.string(v, &key("spool")) {
             s.spool_dir = PathBuf::from(p);
+        }
+    }
+    if let Some(v) = m.get("bounces-config") {
+        if let Some(p) = r.string(v, &key("bounces-config")) {
+            s.bounces_config = Some(PathBuf::from(p));
         }
     }
     let int = |r: &mut Reader, k: &str, min: u64, max: u64| {

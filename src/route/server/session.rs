@@ -146,6 +146,9 @@ pub(super) async fn run(
 struct Transaction {
     mail_from: Option<String>,
     rcpt_to: Vec<String>,
+    /// The ticket when the recipient is a VERP bounce address
+    /// (`route::verp`): then it is the only recipient.
+    bounce: Option<crate::notify::ticket::Ticket>,
 }
 
 struct Session {
@@ -330,18 +333,37 @@ impl Session {
                     self.txn = Some(Transaction {
                         mail_from: from,
                         rcpt_to: Vec::new(),
+                        bounce: None,
                     });
                     self.reply("250 2.1.0 Ok");
                 }
             }
             Command::Rcpt(to) => {
                 let max = self.cfg.settings.max_recipients;
-                match self.txn.as_mut() {
-                    None => self.reply("503 5.5.1 Need MAIL command first"),
-                    Some(t) if t.rcpt_to.len() >= max => {
+                let bounce = match (&self.cfg.bounces, &self.txn) {
+                    (Some(b), Some(_)) => b.rcpt(&to).await,
+                    _ => crate::route::verp::Rcpt::NotOurs,
+                };
+                match (self.txn.as_mut(), bounce) {
+                    (None, _) => self.reply("503 5.5.1 Need MAIL command first"),
+                    (Some(t), _) if t.rcpt_to.len() >= max => {
                         self.reply("452 4.5.3 Too many recipients")
                     }
-                    Some(t) => {
+                    (Some(_), crate::route::verp::Rcpt::Refused(line)) => self.reply(&line),
+                    // A bounce goes alone (route::verp): the client sends
+                    // the rest in another transaction.
+                    (Some(t), crate::route::verp::Rcpt::Bounce(_)) if !t.rcpt_to.is_empty() => {
+                        self.reply("452 4.5.3 A bounce address takes a transaction of its own")
+                    }
+                    (Some(t), crate::route::verp::Rcpt::NotOurs) if t.bounce.is_some() => {
+                        self.reply("452 4.5.3 A bounce address takes a transaction of its own")
+                    }
+                    (Some(t), crate::route::verp::Rcpt::Bounce(ticket)) => {
+                        t.rcpt_to.push(to);
+                        t.bounce = Some(ticket);
+                        self.reply("250 2.1.5 Ok");
+                    }
+                    (Some(t), crate::route::verp::Rcpt::NotOurs) => {
                         t.rcpt_to.push(to);
                         self.reply("250 2.1.5 Ok");
                     }
@@ -453,6 +475,7 @@ impl Session {
         let id = self.cfg.accept.new_id();
         let mut stamped = self.received_line(&id, &txn.rcpt_to).into_bytes();
         stamped.extend_from_slice(&data);
+        let bounce = txn.bounce.clone();
         let inbound = Inbound {
             envelope: Envelope {
                 peer: self.peer,
@@ -462,7 +485,10 @@ impl Session {
             data: Arc::new(stamped),
             id: Some(id),
         };
-        let reply = self.cfg.accept.accept(inbound).await;
+        let reply = match (bounce, &self.cfg.bounces) {
+            (Some(ticket), Some(b)) => b.receive(&inbound, &ticket).await,
+            _ => self.cfg.accept.accept(inbound).await,
+        };
         self.cfg.metrics.message_replied(reply.code);
         self.messages += 1;
         self.reply(&reply.line());
