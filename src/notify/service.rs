@@ -6,10 +6,12 @@
 //! (computed from the formats' answers, not polled), a retry whose backoff
 //! ran out, the slow safety sweep, a signal, or the systemd watchdog tick.
 //! Then it rescans the pending groups and hands those not already in flight
-//! to a fixed pool of workers through a bounded channel: at most `workers`
-//! groups are in flight, the rest wait in the scan's queue (back-pressure,
-//! no unbounded growth). Each worker has its own database connections and
-//! drives a group through [`pipeline::process_group`].
+//! to the worker pool ([`pipeline::pool`]) through its bounded channel: at
+//! most `workers` groups are in flight, the rest wait in the scan's queue
+//! (back-pressure, no unbounded growth). Each worker has its own database
+//! connections (opened anew when they broke) and drives groups through
+//! [`pipeline::process_group`] or, small ones together,
+//! [`pipeline::batch`].
 //!
 //! SIGHUP loads the configuration, formats, templates and key anew; if any
 //! of it is broken the ERROR says why and the old configuration keeps
@@ -26,7 +28,7 @@ use chrono::Utc;
 use futures::StreamExt;
 use signal_hook::consts::signal::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
@@ -35,8 +37,8 @@ use crate::config::{Config, ConfigSource};
 use crate::notify::db;
 use crate::notify::db::wakeup::{self, Wakeup};
 use crate::notify::directive::{self, Group, GroupKey};
-use crate::notify::event::EventColumns;
-use crate::notify::pipeline::{self, Connections, GroupError, GroupOutcome, Pipeline, RunOptions};
+use crate::notify::pipeline::pool::{Done, Pool, PoolOptions, Source, Work};
+use crate::notify::pipeline::{self, GroupError, GroupOutcome, Pipeline, RunOptions};
 use crate::shared::shutdown::ShutdownSignal;
 use crate::shared::systemd;
 
@@ -67,12 +69,6 @@ type Current = Arc<RwLock<Arc<Pipeline>>>;
 
 fn snapshot(c: &Current) -> Arc<Pipeline> {
     c.read().unwrap_or_else(|p| p.into_inner()).clone()
-}
-
-struct Done {
-    key: GroupKey,
-    result: Result<GroupOutcome, GroupError>,
-    group: Group,
 }
 
 /// Why and until when a pending group is not dispatched again: it was
@@ -135,15 +131,17 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
     let listener = tokio::spawn(wakeup::listen(config.database.clone(), wake_tx));
 
     let workers = config.service.workers;
-    // Room for a burst's small groups to be gathered into batches.
-    let (job_tx, job_rx) = mpsc::channel::<Group>(workers * pipeline::batch::BATCH_GROUPS / 4);
-    let job_rx = Arc::new(Mutex::new(job_rx));
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-    let mut pool = tokio::task::JoinSet::new();
-    for n in 0..workers {
-        pool.spawn(worker(n, current.clone(), job_rx.clone(), done_tx.clone()));
-    }
-    drop(done_tx);
+    let (feeder, mut results) = Pool::start(
+        Source::Current(current.clone()),
+        PoolOptions {
+            workers,
+            // Room for a burst's small groups to be gathered into batches.
+            queue: workers * pipeline::batch::BATCH_GROUPS / 4,
+            batches: true,
+            run: RunOptions::default(),
+            reconnect: true,
+        },
+    );
 
     metrics.set_up(true);
     metrics.config_reloaded();
@@ -241,7 +239,7 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
             due_since
                 .entry(group.key.clone())
                 .or_insert_with(Instant::now);
-            if job_tx.send(group).await.is_err() {
+            if !feeder.send(Work { slot: 0, group }).await {
                 break;
             }
         }
@@ -272,12 +270,12 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
                 }
                 scan_wanted = true;
             }
-            Some(done) = done_rx.recv() => {
-                in_flight.remove(&done.key);
+            Some(done) = results.recv() => {
+                in_flight.remove(&done.group.key);
                 if done.result.is_ok() {
-                    due_since.remove(&done.key);
+                    due_since.remove(&done.group.key);
                 }
-                if seen_in_flight.remove(&done.key) {
+                if seen_in_flight.remove(&done.group.key) {
                     scan_wanted = true;
                 }
                 if handle_done(done, &mut hold, &metrics, sweep) {
@@ -311,12 +309,12 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
     // deadline, then abandon them (their transactions roll back).
     systemd::stopping();
     metrics.set_up(false);
-    drop(job_tx);
+    drop(feeder);
     listener.abort();
     let deadline = snapshot(&current).config.service.shutdown_deadline;
     let waited = tokio::time::timeout(deadline, async {
-        while let Some(done) = done_rx.recv().await {
-            in_flight.remove(&done.key);
+        while let Some(done) = results.recv().await {
+            in_flight.remove(&done.group.key);
             handle_done(done, &mut hold, &metrics, sweep);
         }
     })
@@ -328,9 +326,9 @@ pub async fn run(source: ConfigSource, config: Arc<Config>) -> Result<(), Servic
              (they stay pending; a mail already handed to SMTP is in doubt and \
              handled on the next start)"
         );
-        pool.abort_all();
+        results.abort();
     }
-    while pool.join_next().await.is_some() {}
+    results.join().await;
     stop.trigger();
     signals_handle.close();
     info!("stopped");
@@ -474,7 +472,8 @@ fn handle_done(
 ) -> bool {
     let mut released = false;
     let now = Instant::now();
-    let prior_failures = hold.get(&done.key).map_or(0, |h| h.failures);
+    let key = done.group.key.clone();
+    let prior_failures = hold.get(&key).map_or(0, |h| h.failures);
     let mut hold_for = |key: GroupKey, wait: Duration, failed: Option<bool>| {
         let entry = hold.entry(key).or_insert(HoldOff {
             failures: 0,
@@ -495,7 +494,7 @@ fn handle_done(
     };
     match done.result {
         Ok(GroupOutcome::Sent { .. }) => {
-            hold.remove(&done.key);
+            hold.remove(&key);
             // A mail went through: whatever made others fail temporarily
             // (an SMTP or database outage) is probably over; retry them now
             // instead of when their backoff ends.
@@ -517,14 +516,14 @@ fn handle_done(
                 }
                 None => sweep,
             };
-            hold_for(done.key, wait, None);
+            hold_for(key, wait, None);
         }
         // Another instance is sending it: look again shortly (if that
         // instance dies, its claim is gone and we recover the group).
-        Ok(GroupOutcome::Busy) => hold_for(done.key, Duration::from_secs(2), None),
+        Ok(GroupOutcome::Busy) => hold_for(key, Duration::from_secs(2), None),
         // Waits for `mailgend in-doubt`; the command's change is seen at the
         // next sweep or reload.
-        Ok(GroupOutcome::Held) => hold_for(done.key, sweep.min(Duration::from_secs(60)), None),
+        Ok(GroupOutcome::Held) => hold_for(key, sweep.min(Duration::from_secs(60)), None),
         Err(e) => {
             pipeline::log_group_error(&done.group, &e);
             let reason = if e.is_temporary() {
@@ -552,80 +551,10 @@ fn handle_done(
             } else {
                 Duration::from_secs(900)
             };
-            hold_for(done.key, wait, Some(temporary));
+            hold_for(key, wait, Some(temporary));
         }
     }
     released
-}
-
-/// One worker: takes a group, processes it with the configuration current
-/// at that moment, reports back. Reconnects when its connections broke.
-async fn worker(
-    n: usize,
-    current: Current,
-    jobs: Arc<Mutex<mpsc::Receiver<Group>>>,
-    done: mpsc::UnboundedSender<Done>,
-) {
-    let mut conns: Option<(Connections, EventColumns)> = None;
-    // A large group met while gathering a batch: next in line.
-    let mut carried: Option<Group> = None;
-    loop {
-        let groups = match carried.take() {
-            Some(g) => vec![g],
-            None => {
-                let mut rx = jobs.lock().await;
-                let Some(first) = rx.recv().await else { return };
-                let (groups, next) = pipeline::batch::gather(first, &mut rx);
-                carried = next;
-                groups
-            }
-        };
-        let p = snapshot(&current);
-        let _busy = p.metrics.worker_busy();
-        if conns.as_ref().is_none_or(|(c, _)| c.is_closed()) {
-            conns = match open_worker_connections(&p.config).await {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    p.metrics.db_error();
-                    let why = e.to_string();
-                    for group in groups {
-                        let key = group.key.clone();
-                        let _ = done.send(Done {
-                            key,
-                            result: Err(GroupError::NoConnection(why.clone())),
-                            group,
-                        });
-                    }
-                    continue;
-                }
-            };
-        }
-        let (c, columns) = conns.as_mut().expect("connections just opened");
-        let started = std::time::Instant::now();
-        let results =
-            pipeline::batch::process_batch(&p, c, columns, &groups, RunOptions::default()).await;
-        p.metrics.observe_send(started.elapsed());
-        debug!(worker = n, groups = groups.len(), "batch done");
-        for (group, result) in groups.into_iter().zip(results) {
-            if let Err(GroupError::Db(_)) = &result {
-                p.metrics.db_error();
-            }
-            let key = group.key.clone();
-            if done.send(Done { key, result, group }).is_err() {
-                return;
-            }
-        }
-    }
-}
-
-async fn open_worker_connections(
-    config: &Config,
-) -> Result<(Connections, EventColumns), GroupError> {
-    let conns = Connections::open(config)
-        .await
-        .map_err(GroupError::Connect)?;
-    let columns = EventColumns::read(&conns.main).await?;
-    Ok((conns, columns))
 }
 
 /// SIGHUP: everything is loaded anew; only a complete, valid set replaces

@@ -64,19 +64,19 @@ pub fn fits(group: &Group) -> bool {
 /// `first` and the small groups already waiting in `rx`, as one batch
 /// (never waits for more: latency). A large group met on the way comes
 /// back separately, to go next.
-pub fn gather(
-    first: Group,
-    rx: &mut tokio::sync::mpsc::Receiver<Group>,
-) -> (Vec<Group>, Option<Group>) {
-    if !fits(&first) {
+pub fn gather<T: AsRef<Group>>(
+    first: T,
+    rx: &mut tokio::sync::mpsc::Receiver<T>,
+) -> (Vec<T>, Option<T>) {
+    if !fits(first.as_ref()) {
         return (vec![first], None);
     }
-    let mut size = first.directive_ids.len();
+    let mut size = first.as_ref().directive_ids.len();
     let mut groups = vec![first];
     while groups.len() < BATCH_GROUPS && size < BATCH_DIRECTIVES {
         match rx.try_recv() {
-            Ok(g) if fits(&g) => {
-                size += g.directive_ids.len();
+            Ok(g) if fits(g.as_ref()) => {
+                size += g.as_ref().directive_ids.len();
                 groups.push(g);
             }
             Ok(g) => return (groups, Some(g)),

@@ -13,7 +13,7 @@
 //! take these steps as one batch ([`batch`]) with the same guarantees.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::{Client, Transaction};
@@ -35,7 +35,10 @@ use crate::notify::ticket::{self, Ticket, TicketError};
 use crate::shared::smtp::{Outbound, RefusedRecipient, SmtpError};
 
 pub mod batch;
+pub mod pool;
 pub mod signing;
+
+use pool::{Pool, PoolOptions, Source, Work};
 
 /// Everything a run needs that does not change during it: one loaded
 /// configuration with its formats, templates and signing key. A reload
@@ -318,51 +321,28 @@ pub fn log_group_error(group: &Group, e: &GroupError) {
 
 /// One pass over every pending group (`mailgend send --all`).
 ///
-/// Groups stream from the selection query through a bounded channel to the
-/// workers: memory stays bounded however many directives are pending.
+/// Groups stream from the selection query through the pool's bounded
+/// channel to the workers: memory stays bounded however many directives
+/// are pending.
 pub async fn run_once(pipeline: Arc<Pipeline>, opts: RunOptions) -> Result<Summary, RunError> {
     use futures::StreamExt;
     let client = db::connect(&pipeline.config.database).await?;
-    let columns = Arc::new(EventColumns::read(&client).await?);
     let workers = pipeline.config.service.workers.max(1);
-    // Room for every worker to gather a batch.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Group>(workers * batch::BATCH_GROUPS);
-    let rx = Arc::new(tokio::sync::Mutex::new(rx));
-    let summary = Arc::new(Mutex::new(Summary::default()));
+    let (feeder, mut results) = Pool::open(
+        Source::Fixed(pipeline.clone()),
+        PoolOptions {
+            workers,
+            // Room for every worker to gather a batch.
+            queue: workers * batch::BATCH_GROUPS,
+            batches: true,
+            run: opts,
+            reconnect: false,
+        },
+    )
+    .await?;
 
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..workers {
-        let mut conns = Connections::open(&pipeline.config).await?;
-        let pipeline = pipeline.clone();
-        let rx = rx.clone();
-        let summary = summary.clone();
-        let columns = columns.clone();
-        tasks.spawn(async move {
-            // A large group met while gathering a batch: next in line.
-            let mut carried: Option<Group> = None;
-            loop {
-                let groups = match carried.take() {
-                    Some(g) => vec![g],
-                    None => {
-                        let mut rx = rx.lock().await;
-                        let Some(first) = rx.recv().await else { break };
-                        let (groups, next) = batch::gather(first, &mut rx);
-                        carried = next;
-                        groups
-                    }
-                };
-                let results =
-                    batch::process_batch(&pipeline, &mut conns, &columns, &groups, opts).await;
-                let mut s = summary.lock().expect("summary lock");
-                for (group, result) in groups.iter().zip(results) {
-                    tally(&mut s, group, result);
-                }
-            }
-        });
-    }
-
-    let mut selected = 0usize;
-    let produced: Result<(), RunError> = async {
+    let produce = async move {
+        let mut selected = 0usize;
         let stream = directive::pending_groups_materialized(
             &client,
             pipeline
@@ -374,23 +354,29 @@ pub async fn run_once(pipeline: Arc<Pipeline>, opts: RunOptions) -> Result<Summa
         .await?;
         futures::pin_mut!(stream);
         while let Some(group) = stream.next().await {
+            let work = Work {
+                slot: selected,
+                group: group?,
+            };
             selected += 1;
-            if tx.send(group?).await.is_err() {
+            if !feeder.send(work).await {
                 break;
             }
         }
-        Ok(())
-    }
-    .await;
-    drop(tx);
-    while let Some(r) = tasks.join_next().await {
-        if let Err(e) = r {
-            error!("worker task failed: {e}");
+        // `feeder` drops here: the workers end once the channel is empty.
+        Ok::<usize, RunError>(selected)
+    };
+    let mut s = Summary::default();
+    // Tallied as the results come, so that they do not pile up.
+    let tally_all = async {
+        while let Some(done) = results.recv().await {
+            tally(&mut s, &done.group, done.result);
         }
-    }
-    produced?;
+    };
+    let (produced, ()) = tokio::join!(produce, tally_all);
+    results.join().await;
+    let selected = produced?;
     info!(groups = selected, "pending directive groups processed");
-    let s = *summary.lock().expect("summary lock");
     if s.busy > 0 {
         info!(
             groups = s.busy,
@@ -885,51 +871,39 @@ pub async fn run_groups(
     groups: Vec<Group>,
     opts: RunOptions,
 ) -> Result<Vec<Result<GroupOutcome, GroupError>>, RunError> {
-    type Slot = Option<Result<GroupOutcome, GroupError>>;
     if groups.is_empty() {
         return Ok(Vec::new());
     }
-    let columns = {
-        let client = db::connect(&pipeline.config.database).await?;
-        Arc::new(EventColumns::read(&client).await?)
-    };
     let n = groups.len();
-    let groups = Arc::new(groups);
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let slots: Arc<Mutex<Vec<Slot>>> = Arc::new(Mutex::new((0..n).map(|_| None).collect()));
     // All connections first: a failure here must not abort workers that
     // are already sending.
-    let mut all_conns = Vec::new();
-    for _ in 0..pipeline.config.service.workers.clamp(1, n) {
-        all_conns.push(Connections::open(&pipeline.config).await?);
-    }
-    let mut tasks = tokio::task::JoinSet::new();
-    for mut conns in all_conns {
-        let (pipeline, groups, next, slots, columns) = (
-            pipeline.clone(),
-            groups.clone(),
-            next.clone(),
-            slots.clone(),
-            columns.clone(),
-        );
-        tasks.spawn(async move {
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(group) = groups.get(i) else { break };
-                let r = process_group(&pipeline, &mut conns, &columns, group, opts).await;
-                if let Err(e) = &r {
-                    log_group_error(group, e);
-                }
-                slots.lock().expect("results lock")[i] = Some(r);
-            }
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        if let Err(e) = r {
-            error!("worker task failed: {e}");
+    let (feeder, mut results) = Pool::open(
+        Source::Fixed(pipeline.clone()),
+        PoolOptions {
+            workers: pipeline.config.service.workers.clamp(1, n),
+            // Every chosen group at once: handing them in never waits.
+            queue: n,
+            // One group at a time, each in its own transaction.
+            batches: false,
+            run: opts,
+            reconnect: false,
+        },
+    )
+    .await?;
+    for (slot, group) in groups.into_iter().enumerate() {
+        if !feeder.send(Work { slot, group }).await {
+            break;
         }
     }
-    let slots = std::mem::take(&mut *slots.lock().expect("results lock"));
+    drop(feeder);
+    let mut slots: Vec<Option<Result<GroupOutcome, GroupError>>> = (0..n).map(|_| None).collect();
+    while let Some(done) = results.recv().await {
+        if let Err(e) = &done.result {
+            log_group_error(&done.group, e);
+        }
+        slots[done.slot] = Some(done.result);
+    }
+    results.join().await;
     Ok(slots
         .into_iter()
         .map(|s| s.unwrap_or_else(|| Err(GroupError::Join("worker task failed".into()))))
