@@ -13,6 +13,7 @@
 //! take these steps as one batch ([`batch`]) with the same guarantees.
 
 use std::fmt;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -23,8 +24,8 @@ use crate::config::Config;
 use crate::config::InDoubtPolicy;
 use crate::notify::db;
 use crate::notify::directive::{self, Claim, DirectiveId, Group};
-use crate::notify::event::{EventColumns, EventError};
-use crate::notify::format::{Decision, FormatSet, RenderContext};
+use crate::notify::event::{Event, EventColumns, EventError};
+use crate::notify::format::{Decision, FormatSet, Plan, RenderContext};
 use crate::notify::mail::{BuiltMail, MailContext, Notification};
 use crate::notify::metrics::{FailReason, Metrics};
 use crate::notify::outbox;
@@ -305,6 +306,70 @@ impl Connections {
     pub fn is_closed(&self) -> bool {
         self.main.is_closed() || self.side.is_closed()
     }
+
+    /// Begins a group's (or batch's) transaction on `main`; `side` stays
+    /// free for what must commit on its own.
+    pub(crate) async fn begin(&mut self) -> Result<(Tx<'_>, Side<'_>), tokio_postgres::Error> {
+        let inner = self.main.transaction().await?;
+        Ok((
+            Tx {
+                inner,
+                cache: &self.main_cache,
+            },
+            Side {
+                client: &mut self.side,
+                cache: &self.side_cache,
+            },
+        ))
+    }
+}
+
+/// The transaction on a worker's `main` connection, with that
+/// connection's statement cache.
+pub(crate) struct Tx<'c> {
+    inner: Transaction<'c>,
+    cache: &'c db::StatementCache,
+}
+
+impl<'c> Tx<'c> {
+    /// The transaction as a session that prepares through the cache.
+    pub(crate) fn cached(&self) -> db::Cached<'_, Transaction<'c>> {
+        db::Cached {
+            client: &self.inner,
+            cache: self.cache,
+        }
+    }
+
+    pub(crate) async fn commit(self) -> Result<(), tokio_postgres::Error> {
+        self.inner.commit().await
+    }
+
+    pub(crate) async fn rollback(self) -> Result<(), tokio_postgres::Error> {
+        self.inner.rollback().await
+    }
+}
+
+impl<'c> std::ops::Deref for Tx<'c> {
+    type Target = Transaction<'c>;
+    fn deref(&self) -> &Transaction<'c> {
+        &self.inner
+    }
+}
+
+/// A worker's `side` connection (autocommit) and its statement cache.
+pub(crate) struct Side<'c> {
+    pub(crate) client: &'c mut Client,
+    pub(crate) cache: &'c db::StatementCache,
+}
+
+impl Side<'_> {
+    /// The connection as a session that prepares through the cache.
+    pub(crate) fn cached(&self) -> db::Cached<'_, Client> {
+        db::Cached {
+            client: &*self.client,
+            cache: self.cache,
+        }
+    }
 }
 
 /// Logs a failed group the way operators grep for it (spec §3.4).
@@ -441,7 +506,8 @@ pub(crate) fn marked_directives(group: &Group, n: &Notification) -> Vec<Directiv
 pub const DIRECTIVE_BUDGET: usize = 40_000;
 static IN_FLIGHT: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(DIRECTIVE_BUDGET);
 
-/// Drives one group through the data path in its own transaction.
+/// Drives one group through the data path in its own transaction, stage
+/// by stage in path order (each a method of [`GroupRun`]).
 pub async fn process_group(
     p: &Pipeline,
     conns: &mut Connections,
@@ -454,149 +520,40 @@ pub async fn process_group(
         .acquire_many(permits)
         .await
         .expect("the budget semaphore is never closed");
-    let Connections {
-        main,
-        side,
-        main_cache,
-        side_cache,
-    } = conns;
-    let tx = main.transaction().await?;
-    let txc = db::Cached {
-        client: &tx,
-        cache: main_cache,
-    };
-    // The database's clock, not ours: instances on several hosts then agree
-    // on what is due.
-    let (claim, now) = directive::claim_at(&txc, group).await?;
-    let Some(now) = now.filter(|_| claim == Claim::Claimed) else {
+    let Some(mut run) = GroupRun::claim(p, conns, group, opts).await? else {
         return Ok(GroupOutcome::Busy);
     };
     // Mails of this group that an earlier attempt left open come first:
     // they already have tickets and Message-Ids.
     if !opts.dry_run {
-        let open = outbox::open_for_group(&txc, &group.directive_ids).await?;
+        let open = outbox::open_for_group(&run.tx.cached(), &group.directive_ids).await?;
         if !open.is_empty() {
-            return resume_open(p, tx, side, main_cache, group, open, opts).await;
+            return run.resume_open(open).await;
         }
     }
-    let plan = match p.formats.decide(group, now) {
-        Decision::Postpone {
-            format,
-            reason,
-            until,
-        } => {
-            debug!(
-                directive_ids = %group.directive_ids_display(),
-                format = %format,
-                "postponed: {reason}"
-            );
-            return Ok(GroupOutcome::Postponed { reason, until });
-        }
-        Decision::NoMatch => {
-            return Err(GroupError::NoFormat(
-                group.key.notification_format.clone(),
-                group.key.event_data_format.clone(),
-            ))
-        }
-        Decision::Error { format, reason } => return Err(GroupError::Rejected { format, reason }),
-        Decision::Send(plan) => plan,
+    let plan = match run.decide() {
+        ControlFlow::Continue(plan) => plan,
+        ControlFlow::Break(end) => return end,
     };
-    let event_ids = group.distinct_event_ids();
-    let events = columns
-        .load(&txc, &event_ids, &plan.event_columns())
-        .await?;
+    let events = run.load_events(columns, &plan).await?;
     let needed = plan.tickets_needed(events.len());
 
     // Render once with provisional numbers: a template error or an unknown
     // placeholder must not consume ticket numbers (old tool defect).
-    let provisional = if opts.dry_run {
-        // A dry run shows the numbers the next draws would most likely give.
-        provisional_tickets(&tx, needed).await?
-    } else {
-        // Only the shape matters for the check; save the query.
-        (0..needed as i64)
-            .map(|i| Ticket::new(now.date_naive(), 10_000_001 + i))
-            .collect()
-    };
-    let render = |tickets: &[Ticket]| {
-        plan.render(&RenderContext {
-            group,
-            events: &events,
-            tickets,
-            templates: &p.templates,
-            config: &p.config,
-        })
-        .map_err(|source| GroupError::Render {
-            format: plan.format_name().to_string(),
-            source,
-        })
-    };
-    let preview = render(&provisional)?;
-
+    let provisional = run.provisional_tickets(needed).await?;
+    let preview = run.render(&plan, &events, &provisional)?;
     if opts.dry_run {
-        let mails = build_all(p, preview, now).await?;
-        for m in &mails {
-            info!(
-                to = %m.envelope_to.join(", "),
-                bytes = m.bytes.len(),
-                format = %plan.format_name(),
-                "dry run: would send"
-            );
-        }
-        tx.rollback().await?;
-        return Ok(GroupOutcome::Sent { mails: mails.len() });
+        return run.dry_run(&plan, preview).await;
     }
 
     // A large group's rendering and events are tens of megabytes: hold
     // each only as long as it is needed.
     drop(preview);
-    let tickets = ticket::draw_committed(side, Some(side_cache), needed).await?;
-    let notifications = render(&tickets)?;
-    // Built, then brought under the relay's size limit (notify::fit),
-    // which may render parts of the events anew.
-    let outgoing: Vec<Outgoing> = crate::notify::fit::fit_group(
-        p,
-        &plan,
-        group,
-        &events,
-        notifications,
-        now,
-        side,
-        side_cache,
-    )
-    .await?
-    .into_iter()
-    .map(|f| Outgoing {
-        mail: f.mail,
-        ticket: f.ticket,
-        marks: f.marks,
-    })
-    .collect();
+    let tickets = ticket::draw_committed(run.side.client, Some(run.side.cache), needed).await?;
+    let notifications = run.render(&plan, &events, &tickets)?;
+    let outgoing = run.build(&plan, &events, notifications).await?;
     drop(events);
-
-    // The intent, durable before SMTP sees anything.
-    let intents: Vec<outbox::Intent> = outgoing
-        .iter()
-        .map(|o| outbox::Intent {
-            ticket: &o.ticket,
-            message_id: &o.mail.message_id,
-            marks: &o.marks,
-            group: &group.directive_ids,
-            envelope_from: &o.mail.envelope_from,
-            envelope_to: &o.mail.envelope_to,
-            message: &o.mail.bytes,
-            sent_at: o.mail.date,
-        })
-        .collect();
-    let ids = outbox::record(
-        &db::Cached {
-            client: &*side,
-            cache: side_cache,
-        },
-        &p.instance,
-        &intents,
-    )
-    .await?;
+    let ids = run.record_intents(&outgoing).await?;
     let sends = outgoing
         .iter()
         .zip(&ids)
@@ -611,7 +568,293 @@ pub async fn process_group(
             marks: &o.marks,
         })
         .collect::<Vec<_>>();
-    deliver(p, tx, side, main_cache, group, &sends, opts).await
+    run.deliver(&sends).await
+}
+
+/// A group on its way through the stages: claimed in its transaction on
+/// the worker's main connection, with the side connection for what must
+/// commit on its own (tickets, outbox intents).
+struct GroupRun<'a> {
+    p: &'a Pipeline,
+    group: &'a Group,
+    opts: RunOptions,
+    tx: Tx<'a>,
+    side: Side<'a>,
+    /// The database's clock at the claim, not ours: instances on several
+    /// hosts then agree on what is due.
+    now: DateTime<Utc>,
+}
+
+impl<'a> GroupRun<'a> {
+    /// Claims the group's rows (`SKIP LOCKED`); `None` when another
+    /// instance holds some of them or they are no longer pending.
+    async fn claim(
+        p: &'a Pipeline,
+        conns: &'a mut Connections,
+        group: &'a Group,
+        opts: RunOptions,
+    ) -> Result<Option<GroupRun<'a>>, GroupError> {
+        let (tx, side) = conns.begin().await?;
+        let (claim, now) = directive::claim_at(&tx.cached(), group).await?;
+        let Some(now) = now.filter(|_| claim == Claim::Claimed) else {
+            return Ok(None);
+        };
+        Ok(Some(GroupRun {
+            p,
+            group,
+            opts,
+            tx,
+            side,
+            now,
+        }))
+    }
+
+    /// Asks the formats: the plan to send, or the group's outcome now
+    /// (postponed, no format, rejected).
+    fn decide(&self) -> ControlFlow<Result<GroupOutcome, GroupError>, Plan> {
+        let group = self.group;
+        ControlFlow::Break(match self.p.formats.decide(group, self.now) {
+            Decision::Send(plan) => return ControlFlow::Continue(plan),
+            Decision::Postpone {
+                format,
+                reason,
+                until,
+            } => {
+                debug!(
+                    directive_ids = %group.directive_ids_display(),
+                    format = %format,
+                    "postponed: {reason}"
+                );
+                Ok(GroupOutcome::Postponed { reason, until })
+            }
+            Decision::NoMatch => Err(GroupError::NoFormat(
+                group.key.notification_format.clone(),
+                group.key.event_data_format.clone(),
+            )),
+            Decision::Error { format, reason } => Err(GroupError::Rejected { format, reason }),
+        })
+    }
+
+    /// The group's events, with the columns the plan needs.
+    async fn load_events(
+        &self,
+        columns: &EventColumns,
+        plan: &Plan,
+    ) -> Result<Vec<Event>, GroupError> {
+        let event_ids = self.group.distinct_event_ids();
+        Ok(columns
+            .load(&self.tx.cached(), &event_ids, &plan.event_columns())
+            .await?)
+    }
+
+    /// Numbers to render with before any is drawn. A dry run shows the
+    /// numbers the next draws would most likely give; otherwise only the
+    /// shape matters for the check (save the query).
+    async fn provisional_tickets(&self, needed: usize) -> Result<Vec<Ticket>, GroupError> {
+        Ok(if self.opts.dry_run {
+            provisional_tickets(&self.tx, needed).await?
+        } else {
+            (0..needed as i64)
+                .map(|i| Ticket::new(self.now.date_naive(), 10_000_001 + i))
+                .collect()
+        })
+    }
+
+    fn render(
+        &self,
+        plan: &Plan,
+        events: &[Event],
+        tickets: &[Ticket],
+    ) -> Result<Vec<Notification>, GroupError> {
+        plan.render(&RenderContext {
+            group: self.group,
+            events,
+            tickets,
+            templates: &self.p.templates,
+            config: &self.p.config,
+        })
+        .map_err(|source| GroupError::Render {
+            format: plan.format_name().to_string(),
+            source,
+        })
+    }
+
+    /// A dry run ends after building (and signing): nothing is sent,
+    /// written or drawn.
+    async fn dry_run(
+        self,
+        plan: &Plan,
+        preview: Vec<Notification>,
+    ) -> Result<GroupOutcome, GroupError> {
+        let mails = build_all(self.p, preview, self.now).await?;
+        for m in &mails {
+            info!(
+                to = %m.envelope_to.join(", "),
+                bytes = m.bytes.len(),
+                format = %plan.format_name(),
+                "dry run: would send"
+            );
+        }
+        self.tx.rollback().await?;
+        Ok(GroupOutcome::Sent { mails: mails.len() })
+    }
+
+    /// MIME and signature, brought under the relay's size limit
+    /// ([`crate::notify::fit`], which may render parts of the events anew
+    /// and draw tickets for them).
+    async fn build(
+        &mut self,
+        plan: &Plan,
+        events: &[Event],
+        notifications: Vec<Notification>,
+    ) -> Result<Vec<Outgoing>, GroupError> {
+        Ok(crate::notify::fit::fit_group(
+            self.p,
+            plan,
+            self.group,
+            events,
+            notifications,
+            self.now,
+            self.side.client,
+            self.side.cache,
+        )
+        .await?
+        .into_iter()
+        .map(|f| Outgoing {
+            mail: f.mail,
+            ticket: f.ticket,
+            marks: f.marks,
+        })
+        .collect())
+    }
+
+    /// The intent, durable before SMTP sees anything: one outbox row
+    /// `sending` per mail, committed on the side connection. Returns the
+    /// rows' ids.
+    async fn record_intents(&self, outgoing: &[Outgoing]) -> Result<Vec<i64>, GroupError> {
+        let intents: Vec<outbox::Intent> = outgoing
+            .iter()
+            .map(|o| outbox::Intent {
+                ticket: &o.ticket,
+                message_id: &o.mail.message_id,
+                marks: &o.marks,
+                group: &self.group.directive_ids,
+                envelope_from: &o.mail.envelope_from,
+                envelope_to: &o.mail.envelope_to,
+                message: &o.mail.bytes,
+                sent_at: o.mail.date,
+            })
+            .collect();
+        Ok(outbox::record(&self.side.cached(), &self.p.instance, &intents).await?)
+    }
+
+    /// Sends the mails in order; each accepted one is marked sent in the
+    /// group's transaction. On a failure the outbox says what became of
+    /// the rest: `failed` when the mail was refused for good, `retry` when
+    /// it was not handed over for a passing reason, left `sending` (in
+    /// doubt) only when the connection broke after the end of the data.
+    async fn deliver(self, sends: &[Send<'_>]) -> Result<GroupOutcome, GroupError> {
+        let p = self.p;
+        let mut accepted = 0usize;
+        let txc = self.tx.cached();
+        for (i, s) in sends.iter().enumerate() {
+            let refused = match p.outbound.send(s.from, s.to, s.bytes).await {
+                Ok(refused) => refused,
+                Err(source) => {
+                    let rest: Vec<i64> = sends[i..].iter().map(|s| s.outbox_id).collect();
+                    record_refusal(p, self.side.client, &rest, &source).await;
+                    let err = GroupError::Smtp {
+                        relay: p.outbound.relay().to_string(),
+                        source,
+                    };
+                    return if accepted > 0 {
+                        // What SMTP accepted is recorded; never roll that back.
+                        self.tx.commit().await?;
+                        Err(GroupError::Partial {
+                            sent: accepted,
+                            source: Box::new(err),
+                        })
+                    } else {
+                        self.tx.rollback().await?;
+                        Err(err)
+                    };
+                }
+            };
+            accepted += 1;
+            note_accepted(p, self.group, s, &refused, self.opts);
+            if !s.marks.is_empty() {
+                sent::mark_sent(&txc, s.ticket, s.sent_at, s.marks).await?;
+            }
+            outbox::accepted(&txc, &[s.outbox_id]).await?;
+        }
+        self.tx.commit().await?;
+        Ok(GroupOutcome::Sent { mails: accepted })
+    }
+
+    /// Finishes mails an earlier attempt left open: resend the stored bytes
+    /// (same ticket, same Message-Id), or hold them, per `mailgend.in_doubt`.
+    async fn resume_open(self, open: Vec<outbox::OpenMail>) -> Result<GroupOutcome, GroupError> {
+        let (p, group) = (self.p, self.group);
+        if open.iter().any(|o| o.state == outbox::State::Held) {
+            self.tx.rollback().await?;
+            return Ok(GroupOutcome::Held);
+        }
+        let in_doubt: Vec<&outbox::OpenMail> = open
+            .iter()
+            .filter(|o| o.state == outbox::State::Sending)
+            .collect();
+        if !in_doubt.is_empty() && p.config.service.in_doubt == InDoubtPolicy::Hold {
+            let ids: Vec<i64> = open.iter().map(|o| o.id).collect();
+            outbox::set_state(self.side.client, &ids, outbox::State::Held).await?;
+            for o in &in_doubt {
+                warn!(
+                    ticket = %o.ticket,
+                    mail_message_id = %o.message_id,
+                    recipient = %o.envelope_to.join(", "),
+                    directive_ids = %group.directive_ids_display(),
+                    "mail in doubt (the process sending it stopped before SMTP's answer was recorded); \
+                     held for the operator: see `mailgend in-doubt list`"
+                );
+            }
+            self.tx.rollback().await?;
+            return Ok(GroupOutcome::Held);
+        }
+        for o in &open {
+            if o.state == outbox::State::Sending {
+                warn!(
+                    ticket = %o.ticket,
+                    mail_message_id = %o.message_id,
+                    recipient = %o.envelope_to.join(", "),
+                    directive_ids = %group.directive_ids_display(),
+                    attempts = o.attempts,
+                    "mail in doubt (the process sending it stopped before SMTP's answer was recorded); \
+                     resending it with the same Message-Id and ticket, so the recipient may get it twice"
+                );
+                p.metrics.in_doubt_resent();
+            } else {
+                info!(
+                    ticket = %o.ticket,
+                    mail_message_id = %o.message_id,
+                    "retrying a mail SMTP refused temporarily (same Message-Id and ticket)"
+                );
+            }
+            outbox::attempt(self.side.client, o.id, &p.instance).await?;
+        }
+        let sends: Vec<Send> = open
+            .iter()
+            .map(|o| Send {
+                outbox_id: o.id,
+                from: &o.envelope_from,
+                to: &o.envelope_to,
+                bytes: &o.message,
+                ticket: &o.ticket,
+                message_id: &o.message_id,
+                sent_at: o.sent_at,
+                marks: if o.marks_sent { &o.marks } else { &[] },
+            })
+            .collect();
+        self.deliver(&sends).await
+    }
 }
 
 /// One mail handed to SMTP and what to record when it is accepted.
@@ -624,59 +867,6 @@ struct Send<'a> {
     message_id: &'a str,
     sent_at: DateTime<Utc>,
     marks: &'a [DirectiveId],
-}
-
-/// Sends the mails in order; each accepted one is recorded in the group's
-/// transaction. On a failure the outbox says what became of the rest:
-/// `failed` when the mail was refused for good, `retry` when it was not
-/// handed over for a passing reason, left `sending` (in doubt) only when
-/// the connection broke after the end of the data.
-async fn deliver(
-    p: &Pipeline,
-    tx: Transaction<'_>,
-    side: &Client,
-    main_cache: &db::StatementCache,
-    group: &Group,
-    sends: &[Send<'_>],
-    opts: RunOptions,
-) -> Result<GroupOutcome, GroupError> {
-    let mut accepted = 0usize;
-    let txc = db::Cached {
-        client: &tx,
-        cache: main_cache,
-    };
-    for (i, s) in sends.iter().enumerate() {
-        let refused = match p.outbound.send(s.from, s.to, s.bytes).await {
-            Ok(refused) => refused,
-            Err(source) => {
-                let rest: Vec<i64> = sends[i..].iter().map(|s| s.outbox_id).collect();
-                record_refusal(p, side, &rest, &source).await;
-                let err = GroupError::Smtp {
-                    relay: p.outbound.relay().to_string(),
-                    source,
-                };
-                return if accepted > 0 {
-                    // What SMTP accepted is recorded; never roll that back.
-                    tx.commit().await?;
-                    Err(GroupError::Partial {
-                        sent: accepted,
-                        source: Box::new(err),
-                    })
-                } else {
-                    tx.rollback().await?;
-                    Err(err)
-                };
-            }
-        };
-        accepted += 1;
-        note_accepted(p, group, s, &refused, opts);
-        if !s.marks.is_empty() {
-            sent::mark_sent(&txc, s.ticket, s.sent_at, s.marks).await?;
-        }
-        outbox::accepted(&txc, &[s.outbox_id]).await?;
-    }
-    tx.commit().await?;
-    Ok(GroupOutcome::Sent { mails: accepted })
 }
 
 /// Counts an SMTP failure and records in the outbox what became of `rest`
@@ -759,78 +949,6 @@ fn note_accepted(
         mail_message_id = %s.message_id,
         "mail sent"
     );
-}
-
-/// Finishes mails an earlier attempt left open: resend the stored bytes
-/// (same ticket, same Message-Id), or hold them, per `mailgend.in_doubt`.
-async fn resume_open(
-    p: &Pipeline,
-    tx: Transaction<'_>,
-    side: &Client,
-    main_cache: &db::StatementCache,
-    group: &Group,
-    open: Vec<outbox::OpenMail>,
-    opts: RunOptions,
-) -> Result<GroupOutcome, GroupError> {
-    if open.iter().any(|o| o.state == outbox::State::Held) {
-        tx.rollback().await?;
-        return Ok(GroupOutcome::Held);
-    }
-    let in_doubt: Vec<&outbox::OpenMail> = open
-        .iter()
-        .filter(|o| o.state == outbox::State::Sending)
-        .collect();
-    if !in_doubt.is_empty() && p.config.service.in_doubt == InDoubtPolicy::Hold {
-        let ids: Vec<i64> = open.iter().map(|o| o.id).collect();
-        outbox::set_state(side, &ids, outbox::State::Held).await?;
-        for o in &in_doubt {
-            warn!(
-                ticket = %o.ticket,
-                mail_message_id = %o.message_id,
-                recipient = %o.envelope_to.join(", "),
-                directive_ids = %group.directive_ids_display(),
-                "mail in doubt (the process sending it stopped before SMTP's answer was recorded); \
-                 held for the operator: see `mailgend in-doubt list`"
-            );
-        }
-        tx.rollback().await?;
-        return Ok(GroupOutcome::Held);
-    }
-    for o in &open {
-        if o.state == outbox::State::Sending {
-            warn!(
-                ticket = %o.ticket,
-                mail_message_id = %o.message_id,
-                recipient = %o.envelope_to.join(", "),
-                directive_ids = %group.directive_ids_display(),
-                attempts = o.attempts,
-                "mail in doubt (the process sending it stopped before SMTP's answer was recorded); \
-                 resending it with the same Message-Id and ticket, so the recipient may get it twice"
-            );
-            p.metrics.in_doubt_resent();
-        } else {
-            info!(
-                ticket = %o.ticket,
-                mail_message_id = %o.message_id,
-                "retrying a mail SMTP refused temporarily (same Message-Id and ticket)"
-            );
-        }
-        outbox::attempt(side, o.id, &p.instance).await?;
-    }
-    let sends: Vec<Send> = open
-        .iter()
-        .map(|o| Send {
-            outbox_id: o.id,
-            from: &o.envelope_from,
-            to: &o.envelope_to,
-            bytes: &o.message,
-            ticket: &o.ticket,
-            message_id: &o.message_id,
-            sent_at: o.sent_at,
-            marks: if o.marks_sent { &o.marks } else { &[] },
-        })
-        .collect();
-    deliver(p, tx, side, main_cache, group, &sends, opts).await
 }
 
 /// `n` numbers the next draws would most likely return (never consumed).
