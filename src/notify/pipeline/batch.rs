@@ -64,19 +64,19 @@ pub fn fits(group: &Group) -> bool {
 /// `first` and the small groups already waiting in `rx`, as one batch
 /// (never waits for more: latency). A large group met on the way comes
 /// back separately, to go next.
-pub fn gather(
-    first: Group,
-    rx: &mut tokio::sync::mpsc::Receiver<Group>,
-) -> (Vec<Group>, Option<Group>) {
-    if !fits(&first) {
+pub fn gather<T: AsRef<Group>>(
+    first: T,
+    rx: &mut tokio::sync::mpsc::Receiver<T>,
+) -> (Vec<T>, Option<T>) {
+    if !fits(first.as_ref()) {
         return (vec![first], None);
     }
-    let mut size = first.directive_ids.len();
+    let mut size = first.as_ref().directive_ids.len();
     let mut groups = vec![first];
     while groups.len() < BATCH_GROUPS && size < BATCH_DIRECTIVES {
         match rx.try_recv() {
-            Ok(g) if fits(&g) => {
-                size += g.directive_ids.len();
+            Ok(g) if fits(g.as_ref()) => {
+                size += g.as_ref().directive_ids.len();
                 groups.push(g);
             }
             Ok(g) => return (groups, Some(g)),
@@ -158,17 +158,8 @@ async fn run(
     opts: RunOptions,
 ) -> Result<Vec<Fate>, GroupError> {
     let mut fates: Vec<Fate> = groups.iter().map(|_| Fate::Open).collect();
-    let Connections {
-        main,
-        side,
-        main_cache,
-        side_cache,
-    } = conns;
-    let tx = main.transaction().await?;
-    let txc = db::Cached {
-        client: &tx,
-        cache: main_cache,
-    };
+    let (tx, side) = conns.begin().await?;
+    let txc = tx.cached();
 
     let all: Vec<DirectiveId> = groups
         .iter()
@@ -263,7 +254,7 @@ async fn run(
     }
 
     let total: usize = works.iter().map(|w| w.needed).sum();
-    let mut tickets = ticket::draw_committed(side, Some(side_cache), total)
+    let mut tickets = ticket::draw_committed(side.client, Some(side.cache), total)
         .await?
         .into_iter();
     let mut rendered: Vec<(usize, Vec<Notification>)> = Vec::new();
@@ -329,23 +320,16 @@ async fn run(
                 })
         })
         .collect();
-    let mut ids = outbox::record(
-        &db::Cached {
-            client: &*side,
-            cache: side_cache,
-        },
-        &p.instance,
-        &intents,
-    )
-    .await?
-    .into_iter();
+    let mut ids = outbox::record(&side.cached(), &p.instance, &intents)
+        .await?
+        .into_iter();
     drop(intents);
     for r in &mut ready {
         r.ids = ids.by_ref().take(r.mails.len()).collect();
     }
 
     // From here on mails reach SMTP: no more falling back.
-    let (accepted_ids, recorded) = send(p, side, &ready, &mut fates, opts).await;
+    let (accepted_ids, recorded) = send(p, side.client, &ready, &mut fates, opts).await;
     let marks: Vec<sent::Mark> = ready
         .iter()
         .flat_map(|r| r.mails.iter().zip(&r.marks).zip(&r.ids))

@@ -4,38 +4,48 @@
 //! claim the group's rows (`SKIP LOCKED`) → ask the formats → load events →
 //! render with a provisional ticket (so a broken template consumes no
 //! number) → draw tickets → render → MIME + signature → SMTP → mark sent →
-//! COMMIT. A failing group is rolled back and logged at ERROR with its
-//! directive and event ids; the other groups go on. A bounded number of
-//! workers (`mailgend.workers`), each with its own database connection,
-//! process groups concurrently; MIME and signatures go to the signing pool
-//! ([`signing`]), which spreads them over the cores without stalling the
-//! async workers. Small groups that are waiting together
-//! take these steps as one batch ([`batch`]) with the same guarantees.
+//! COMMIT ([`process_group`], its stages in `group.rs`). A failing group is
+//! rolled back and logged at ERROR with its directive and event ids; the
+//! other groups go on. A bounded number of workers (`mailgend.workers`),
+//! each with its own database connections, process groups concurrently
+//! ([`pool`], the one pool behind [`run_once`], [`run_groups`] and the
+//! service); MIME and signatures go to the signing pool ([`signing`]),
+//! which spreads them over the cores without stalling the async workers.
+//! Small groups that are waiting together take these steps as one batch
+//! ([`batch`]) with the same guarantees.
+//!
+//! This file holds what a run needs ([`Pipeline`], the options, outcomes
+//! and errors, a worker's [`Connections`]) and the two runs by hand.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::{Client, Transaction};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::config::InDoubtPolicy;
 use crate::notify::db;
-use crate::notify::directive::{self, Claim, DirectiveId, Group};
-use crate::notify::event::{EventColumns, EventError};
-use crate::notify::format::{Decision, FormatSet, RenderContext};
-use crate::notify::mail::{BuiltMail, MailContext, Notification};
-use crate::notify::metrics::{FailReason, Metrics};
-use crate::notify::outbox;
+use crate::notify::directive::{self, Group};
+use crate::notify::event::EventError;
+use crate::notify::format::FormatSet;
+use crate::notify::mail::MailContext;
+use crate::notify::metrics::Metrics;
 use crate::notify::render::template::TemplateStore;
-use crate::notify::sent;
 use crate::notify::signature::Signer;
-use crate::notify::ticket::{self, Ticket, TicketError};
-use crate::shared::smtp::{Outbound, RefusedRecipient, SmtpError};
+use crate::notify::ticket::TicketError;
+use crate::shared::smtp::{Outbound, SmtpError};
 
 pub mod batch;
+mod group;
+pub mod pool;
 pub mod signing;
+
+use pool::{Pool, PoolOptions, Source, Work};
+
+pub(crate) use group::marked_directives;
+use group::{note_accepted, record_refusal, Send, IN_FLIGHT};
+pub use group::{process_group, DIRECTIVE_BUDGET};
 
 /// Everything a run needs that does not change during it: one loaded
 /// configuration with its formats, templates and signing key. A reload
@@ -303,6 +313,70 @@ impl Connections {
     pub fn is_closed(&self) -> bool {
         self.main.is_closed() || self.side.is_closed()
     }
+
+    /// Begins a group's (or batch's) transaction on `main`; `side` stays
+    /// free for what must commit on its own.
+    pub(crate) async fn begin(&mut self) -> Result<(Tx<'_>, Side<'_>), tokio_postgres::Error> {
+        let inner = self.main.transaction().await?;
+        Ok((
+            Tx {
+                inner,
+                cache: &self.main_cache,
+            },
+            Side {
+                client: &mut self.side,
+                cache: &self.side_cache,
+            },
+        ))
+    }
+}
+
+/// The transaction on a worker's `main` connection, with that
+/// connection's statement cache.
+pub(crate) struct Tx<'c> {
+    inner: Transaction<'c>,
+    cache: &'c db::StatementCache,
+}
+
+impl<'c> Tx<'c> {
+    /// The transaction as a session that prepares through the cache.
+    pub(crate) fn cached(&self) -> db::Cached<'_, Transaction<'c>> {
+        db::Cached {
+            client: &self.inner,
+            cache: self.cache,
+        }
+    }
+
+    pub(crate) async fn commit(self) -> Result<(), tokio_postgres::Error> {
+        self.inner.commit().await
+    }
+
+    pub(crate) async fn rollback(self) -> Result<(), tokio_postgres::Error> {
+        self.inner.rollback().await
+    }
+}
+
+impl<'c> std::ops::Deref for Tx<'c> {
+    type Target = Transaction<'c>;
+    fn deref(&self) -> &Transaction<'c> {
+        &self.inner
+    }
+}
+
+/// A worker's `side` connection (autocommit) and its statement cache.
+pub(crate) struct Side<'c> {
+    pub(crate) client: &'c mut Client,
+    pub(crate) cache: &'c db::StatementCache,
+}
+
+impl Side<'_> {
+    /// The connection as a session that prepares through the cache.
+    pub(crate) fn cached(&self) -> db::Cached<'_, Client> {
+        db::Cached {
+            client: &*self.client,
+            cache: self.cache,
+        }
+    }
 }
 
 /// Logs a failed group the way operators grep for it (spec §3.4).
@@ -319,51 +393,28 @@ pub fn log_group_error(group: &Group, e: &GroupError) {
 
 /// One pass over every pending group (`mailgend send --all`).
 ///
-/// Groups stream from the selection query through a bounded channel to the
-/// workers: memory stays bounded however many directives are pending.
+/// Groups stream from the selection query through the pool's bounded
+/// channel to the workers: memory stays bounded however many directives
+/// are pending.
 pub async fn run_once(pipeline: Arc<Pipeline>, opts: RunOptions) -> Result<Summary, RunError> {
     use futures::StreamExt;
     let client = db::connect(&pipeline.config.database).await?;
-    let columns = Arc::new(EventColumns::read(&client).await?);
     let workers = pipeline.config.service.workers.max(1);
-    // Room for every worker to gather a batch.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Group>(workers * batch::BATCH_GROUPS);
-    let rx = Arc::new(tokio::sync::Mutex::new(rx));
-    let summary = Arc::new(Mutex::new(Summary::default()));
+    let (feeder, mut results) = Pool::open(
+        Source::Fixed(pipeline.clone()),
+        PoolOptions {
+            workers,
+            // Room for every worker to gather a batch.
+            queue: workers * batch::BATCH_GROUPS,
+            batches: true,
+            run: opts,
+            reconnect: false,
+        },
+    )
+    .await?;
 
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..workers {
-        let mut conns = Connections::open(&pipeline.config).await?;
-        let pipeline = pipeline.clone();
-        let rx = rx.clone();
-        let summary = summary.clone();
-        let columns = columns.clone();
-        tasks.spawn(async move {
-            // A large group met while gathering a batch: next in line.
-            let mut carried: Option<Group> = None;
-            loop {
-                let groups = match carried.take() {
-                    Some(g) => vec![g],
-                    None => {
-                        let mut rx = rx.lock().await;
-                        let Some(first) = rx.recv().await else { break };
-                        let (groups, next) = batch::gather(first, &mut rx);
-                        carried = next;
-                        groups
-                    }
-                };
-                let results =
-                    batch::process_batch(&pipeline, &mut conns, &columns, &groups, opts).await;
-                let mut s = summary.lock().expect("summary lock");
-                for (group, result) in groups.iter().zip(results) {
-                    tally(&mut s, group, result);
-                }
-            }
-        });
-    }
-
-    let mut selected = 0usize;
-    let produced: Result<(), RunError> = async {
+    let produce = async move {
+        let mut selected = 0usize;
         let stream = directive::pending_groups_materialized(
             &client,
             pipeline
@@ -375,23 +426,29 @@ pub async fn run_once(pipeline: Arc<Pipeline>, opts: RunOptions) -> Result<Summa
         .await?;
         futures::pin_mut!(stream);
         while let Some(group) = stream.next().await {
+            let work = Work {
+                slot: selected,
+                group: group?,
+            };
             selected += 1;
-            if tx.send(group?).await.is_err() {
+            if !feeder.send(work).await {
                 break;
             }
         }
-        Ok(())
-    }
-    .await;
-    drop(tx);
-    while let Some(r) = tasks.join_next().await {
-        if let Err(e) = r {
-            error!("worker task failed: {e}");
+        // `feeder` drops here: the workers end once the channel is empty.
+        Ok::<usize, RunError>(selected)
+    };
+    let mut s = Summary::default();
+    // Tallied as the results come, so that they do not pile up.
+    let tally_all = async {
+        while let Some(done) = results.recv().await {
+            tally(&mut s, &done.group, done.result);
         }
-    }
-    produced?;
+    };
+    let (produced, ()) = tokio::join!(produce, tally_all);
+    results.join().await;
+    let selected = produced?;
     info!(groups = selected, "pending directive groups processed");
-    let s = *summary.lock().expect("summary lock");
     if s.busy > 0 {
         info!(
             groups = s.busy,
@@ -417,464 +474,6 @@ fn tally(s: &mut Summary, group: &Group, result: Result<GroupOutcome, GroupError
     }
 }
 
-/// One mail ready for SMTP with the directives it marks sent.
-struct Outgoing {
-    mail: BuiltMail,
-    ticket: Ticket,
-    marks: Vec<DirectiveId>,
-}
-
-/// The directives a notification marks sent: none for copies, the covered
-/// events' directives for per-event mails (X-ARF), else the whole group.
-pub(crate) fn marked_directives(group: &Group, n: &Notification) -> Vec<DirectiveId> {
-    if !n.mark_sent {
-        return Vec::new();
-    }
-    match &n.covers {
-        None => group.directive_ids.clone(),
-        Some(events) => {
-            // A set: a split part covers up to the whole group's events.
-            let events: std::collections::HashSet<_> = events.iter().collect();
-            group
-                .directive_ids
-                .iter()
-                .zip(&group.event_ids)
-                .filter(|(_, e)| events.contains(e))
-                .map(|(d, _)| *d)
-                .collect()
-        }
-    }
-}
-
-/// Directives (≈ event rows) that all groups in flight may hold in memory
-/// together. A group's rows, its CSV and its MIME body are in memory while
-/// it is rendered, ~1 KB per event; with Zipf-skewed feeds one network's
-/// group can hold a tenth of a burst, and eight such groups at once took a
-/// 1,000,000-event run to 589 MB. Groups take permits for their size (a
-/// group larger than the budget takes all of it and runs alone), so small
-/// groups flow freely and peak memory stays bounded.
-pub const DIRECTIVE_BUDGET: usize = 40_000;
-static IN_FLIGHT: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(DIRECTIVE_BUDGET);
-
-/// Drives one group through the data path in its own transaction.
-pub async fn process_group(
-    p: &Pipeline,
-    conns: &mut Connections,
-    columns: &EventColumns,
-    group: &Group,
-    opts: RunOptions,
-) -> Result<GroupOutcome, GroupError> {
-    let permits = group.directive_ids.len().clamp(1, DIRECTIVE_BUDGET) as u32;
-    let _in_flight = IN_FLIGHT
-        .acquire_many(permits)
-        .await
-        .expect("the budget semaphore is never closed");
-    let Connections {
-        main,
-        side,
-        main_cache,
-        side_cache,
-    } = conns;
-    let tx = main.transaction().await?;
-    let txc = db::Cached {
-        client: &tx,
-        cache: main_cache,
-    };
-    // The database's clock, not ours: instances on several hosts then agree
-    // on what is due.
-    let (claim, now) = directive::claim_at(&txc, group).await?;
-    let Some(now) = now.filter(|_| claim == Claim::Claimed) else {
-        return Ok(GroupOutcome::Busy);
-    };
-    // Mails of this group that an earlier attempt left open come first:
-    // they already have tickets and Message-Ids.
-    if !opts.dry_run {
-        let open = outbox::open_for_group(&txc, &group.directive_ids).await?;
-        if !open.is_empty() {
-            return resume_open(p, tx, side, main_cache, group, open, opts).await;
-        }
-    }
-    let plan = match p.formats.decide(group, now) {
-        Decision::Postpone {
-            format,
-            reason,
-            until,
-        } => {
-            debug!(
-                directive_ids = %group.directive_ids_display(),
-                format = %format,
-                "postponed: {reason}"
-            );
-            return Ok(GroupOutcome::Postponed { reason, until });
-        }
-        Decision::NoMatch => {
-            return Err(GroupError::NoFormat(
-                group.key.notification_format.clone(),
-                group.key.event_data_format.clone(),
-            ))
-        }
-        Decision::Error { format, reason } => return Err(GroupError::Rejected { format, reason }),
-        Decision::Send(plan) => plan,
-    };
-    let event_ids = group.distinct_event_ids();
-    let events = columns
-        .load(&txc, &event_ids, &plan.event_columns())
-        .await?;
-    let needed = plan.tickets_needed(events.len());
-
-    // Render once with provisional numbers: a template error or an unknown
-    // placeholder must not consume ticket numbers (old tool defect).
-    let provisional = if opts.dry_run {
-        // A dry run shows the numbers the next draws would most likely give.
-        provisional_tickets(&tx, needed).await?
-    } else {
-        // Only the shape matters for the check; save the query.
-        (0..needed as i64)
-            .map(|i| Ticket::new(now.date_naive(), 10_000_001 + i))
-            .collect()
-    };
-    let render = |tickets: &[Ticket]| {
-        plan.render(&RenderContext {
-            group,
-            events: &events,
-            tickets,
-            templates: &p.templates,
-            config: &p.config,
-        })
-        .map_err(|source| GroupError::Render {
-            format: plan.format_name().to_string(),
-            source,
-        })
-    };
-    let preview = render(&provisional)?;
-
-    if opts.dry_run {
-        let mails = build_all(p, preview, now).await?;
-        for m in &mails {
-            info!(
-                to = %m.envelope_to.join(", "),
-                bytes = m.bytes.len(),
-                format = %plan.format_name(),
-                "dry run: would send"
-            );
-        }
-        tx.rollback().await?;
-        return Ok(GroupOutcome::Sent { mails: mails.len() });
-    }
-
-    // A large group's rendering and events are tens of megabytes: hold
-    // each only as long as it is needed.
-    drop(preview);
-    let tickets = ticket::draw_committed(side, Some(side_cache), needed).await?;
-    let notifications = render(&tickets)?;
-    // Built, then brought under the relay's size limit (notify::fit),
-    // which may render parts of the events anew.
-    let outgoing: Vec<Outgoing> = crate::notify::fit::fit_group(
-        p,
-        &plan,
-        group,
-        &events,
-        notifications,
-        now,
-        side,
-        side_cache,
-    )
-    .await?
-    .into_iter()
-    .map(|f| Outgoing {
-        mail: f.mail,
-        ticket: f.ticket,
-        marks: f.marks,
-    })
-    .collect();
-    drop(events);
-
-    // The intent, durable before SMTP sees anything.
-    let intents: Vec<outbox::Intent> = outgoing
-        .iter()
-        .map(|o| outbox::Intent {
-            ticket: &o.ticket,
-            message_id: &o.mail.message_id,
-            marks: &o.marks,
-            group: &group.directive_ids,
-            envelope_from: &o.mail.envelope_from,
-            envelope_to: &o.mail.envelope_to,
-            message: &o.mail.bytes,
-            sent_at: o.mail.date,
-        })
-        .collect();
-    let ids = outbox::record(
-        &db::Cached {
-            client: &*side,
-            cache: side_cache,
-        },
-        &p.instance,
-        &intents,
-    )
-    .await?;
-    let sends = outgoing
-        .iter()
-        .zip(&ids)
-        .map(|(o, id)| Send {
-            outbox_id: *id,
-            from: &o.mail.envelope_from,
-            to: &o.mail.envelope_to,
-            bytes: &o.mail.bytes,
-            ticket: &o.ticket,
-            message_id: &o.mail.message_id,
-            sent_at: o.mail.date,
-            marks: &o.marks,
-        })
-        .collect::<Vec<_>>();
-    deliver(p, tx, side, main_cache, group, &sends, opts).await
-}
-
-/// One mail handed to SMTP and what to record when it is accepted.
-struct Send<'a> {
-    outbox_id: i64,
-    from: &'a str,
-    to: &'a [String],
-    bytes: &'a [u8],
-    ticket: &'a Ticket,
-    message_id: &'a str,
-    sent_at: DateTime<Utc>,
-    marks: &'a [DirectiveId],
-}
-
-/// Sends the mails in order; each accepted one is recorded in the group's
-/// transaction. On a failure the outbox says what became of the rest:
-/// `failed` when the mail was refused for good, `retry` when it was not
-/// handed over for a passing reason, left `sending` (in doubt) only when
-/// the connection broke after the end of the data.
-async fn deliver(
-    p: &Pipeline,
-    tx: Transaction<'_>,
-    side: &Client,
-    main_cache: &db::StatementCache,
-    group: &Group,
-    sends: &[Send<'_>],
-    opts: RunOptions,
-) -> Result<GroupOutcome, GroupError> {
-    let mut accepted = 0usize;
-    let txc = db::Cached {
-        client: &tx,
-        cache: main_cache,
-    };
-    for (i, s) in sends.iter().enumerate() {
-        let refused = match p.outbound.send(s.from, s.to, s.bytes).await {
-            Ok(refused) => refused,
-            Err(source) => {
-                let rest: Vec<i64> = sends[i..].iter().map(|s| s.outbox_id).collect();
-                record_refusal(p, side, &rest, &source).await;
-                let err = GroupError::Smtp {
-                    relay: p.outbound.relay().to_string(),
-                    source,
-                };
-                return if accepted > 0 {
-                    // What SMTP accepted is recorded; never roll that back.
-                    tx.commit().await?;
-                    Err(GroupError::Partial {
-                        sent: accepted,
-                        source: Box::new(err),
-                    })
-                } else {
-                    tx.rollback().await?;
-                    Err(err)
-                };
-            }
-        };
-        accepted += 1;
-        note_accepted(p, group, s, &refused, opts);
-        if !s.marks.is_empty() {
-            sent::mark_sent(&txc, s.ticket, s.sent_at, s.marks).await?;
-        }
-        outbox::accepted(&txc, &[s.outbox_id]).await?;
-    }
-    tx.commit().await?;
-    Ok(GroupOutcome::Sent { mails: accepted })
-}
-
-/// Counts an SMTP failure and records in the outbox what became of `rest`
-/// (the failed mail, then the group's later ones): `failed` when the mail
-/// was refused for good (5xx, SMTPUTF8 or SIZE the relay lacks), `retry`
-/// when it was not handed over for a passing reason (4xx, the relay
-/// down), the first left `sending` (in doubt) only when the connection
-/// broke after the end of its data was written.
-async fn record_refusal(p: &Pipeline, side: &Client, rest: &[i64], source: &SmtpError) {
-    p.metrics.smtp_error();
-    // A 5xx is about this mail (recipient, policy): the relay works.
-    if !matches!(
-        source,
-        SmtpError::Permanent(_) | SmtpError::Address { .. } | SmtpError::Config(_)
-    ) {
-        p.metrics.set_smtp_relay_ok(false);
-    }
-    if source.delivery_unknown() {
-        p.metrics.mail_failed(FailReason::InDoubt);
-    }
-    let state = match source {
-        // Refused for good, certainly not handed over: released, so the
-        // group is rendered anew next time (never "in doubt").
-        SmtpError::Permanent(_)
-        | SmtpError::Unsendable(_)
-        | SmtpError::Address { .. }
-        | SmtpError::Config(_) => Some(outbox::State::Failed),
-        // Not handed over; the same bytes may well go through later.
-        SmtpError::Temporary(_)
-        | SmtpError::Unreachable(_)
-        | SmtpError::RelayUnavailable(_)
-        | SmtpError::RelayRefused(_) => Some(outbox::State::Retry),
-        SmtpError::Connection(_) => None,
-    };
-    if let Some(state) = state {
-        // Best effort: if this fails the rows stay `sending` and the next
-        // attempt treats them as in doubt, which is safe.
-        if let Err(e) = outbox::refused(side, rest, state, &source.to_string()).await {
-            warn!("could not record the SMTP refusal in the outbox: {e}");
-        }
-    } else if rest.len() > 1 {
-        // Only the first mail's fate is unknown; the others were never
-        // handed over.
-        let _ = outbox::refused(side, &rest[1..], outbox::State::Retry, "not attempted").await;
-    }
-}
-
-/// Metrics and the INFO line operators grep for, once SMTP accepted `s`;
-/// a WARN for each envelope recipient the relay refused meanwhile (the
-/// mail went to the others; the old tool dropped such recipients silently).
-fn note_accepted(
-    p: &Pipeline,
-    group: &Group,
-    s: &Send<'_>,
-    refused: &[RefusedRecipient],
-    opts: RunOptions,
-) {
-    for r in refused {
-        warn!(
-            ticket = %s.ticket,
-            refused = %r.address,
-            recipient = %s.to.join(", "),
-            directive_ids = %group.directive_ids_display(),
-            mail_message_id = %s.message_id,
-            "the relay refused one envelope recipient of a mail and took it for the others; \
-             that recipient does not get it: {}",
-            r.error
-        );
-    }
-    p.metrics.mail_sent();
-    p.metrics.set_smtp_relay_ok(true);
-    if let Ok(latency) = (Utc::now() - group.inserted_at).to_std() {
-        p.metrics.observe_insert_to_smtp(latency);
-    }
-    info!(
-        ticket = %s.ticket,
-        recipient = %s.to.join(", "),
-        directive_ids = %group.directive_ids_display(),
-        event_ids = %if opts.list_event_ids { group.event_ids_display() } else { "-".into() },
-        mail_message_id = %s.message_id,
-        "mail sent"
-    );
-}
-
-/// Finishes mails an earlier attempt left open: resend the stored bytes
-/// (same ticket, same Message-Id), or hold them, per `mailgend.in_doubt`.
-async fn resume_open(
-    p: &Pipeline,
-    tx: Transaction<'_>,
-    side: &Client,
-    main_cache: &db::StatementCache,
-    group: &Group,
-    open: Vec<outbox::OpenMail>,
-    opts: RunOptions,
-) -> Result<GroupOutcome, GroupError> {
-    if open.iter().any(|o| o.state == outbox::State::Held) {
-        tx.rollback().await?;
-        return Ok(GroupOutcome::Held);
-    }
-    let in_doubt: Vec<&outbox::OpenMail> = open
-        .iter()
-        .filter(|o| o.state == outbox::State::Sending)
-        .collect();
-    if !in_doubt.is_empty() && p.config.service.in_doubt == InDoubtPolicy::Hold {
-        let ids: Vec<i64> = open.iter().map(|o| o.id).collect();
-        outbox::set_state(side, &ids, outbox::State::Held).await?;
-        for o in &in_doubt {
-            warn!(
-                ticket = %o.ticket,
-                mail_message_id = %o.message_id,
-                recipient = %o.envelope_to.join(", "),
-                directive_ids = %group.directive_ids_display(),
-                "mail in doubt (the process sending it stopped before SMTP's answer was recorded); \
-                 held for the operator: see `mailgend in-doubt list`"
-            );
-        }
-        tx.rollback().await?;
-        return Ok(GroupOutcome::Held);
-    }
-    for o in &open {
-        if o.state == outbox::State::Sending {
-            warn!(
-                ticket = %o.ticket,
-                mail_message_id = %o.message_id,
-                recipient = %o.envelope_to.join(", "),
-                directive_ids = %group.directive_ids_display(),
-                attempts = o.attempts,
-                "mail in doubt (the process sending it stopped before SMTP's answer was recorded); \
-                 resending it with the same Message-Id and ticket, so the recipient may get it twice"
-            );
-            p.metrics.in_doubt_resent();
-        } else {
-            info!(
-                ticket = %o.ticket,
-                mail_message_id = %o.message_id,
-                "retrying a mail SMTP refused temporarily (same Message-Id and ticket)"
-            );
-        }
-        outbox::attempt(side, o.id, &p.instance).await?;
-    }
-    let sends: Vec<Send> = open
-        .iter()
-        .map(|o| Send {
-            outbox_id: o.id,
-            from: &o.envelope_from,
-            to: &o.envelope_to,
-            bytes: &o.message,
-            ticket: &o.ticket,
-            message_id: &o.message_id,
-            sent_at: o.sent_at,
-            marks: if o.marks_sent { &o.marks } else { &[] },
-        })
-        .collect();
-    deliver(p, tx, side, main_cache, group, &sends, opts).await
-}
-
-/// `n` numbers the next draws would most likely return (never consumed).
-async fn provisional_tickets(tx: &Transaction<'_>, n: usize) -> Result<Vec<Ticket>, TicketError> {
-    let first = ticket::peek(tx).await?;
-    let (day, seq) = first
-        .as_str()
-        .split_once('-')
-        .map(|(d, s)| (d.to_string(), s.parse::<i64>().unwrap_or(10000001)))
-        .unwrap_or_default();
-    let day = chrono::NaiveDate::parse_from_str(&day, "%Y%m%d")
-        .unwrap_or_else(|_| Utc::now().date_naive());
-    Ok((0..n as i64).map(|i| Ticket::new(day, seq + i)).collect())
-}
-
-/// MIME + signature for every notification, on the signing pool.
-async fn build_all(
-    p: &Pipeline,
-    notifications: Vec<Notification>,
-    now: DateTime<Utc>,
-) -> Result<Vec<BuiltMail>, GroupError> {
-    signing::build_all(&p.mail_ctx, p.signer.as_ref(), now, notifications)
-        .await
-        .map_err(|e| GroupError::Join(e.to_string()))?
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(GroupError::from)
-}
-
 /// Drives exactly `groups` through the data path, each with the same
 /// guarantees as in [`run_once`]: claimed with `SKIP LOCKED` and re-checked
 /// to be pending (a group another instance sent or is sending comes back
@@ -886,51 +485,39 @@ pub async fn run_groups(
     groups: Vec<Group>,
     opts: RunOptions,
 ) -> Result<Vec<Result<GroupOutcome, GroupError>>, RunError> {
-    type Slot = Option<Result<GroupOutcome, GroupError>>;
     if groups.is_empty() {
         return Ok(Vec::new());
     }
-    let columns = {
-        let client = db::connect(&pipeline.config.database).await?;
-        Arc::new(EventColumns::read(&client).await?)
-    };
     let n = groups.len();
-    let groups = Arc::new(groups);
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let slots: Arc<Mutex<Vec<Slot>>> = Arc::new(Mutex::new((0..n).map(|_| None).collect()));
     // All connections first: a failure here must not abort workers that
     // are already sending.
-    let mut all_conns = Vec::new();
-    for _ in 0..pipeline.config.service.workers.clamp(1, n) {
-        all_conns.push(Connections::open(&pipeline.config).await?);
-    }
-    let mut tasks = tokio::task::JoinSet::new();
-    for mut conns in all_conns {
-        let (pipeline, groups, next, slots, columns) = (
-            pipeline.clone(),
-            groups.clone(),
-            next.clone(),
-            slots.clone(),
-            columns.clone(),
-        );
-        tasks.spawn(async move {
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(group) = groups.get(i) else { break };
-                let r = process_group(&pipeline, &mut conns, &columns, group, opts).await;
-                if let Err(e) = &r {
-                    log_group_error(group, e);
-                }
-                slots.lock().expect("results lock")[i] = Some(r);
-            }
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        if let Err(e) = r {
-            error!("worker task failed: {e}");
+    let (feeder, mut results) = Pool::open(
+        Source::Fixed(pipeline.clone()),
+        PoolOptions {
+            workers: pipeline.config.service.workers.clamp(1, n),
+            // Every chosen group at once: handing them in never waits.
+            queue: n,
+            // One group at a time, each in its own transaction.
+            batches: false,
+            run: opts,
+            reconnect: false,
+        },
+    )
+    .await?;
+    for (slot, group) in groups.into_iter().enumerate() {
+        if !feeder.send(Work { slot, group }).await {
+            break;
         }
     }
-    let slots = std::mem::take(&mut *slots.lock().expect("results lock"));
+    drop(feeder);
+    let mut slots: Vec<Option<Result<GroupOutcome, GroupError>>> = (0..n).map(|_| None).collect();
+    while let Some(done) = results.recv().await {
+        if let Err(e) = &done.result {
+            log_group_error(&done.group, e);
+        }
+        slots[done.slot] = Some(done.result);
+    }
+    results.join().await;
     Ok(slots
         .into_iter()
         .map(|s| s.unwrap_or_else(|| Err(GroupError::Join("worker task failed".into()))))
