@@ -731,3 +731,54 @@ async fn shipped_shadowserver_group_waits_for_both_ages_then_goes_as_one_mail() 
     assert!(log.contains("younger than 2h"), "{log}");
     svc.stop();
 }
+
+/// mailgend's CPU seconds so far (user + system, from /proc).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    let hz: f64 = String::from_utf8(
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
+    ticks / hz
+}
+
+/// A backlog longer than the sweep interval, every worker stuck on a relay
+/// that accepts connections and never answers: the loop waits for the
+/// workers instead of spinning. (The sweep instant, once past, made the
+/// loop's `sleep_until` ready at once while the queue was not empty, so
+/// it turned without rest: a core busy for as long as the backlog lasted,
+/// and for hours in an instance whose database had gone.)
+#[tokio::test]
+async fn a_backlog_behind_a_stalled_relay_does_not_spin() {
+    let mut env = TestEnv::new().await;
+    service_env(&mut env, 2);
+    env.config_json["mailgend"]["sweep_interval"] = json!(1);
+    let stalled = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    env.config_json["smtp"]["port"] = json!(stalled.local_addr().unwrap().port());
+    env.config_json["smtp"]["timeout"] = json!(120);
+    feed(&env, 300, 11).await;
+    let svc = ServiceProcess::start(&env, "run");
+    // Past the first sweep instant, both workers waiting on the relay.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pid = svc.child.id();
+    let before = cpu_seconds(pid);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let used = cpu_seconds(pid) - before;
+    assert!(
+        used < 1.0,
+        "{used:.2} CPU seconds in 5 s while waiting on a stalled relay:\n{}",
+        svc.log_text()
+    );
+    drop(stalled);
+}

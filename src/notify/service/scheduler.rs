@@ -134,6 +134,11 @@ impl Scheduler {
     /// used up (a long queue is worked off first) and no database retry
     /// is pending; reconnects the scanning connection when it broke.
     pub(super) async fn scan(&mut self) {
+        // The safety sweep is due even when no timer fired for it (the
+        // loop does not wake for past instants, see `next_wake`).
+        if Instant::now() >= self.next_sweep {
+            self.scan_wanted = true;
+        }
         if !(self.scan_wanted
             && self.queue.is_empty()
             && self.retry_db_at.is_none_or(|t| t <= Instant::now()))
@@ -290,10 +295,18 @@ impl Scheduler {
     /// earliest hold, the database retry. Computed, not polled.
     pub(super) fn next_wake(&self) -> Instant {
         let now = Instant::now();
+        // Only instants still ahead: one already past is due, and only a
+        // queue not yet worked off (every worker busy) keeps its scan
+        // from happening; a worker's result wakes the loop then. A past
+        // instant here made `sleep_until` ready at once and the loop spin
+        // a core for as long as the backlog lasted.
         self.retry_db_at
             .into_iter()
-            .chain(self.hold.values().map(|h| h.until).filter(|t| *t > now))
-            .fold(self.next_sweep, Instant::min)
+            .chain([self.next_sweep])
+            .chain(self.hold.values().map(|h| h.until))
+            .filter(|t| *t > now)
+            .min()
+            .unwrap_or(now + self.sweep)
     }
 
     /// A worker reported a group.
