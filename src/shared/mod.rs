@@ -14,6 +14,7 @@
 
 pub mod address;
 pub mod did_you_mean;
+pub mod duration;
 pub mod logging;
 pub mod metrics;
 pub mod problem;

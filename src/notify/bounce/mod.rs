@@ -15,6 +15,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::notify::verp::Verp;
+pub use crate::shared::duration::parse_duration;
 
 /// The per-recipient policy (`mailgend.bounces`): a WARN naming the
 /// contact once it has bounced permanently `warn_after` times within
@@ -132,33 +133,6 @@ fn read_key(path: &Path) -> Result<Vec<u8>, String> {
 
 fn get<'a>(v: Option<&'a Value>, k: &str) -> Option<&'a Value> {
     v.and_then(|v| v.as_object()).and_then(|m| m.get(k))
-}
-
-/// `"30d"`, `"12h"`, `"1d12h"`, `"90m"`, `"45s"`.
-pub fn parse_duration(s: &str) -> Option<chrono::Duration> {
-    let s = s.trim();
-    let mut total: i64 = 0;
-    let mut num = String::new();
-    for c in s.chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        let unit = match c {
-            'd' => 86400,
-            'h' => 3600,
-            'm' => 60,
-            's' => 1,
-            _ => return None,
-        };
-        let n: i64 = num.parse().ok()?;
-        total = total.checked_add(n.checked_mul(unit)?)?;
-        num.clear();
-    }
-    if !num.is_empty() || s.is_empty() {
-        return None;
-    }
-    chrono::Duration::try_seconds(total)
 }
 
 #[cfg(test)]

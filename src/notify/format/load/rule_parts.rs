@@ -2,6 +2,7 @@
 //! template choice.
 
 use super::*;
+pub(crate) use crate::shared::duration::parse_duration;
 
 pub(super) fn read_location(key: &str, node: &Node, p: &mut FileProblems) -> Option<DataLocation> {
     match p.expect_str(key, node)? {
@@ -152,36 +153,6 @@ pub(super) fn read_match(key: &str, node: &Node, p: &mut FileProblems) -> MatchP
     }
     t.finish(p, MATCH_KEYS);
     m
-}
-
-/// `"15m"`, `"2h"`, `"1h30m"`, `"90s"`, `"1d"` or an integer of seconds.
-pub(crate) fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    if s.is_empty() {
-        return None;
-    }
-    let mut total: i64 = 0;
-    let mut num = String::new();
-    for c in s.chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        let unit = match c {
-            'd' => 86400,
-            'h' => 3600,
-            'm' => 60,
-            's' => 1,
-            _ => return None,
-        };
-        let n: i64 = num.parse().ok()?;
-        total = total.checked_add(n.checked_mul(unit)?)?;
-        num.clear();
-    }
-    if !num.is_empty() {
-        return None;
-    }
-    Duration::try_seconds(total)
 }
 
 pub(super) fn read_duration(
