@@ -438,12 +438,21 @@ async fn two_instances_over_tls_one_started_before_the_database() {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        (child, log)
+        // Killed on drop: a failing assertion must not leave two
+        // instances running (they once outlived a failed run for hours,
+        // retrying a database that was gone).
+        (
+            common::ServiceProcess {
+                child,
+                log: log.clone(),
+            },
+            log,
+        )
     };
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
 
     t.cluster.stop().unwrap();
-    let (mut a, a_log) = spawn("a", ports[0]);
+    let (a, a_log) = spawn("a", ports[0]);
     let start = std::time::Instant::now();
     while !read(&a_log).contains("database unreachable") {
         assert!(
@@ -455,7 +464,7 @@ async fn two_instances_over_tls_one_started_before_the_database() {
     }
     assert_eq!(scrape_gauge(ports[0], "mailgend_database_up"), Some(0.0));
     t.cluster.start_again().unwrap();
-    let (mut b, b_log) = spawn("b", ports[1]);
+    let (b, b_log) = spawn("b", ports[1]);
 
     let admin = t.db.connect().await.unwrap();
     const N: i64 = 40;
@@ -546,9 +555,7 @@ async fn two_instances_over_tls_one_started_before_the_database() {
         eprintln!("instance {i}: {n} mails");
     }
     assert_eq!(scrape_gauge(ports[0], "mailgend_database_up"), Some(1.0));
-    let _ = a.kill();
-    let _ = b.kill();
-    let _ = (a.wait(), b.wait());
+    drop((a, b));
     eprintln!("--- A (started before the database) ---\n{}", read(&a_log));
     eprintln!("--- B ---\n{}", read(&b_log));
 }
