@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::{directive, event_fields, TestEnv};
-use mailgend::notify::verp::Verp;
+use mailgend::shared::verp::Verp;
 use serde_json::json;
 
 const VERP_KEY: &str = "bounces-test-key-0123456789abcdef";
@@ -359,7 +359,7 @@ async fn a_dsn_through_mailgend_route_is_listed_with_its_ticket() {
         .iter()
         .find(|m| m.rcpt_to == ["abuse@as64512.example.org"])
         .unwrap();
-    let ticket = verp.ticket(&mail.mail_from).unwrap();
+    let ticket = Ticket::from_stored(verp.ticket(&mail.mail_from).unwrap());
     let sent_id: i64 = env
         .client()
         .await
@@ -441,7 +441,7 @@ async fn a_dsn_through_mailgend_route_is_listed_with_its_ticket() {
             .replacen(&ticket.to_string(), &other_ticket(&ticket).to_string(), 1);
     let (rcpt, _) = offer(route.port, "", &forged, &dsn).await;
     assert_eq!(code(&rcpt), "550", "{rcpt}");
-    let unknown = verp.address(&Ticket::from_stored("20261203-99999999"));
+    let unknown = verp.address("20261203-99999999");
     let (rcpt, _) = offer(route.port, "", &unknown, &dsn).await;
     assert_eq!(code(&rcpt), "550", "{rcpt}");
     assert!(route
@@ -459,7 +459,7 @@ async fn a_dsn_through_mailgend_route_is_listed_with_its_ticket() {
     );
 
     // A classic bounce (qmail style, no DSN) for the other notification.
-    let other_ticket_sent = verp.ticket(&other.mail_from).unwrap();
+    let other_ticket_sent = Ticket::from_stored(verp.ticket(&other.mail_from).unwrap());
     let classic = format!(
         "From: MAILER-DAEMON@old.net.example\r\nTo: {}\r\nSubject: failure notice\r\n\
          Message-Id: <q1@old.net.example>\r\n\r\n\
@@ -654,7 +654,7 @@ async fn unknown_and_malformed_bounce_addresses_are_refused_at_rcpt() {
     assert_eq!(code(&s.cmd("MAIL FROM:<>").await), "250");
     assert_eq!(code(&s.cmd("RCPT TO:<ops@example.net>").await), "250");
     // A bounce address of a ticket never sent (the database is empty).
-    let unknown = verp.address(&Ticket::from_stored("20261203-10000001"));
+    let unknown = verp.address("20261203-10000001");
     assert_eq!(code(&s.cmd(&format!("RCPT TO:<{unknown}>")).await), "550");
     // Malformed: refused too.
     let r = s.cmd("RCPT TO:<bounces+nonsense@cert.example>").await;

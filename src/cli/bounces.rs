@@ -7,7 +7,8 @@ use std::fmt::Write as _;
 use chrono::{DateTime, NaiveDate, Utc};
 use tokio_postgres::Client;
 
-use crate::notify::bounce::{parse_duration, store};
+use crate::notify::bounce::store;
+use crate::shared::duration::parse_duration;
 
 /// What `mailgend bounces` was asked for.
 #[derive(Debug, Clone, Default)]

@@ -6,6 +6,7 @@
 //! file, the key and the reason. Nothing here touches the network or the
 //! database: loading a config is safe to repeat on SIGHUP.
 
+pub mod bounces;
 mod database;
 mod error;
 mod files;
@@ -61,8 +62,8 @@ pub struct Config {
     pub service: ServiceConfig,
     /// `mailgend.verp` / `mailgend.bounces` (`notify::bounce`): VERP
     /// envelope senders, and the per-recipient bounce policy.
-    pub verp: Option<crate::notify::verp::Verp>,
-    pub bounce_policy: Option<crate::notify::bounce::Policy>,
+    pub verp: Option<crate::shared::verp::Verp>,
+    pub bounce_policy: Option<bounces::Policy>,
     /// The files that were read, in merge order.
     pub files: Vec<PathBuf>,
     /// Keys to WARN about, with their file: keys not known, old spellings
@@ -184,10 +185,7 @@ impl Config {
         let service = service::read(&mut r);
         r.section("mailgend.verp", &["address", "key_file"]);
         r.section("mailgend.bounces", &["warn_after", "window"]);
-        let bounces = crate::notify::bounce::settings(
-            r.lookup("mailgend.verp"),
-            r.lookup("mailgend.bounces"),
-        );
+        let bounces = bounces::settings(r.lookup("mailgend.verp"), r.lookup("mailgend.bounces"));
         bounces
             .problems
             .iter()

@@ -44,9 +44,6 @@ pub mod fit;
 
 /// Bounces to VERP addresses: settings, parsing, their table.
 pub mod bounce;
-/// VERP bounce addresses carrying a ticket (groundwork, not yet used).
-pub mod verp;
-
 pub mod signature;
 
 pub mod outbox;

@@ -1,5 +1,5 @@
 //! Bounces to the notifier's VERP addresses (issue 19): `mailgend route`
-//! takes mail to `bounces+<ticket>-<mac>@domain` (`notify::verp`), reads
+//! takes mail to `bounces+<ticket>-<mac>@domain` (`shared::verp`), reads
 //! the delivery report (`notify::bounce::parse`) and records each failed
 //! recipient in `mailgend.bounce`, linked to the notification's `sent` row.
 //!
@@ -42,10 +42,10 @@ use crate::config::{Config, ConfigError, ConfigSource, DatabaseConfig};
 use crate::notify::bounce::parse::{self, Class};
 use crate::notify::bounce::{store, Policy};
 use crate::notify::ticket::Ticket;
-use crate::notify::verp::{Verp, VerpError};
 use crate::route::metrics::RouteMetrics;
 use crate::route::server::Reply;
 use crate::route::Inbound;
+use crate::shared::verp::{Verp, VerpError};
 
 /// How long a database step of the intake may take before the client
 /// hears 451.
@@ -126,7 +126,7 @@ impl BounceIntake {
 
     /// Checks one `RCPT TO`.
     pub async fn rcpt(&self, address: &str) -> Rcpt {
-        let ticket = match self.verp.ticket(address) {
+        let ticket = match self.verp.ticket(address).map(Ticket::from_stored) {
             Err(VerpError::NotOurs(_)) => return Rcpt::NotOurs,
             Err(e) => {
                 warn!(rcpt = %address, reason = %e, "refused a bounce address: forged or malformed");

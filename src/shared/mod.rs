@@ -22,3 +22,4 @@ pub mod secret_file;
 pub mod shutdown;
 pub mod smtp;
 pub mod systemd;
+pub mod verp;

@@ -129,7 +129,7 @@ pub struct MailContext {
     /// `mailgend.verp`: when set, the envelope sender is the mail's VERP
     /// address (its ticket, signed) instead of `sender_address`; the
     /// `From` header stays.
-    pub verp: Option<crate::notify::verp::Verp>,
+    pub verp: Option<crate::shared::verp::Verp>,
 }
 
 impl MailContext {
@@ -470,7 +470,7 @@ fn build_inner(
         message_id,
         date,
         envelope_from: match &ctx.verp {
-            Some(v) => v.address(&n.ticket),
+            Some(v) => v.address(n.ticket.as_str()),
             None => ctx.sender_address.clone(),
         },
         envelope_to: envelope.iter().map(|r| r.address().to_string()).collect(),

@@ -1,6 +1,6 @@
 //! VERP bounce addresses that carry a notification's ticket (issue 19,
-//! item 2): the address format and its check. With `mailgend.verp` set
-//! (`notify::bounce::settings`) every notification's envelope sender is
+//! item 2), shared by the notifier and the router: the address format and its check. With `mailgend.verp` set
+//! (`config::bounces`) every notification's envelope sender is
 //! its VERP address (`notify::mail`), and `mailgend route` takes the
 //! bounces to it (`route::verp`).
 //!
@@ -12,12 +12,11 @@
 //! under RFC 5321's 64). A bounce to such an address names its ticket;
 //! without the key nobody can make an address that names another ticket,
 //! so forged bounces cannot be pinned on real notifications. Case is
-//! ignored when reading, as some MTAs change it.
+//! ignored when reading, as some MTAs change it. Tickets are their text
+//! (`20261203-10000042`), as in `sent.intelmq_ticket`.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-
-use crate::notify::ticket::Ticket;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -103,8 +102,8 @@ impl Verp {
     }
 
     /// The envelope sender for a mail with `ticket`.
-    pub fn address(&self, ticket: &Ticket) -> String {
-        let tag = self.mac(ticket.as_str()).finalize().into_bytes();
+    pub fn address(&self, ticket: &str) -> String {
+        let tag = self.mac(ticket).finalize().into_bytes();
         let hex: String = tag[..MAC_BYTES]
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -114,7 +113,7 @@ impl Verp {
 
     /// The ticket a bounce address carries, if the address is ours and its
     /// MAC is right.
-    pub fn ticket(&self, address: &str) -> Result<Ticket, VerpError> {
+    pub fn ticket(&self, address: &str) -> Result<String, VerpError> {
         let lower = address.trim().to_ascii_lowercase();
         let (local, domain) = lower
             .rsplit_once('@')
@@ -142,7 +141,7 @@ impl Verp {
         self.mac(ticket)
             .verify_truncated_left(&tag)
             .map_err(|_| VerpError::Forged(address.to_string()))?;
-        Ok(Ticket::from_stored(ticket))
+        Ok(ticket.to_string())
     }
 }
 
@@ -154,13 +153,13 @@ mod tests {
         Verp::new("bounces@cert.example", b"0123456789abcdef-test-key").unwrap()
     }
 
-    fn ticket() -> Ticket {
-        Ticket::from_stored("20261203-10000042")
+    fn ticket() -> &'static str {
+        "20261203-10000042"
     }
 
     #[test]
     fn an_address_names_its_ticket_and_fits_a_local_part() {
-        let a = verp().address(&ticket());
+        let a = verp().address(ticket());
         assert!(a.starts_with("bounces+20261203-10000042-"), "{a}");
         assert!(a.ends_with("@cert.example"), "{a}");
         assert!(a.split('@').next().unwrap().len() <= 64);
@@ -171,7 +170,7 @@ mod tests {
 
     #[test]
     fn forged_foreign_and_malformed_addresses_are_refused() {
-        let a = verp().address(&ticket());
+        let a = verp().address(ticket());
         let other_ticket = a.replace("10000042", "10000043");
         assert!(matches!(
             verp().ticket(&other_ticket),
