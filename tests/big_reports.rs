@@ -27,19 +27,6 @@ fn sink_with_limit(env: &mut TestEnv, max_size: usize) {
     env.config_json["smtp"]["port"] = json!(env.sink.port());
 }
 
-/// Sets `oversize` for the shipped Shadowserver formats (inline CSV).
-fn set_oversize(env: &TestEnv, choice: &str) {
-    let path = env.format_dir().join("10shadowserver.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let inline = "data_location = \"inline\"";
-    assert!(text.contains(inline));
-    std::fs::write(
-        &path,
-        text.replacen(inline, &format!("{inline}\noversize = \"{choice}\""), 1),
-    )
-    .unwrap();
-}
-
 /// Inserts `n` Open-Redis events of AS64496 (one group) in one statement;
 /// the row trigger makes their directives. Sources from 2001:db8::/32.
 async fn insert_group(env: &TestEnv, n: i32, asn: i64) {
@@ -241,7 +228,7 @@ async fn a_200k_event_group_arrives_zipped_and_signed_under_a_10mb_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_200k_event_group_arrives_split_under_a_10mb_limit() {
     let mut env = TestEnv::new().await;
-    set_oversize(&env, "split");
+    common::set_oversize(&env, "split");
     sink_with_limit(&mut env, POSTFIX_LIMIT);
     let t0 = Instant::now();
     insert_group(&env, EVENTS, 64496).await;
@@ -349,7 +336,7 @@ async fn small_groups_over_the_limit_leave_their_batch_and_arrive_zipped() {
 #[tokio::test]
 async fn oversize_error_keeps_the_group_pending_and_offers_nothing() {
     let mut env = TestEnv::new().await;
-    set_oversize(&env, "error");
+    common::set_oversize(&env, "error");
     sink_with_limit(&mut env, 5_000);
     insert_group(&env, 200, 64496).await;
 
@@ -370,7 +357,7 @@ async fn oversize_error_keeps_the_group_pending_and_offers_nothing() {
 #[tokio::test]
 async fn smtp_max_message_size_applies_when_the_relay_announces_no_smaller_size() {
     let mut env = TestEnv::new().await;
-    set_oversize(&env, "split");
+    common::set_oversize(&env, "split");
     // The sink announces 50 MB; the configured limit is the smaller one.
     env.config_json["smtp"]["max_message_size"] = json!(20_000);
     insert_group(&env, 600, 64496).await;
@@ -387,7 +374,7 @@ async fn smtp_max_message_size_applies_when_the_relay_announces_no_smaller_size(
 async fn split_parts_refused_for_now_are_resent_with_their_tickets() {
     use mailgend::sandbox::{Failure, Fault, Scope, Stage};
     let mut env = TestEnv::new().await;
-    set_oversize(&env, "split");
+    common::set_oversize(&env, "split");
     sink_with_limit(&mut env, 20_000);
     insert_group(&env, 600, 64496).await;
     // The first part gets a 4xx at the end of its data: it and the parts

@@ -25,19 +25,6 @@ fn enable_verp(env: &mut TestEnv) -> Verp {
     Verp::new("bounces@cert.example", VERP_KEY.as_bytes()).unwrap()
 }
 
-/// Sets `oversize` for the shipped Shadowserver formats (inline CSV).
-fn set_oversize(env: &TestEnv, choice: &str) {
-    let path = env.format_dir().join("10shadowserver.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let inline = "data_location = \"inline\"";
-    assert!(text.contains(inline));
-    std::fs::write(
-        &path,
-        text.replacen(inline, &format!("{inline}\noversize = \"{choice}\""), 1),
-    )
-    .unwrap();
-}
-
 /// `n` Open-Redis events of one AS (one group).
 async fn insert_group(env: &TestEnv, n: i32, asn: i64) {
     let d = directive(&format!("abuse@as{asn}.example.net"), "Open-Redis", asn);
@@ -64,7 +51,7 @@ async fn insert_group(env: &TestEnv, n: i32, asn: i64) {
 async fn each_mail_and_each_split_part_carries_its_own_ticket_in_mail_from() {
     let mut env = TestEnv::new().await;
     let verp = enable_verp(&mut env);
-    set_oversize(&env, "split");
+    common::set_oversize(&env, "split");
     env.config_json["smtp"]["max_message_size"] = json!(20_000);
     // One group that must be split, one small one.
     insert_group(&env, 600, 64496).await;

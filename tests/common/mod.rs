@@ -471,3 +471,16 @@ where
     }
     false
 }
+
+/// Sets `oversize` for the shipped Shadowserver formats (inline CSV).
+pub fn set_oversize(env: &TestEnv, choice: &str) {
+    let path = env.format_dir().join("10shadowserver.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let inline = "data_location = \"inline\"";
+    assert!(text.contains(inline));
+    std::fs::write(
+        &path,
+        text.replacen(inline, &format!("{inline}\noversize = \"{choice}\""), 1),
+    )
+    .unwrap();
+}
