@@ -4,6 +4,8 @@
 //! route`, and `mailgend bounces` listing what it recorded.
 
 mod common;
+#[path = "common/route_process.rs"]
+mod route_process;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -105,18 +107,17 @@ async fn without_verp_the_envelope_sender_is_the_sender_address() {
 #[path = "common/raw_smtp.rs"]
 mod raw_smtp;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Instant;
+use std::path::Path;
+use std::process::Command;
 
 use mailgend::notify::ticket::Ticket;
 use mailgend::sandbox::{ExtraType, PgCluster, SmtpSink};
 use raw_smtp::{code, free_port, Raw};
+use route_process::RouteProcess;
 
 /// A running `mailgend route` whose `bounces-config` is the notifier's file.
 struct Route {
-    child: Child,
-    log: PathBuf,
+    p: RouteProcess,
     port: u16,
 }
 
@@ -151,42 +152,23 @@ mailgend:
             ),
         )
         .unwrap();
-        let log = dir.join("route.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_mailgend"))
-            .arg("route")
-            .arg("-c")
-            .arg(&yml)
-            .env("LOGLEVEL", "DEBUG")
-            .env_remove("MAILGEND_LOG")
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn mailgend route");
-        let r = Route { child, log, port };
-        r.wait_log("mailgend route running");
-        r
+        Route {
+            p: RouteProcess::start(dir, Duration::from_secs(30)),
+            port,
+        }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.p.log()
     }
 
     fn wait_log(&self, needle: &str) {
-        let start = Instant::now();
-        while !self.log().contains(needle) {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "no {needle:?} in the log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.p.wait_log(needle, 1);
     }
 
     /// The `metrics-listen` address from the YAML.
     fn metrics(&self) -> String {
-        let yml = std::fs::read_to_string(self.log.with_file_name("configuration.yml")).unwrap();
+        let yml = std::fs::read_to_string(self.p.log.with_file_name("configuration.yml")).unwrap();
         let addr = yml
             .lines()
             .find_map(|l| l.trim().strip_prefix("metrics-listen: "))
@@ -198,13 +180,6 @@ mailgend:
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
-    }
-}
-
-impl Drop for Route {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
