@@ -550,11 +550,11 @@ fn hashed_tags(sig: &openpgp::packet::Signature) -> Vec<String> {
 }
 
 #[test]
-fn rsa_keys_sign_through_the_openssl_crt_backend() {
+fn rsa_keys_sign_through_the_aws_lc_crt_backend() {
     let signer = file_signer();
-    assert_eq!(signer.backend(), SignBackend::OpensslRsaCrt);
-    assert_eq!(signer.backend().name(), "openssl-rsa-crt");
-    assert!(format!("{signer:?}").contains("OpensslRsaCrt"));
+    assert_eq!(signer.backend(), SignBackend::AwsLcRsaCrt);
+    assert_eq!(signer.backend().name(), "aws-lc-rsa-crt");
+    assert!(format!("{signer:?}").contains("AwsLcRsaCrt"));
     let data = big_message();
     let sig = signer.sign_detached(&data).unwrap();
     assert_eq!(sig.micalg, "pgp-sha512");
@@ -622,7 +622,7 @@ fn rsa_keys_made_by_sequoia_use_the_crt_backend_too() {
         .generate()
         .unwrap();
     let signer = load(&tsk(&cert), None).unwrap();
-    assert_eq!(signer.backend(), SignBackend::OpensslRsaCrt);
+    assert_eq!(signer.backend(), SignBackend::AwsLcRsaCrt);
     let data = big_message();
     let sig = parse_signature(&signer.sign_detached(&data).unwrap().armored);
     let key = cert.primary_key().key().clone();

@@ -1,6 +1,18 @@
-//! RSA signing through OpenSSL with the key's CRT parameters (the
-//! pure-Rust backend's RSA is several times slower; see the module doc of
-//! `signature`).
+//! RSA signing with the key's CRT parameters, through AWS-LC for the SHA-2
+//! digests and the system OpenSSL otherwise (the pure-Rust backend's RSA is
+//! several times slower; see the module doc of `signature`).
+//!
+//! Why two libraries: AWS-LC has the AVX-512 IFMA code for 3072- and
+//! 4096-bit RSA that OpenSSL gained only in 3.2+ (Debian 12 ships 3.0), so
+//! on CPUs that have it (Ice Lake and later, Zen 4 and later) an RSA-3072
+//! signature costs 0.83 ms instead of 2.1 ms; without it both take the
+//! same time. AWS-LC's API signs only SHA-256/384/512 digests and refuses
+//! keys under 2048 bits: those (SHA-1 from a `gpg.conf`, old small keys)
+//! sign through OpenSSL as before. TLS stays on the system OpenSSL.
+
+use aws_lc_rs::digest as lc_digest;
+use aws_lc_rs::rsa::{KeyPair as LcKeyPair, KeyPairComponents, PublicKeyComponents};
+use aws_lc_rs::signature as lc_signature;
 
 use super::*;
 
@@ -12,6 +24,9 @@ pub(super) struct RsaCrtKey {
     /// Immutable after construction; OpenSSL allows concurrent signing
     /// with one key (it locks its blinding state internally).
     pkey: PKey<Private>,
+    /// The same key in AWS-LC, for the SHA-2 digests; `None` when AWS-LC
+    /// refuses it (under 2048 bits).
+    lc: Option<LcKeyPair>,
     /// Modulus length in bytes = signature length.
     size: usize,
 }
@@ -53,11 +68,18 @@ impl RsaCrtKey {
         })?;
         let Some(rsa) = rsa else { return Ok(None) };
         let size = rsa.size() as usize;
+        let lc = lc_key_pair(&rsa)?;
         Ok(Some(RsaCrtKey {
             public: public.clone(),
             pkey: PKey::from_rsa(rsa)?,
+            lc,
             size,
         }))
+    }
+
+    /// Whether SHA-2 signatures go through AWS-LC (the key was accepted).
+    pub(super) fn uses_aws_lc(&self) -> bool {
+        self.lc.is_some()
     }
 
     /// PKCS#1 v1.5 signature over `digest` made with `hash_algo`, as
@@ -76,6 +98,17 @@ impl RsaCrtKey {
             ))
             .into());
         }
+        if let (Some(lc), Some((algorithm, encoding))) = (&self.lc, lc_algorithm(hash_algo)) {
+            let digest = lc_digest::Digest::import_less_safe(digest, algorithm)
+                .map_err(|_| openpgp::Error::InvalidArgument("digest length".into()))?;
+            let mut sig = vec![0u8; self.size];
+            lc.sign_digest(encoding, &digest, &mut sig).map_err(|_| {
+                openpgp::Error::InvalidOperation("AWS-LC could not make the RSA signature".into())
+            })?;
+            return Ok(mpi::Signature::RSA {
+                s: mpi::MPI::new(&sig),
+            });
+        }
         // sequoia's prefix table covers every hash OpenPGP allows, so no
         // mapping to OpenSSL digest objects is needed: OpenSSL only pads.
         let prefix = hash_algo.oid()?;
@@ -93,6 +126,45 @@ impl RsaCrtKey {
             s: mpi::MPI::new(&sig[..len]),
         })
     }
+}
+
+/// AWS-LC's digest and PKCS#1 v1.5 encoding for an OpenPGP hash, if it has
+/// them.
+fn lc_algorithm(
+    hash_algo: HashAlgorithm,
+) -> Option<(
+    &'static lc_digest::Algorithm,
+    &'static lc_signature::RsaSignatureEncoding,
+)> {
+    match hash_algo {
+        HashAlgorithm::SHA256 => Some((&lc_digest::SHA256, &lc_signature::RSA_PKCS1_SHA256)),
+        HashAlgorithm::SHA384 => Some((&lc_digest::SHA384, &lc_signature::RSA_PKCS1_SHA384)),
+        HashAlgorithm::SHA512 => Some((&lc_digest::SHA512, &lc_signature::RSA_PKCS1_SHA512)),
+        _ => None,
+    }
+}
+
+/// The checked OpenSSL key in AWS-LC, component for component (both use
+/// `qInv = q^-1 mod p`). The byte copies are wiped when dropped.
+fn lc_key_pair(rsa: &Rsa<Private>) -> Result<Option<LcKeyPair>, RsaKeyError> {
+    let secret = |bn: Option<&BigNumRef>| -> Result<Protected, RsaKeyError> {
+        bn.map(|bn| Protected::from(bn.to_vec()))
+            .ok_or(RsaKeyError::CheckFailed)
+    };
+    let components = KeyPairComponents {
+        public_key: PublicKeyComponents {
+            n: rsa.n().to_vec(),
+            e: rsa.e().to_vec(),
+        },
+        d: Protected::from(rsa.d().to_vec()),
+        p: secret(rsa.p())?,
+        q: secret(rsa.q())?,
+        dP: secret(rsa.dmp1())?,
+        dQ: secret(rsa.dmq1())?,
+        qInv: secret(rsa.iqmp())?,
+    };
+    // Refused keys (AWS-LC takes 2048 to 8192 bits) sign through OpenSSL.
+    Ok(LcKeyPair::from_components(&components).ok())
 }
 
 /// `crypto::Signer` over a shared [`RsaCrtKey`]: the trait wants `&mut`,
