@@ -102,7 +102,16 @@ impl Pipeline {
         }
         let templates = TemplateStore::new(&config.template_dir)?;
         let signer = if config.openpgp.always_sign {
-            Some(Arc::new(load_signer(&config)?))
+            let signer = load_signer(&config)?;
+            // Says which library signs: the RSA speed differs 2.5-fold
+            // between them (docs/performance.md).
+            info!(
+                key = %signer.fingerprint(),
+                digest = signer.digest().micalg(),
+                backend = %signer.backend(),
+                "signing key loaded"
+            );
+            Some(Arc::new(signer))
         } else {
             None
         };
