@@ -6,7 +6,8 @@ mod common;
 
 use std::process::Command;
 
-use common::{directive, event_fields, header, qp_decode, TestEnv};
+use common::{directive, event_fields, header, qp_decode, repo_path, TestEnv};
+use mailgend::notify::signature::Signer;
 use mailgend::sandbox::smtp_sink::Scope;
 use mailgend::sandbox::{Failure, Fault, Stage};
 use serde_json::json;
@@ -589,6 +590,38 @@ async fn the_binary_prints_the_summary_and_exits_non_zero_on_errors() {
         assert!(stdout.contains(&format!("key `{key}`")), "{key}: {stdout}");
     }
     assert!(stdout.contains(bad.to_str().unwrap()));
+}
+
+#[tokio::test]
+async fn the_log_names_the_signing_key_its_digest_and_library() {
+    // Operators tell from this line which library signs (the RSA cost
+    // differs 2.5-fold, docs/install.md).
+    let mut env = TestEnv::new().await;
+    env.enable_signing();
+    let out = Command::new(env!("CARGO_BIN_EXE_mailgend"))
+        .arg("-c")
+        .arg(env.config_file())
+        .args(["send", "--all"])
+        .env("HOME", env.dir.path())
+        .env_remove("MAILGEND_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("signing key loaded"))
+        .expect(&stderr);
+    assert!(line.contains(" INFO "), "{line}");
+    assert!(line.contains("backend=aws-lc-rsa-crt"), "{line}");
+    assert!(
+        line.contains("digest=\"pgp-sha") || line.contains("digest=pgp-sha"),
+        "{line}"
+    );
+    let fpr = Signer::from_key_file(&repo_path("tests/fixtures/keys/test-signing.sec.asc"), None)
+        .unwrap()
+        .fingerprint();
+    assert!(line.contains(&format!("key={fpr}")), "{line}");
 }
 
 #[tokio::test]
