@@ -18,7 +18,7 @@ pub struct ConfigSource {
     pub system_file: Option<PathBuf>,
     /// Override of `$HOME/.intelmq/intelmq-mailgen.conf` (tests); `None`
     /// means the default location, `Some(None)`-like behaviour is
-    /// [`ConfigSource::no_user_file`].
+    /// `skip_user_file`.
     pub user_file: Option<PathBuf>,
     pub skip_user_file: bool,
 }

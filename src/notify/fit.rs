@@ -11,7 +11,7 @@
 //!   big, the events are split into parts, each zipped;
 //! - `split`: the CSV becomes an attachment and the events are split into
 //!   parts;
-//! - `error`: the group fails ([`TooBig`]) and stays pending.
+//! - `error`: the group fails ([`TooBig`](crate::notify::fit::TooBig)) and stays pending.
 //!
 //! A split group sends one mail per part, each with its own ticket and
 //! "(part k of n)" in its subject and first line; each part's mail marks

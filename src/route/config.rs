@@ -13,9 +13,9 @@
 //! mail2alert's loader (config.py:24-41) expanded `$VAR` in every string
 //! value with Python's `os.path.expandvars`; [`expand_env`] does the same.
 //!
-//! The sections are read in [`server`] (`remote-smtp`, `mailgend:`) and
-//! [`manager_section`] (`managers:`), the typed values by [`reader`]; the
-//! YAML itself by [`yaml`].
+//! The sections are read in `server` (`remote-smtp`, `mailgend:`) and
+//! `manager_section` (`managers:`), the typed values by `reader`; the
+//! YAML itself by `yaml`.
 
 mod manager_section;
 mod reader;

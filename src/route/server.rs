@@ -1,8 +1,8 @@
 //! The inbound SMTP server of `mailgend route`.
 //!
 //! Owns the listening socket, the connection limit and the sessions'
-//! lifetimes; the protocol of one connection is in [`session`], the
-//! parsing of one command line in [`command`]. The server knows nothing of
+//! lifetimes; the protocol of one connection is in `session`, the
+//! parsing of one command line in `command`. The server knows nothing of
 //! managers or rules: a complete message goes to an [`Accept`]
 //! implementation, whose [`Reply`] is what the client hears after DATA.
 //! That reply must only be positive once the message is safe (forwarded or

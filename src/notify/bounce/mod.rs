@@ -1,6 +1,6 @@
 //! Bounces traced back to their tickets (issue 19, item 2): the reading
-//! of delivery reports ([`parse`]) and their record in `mailgend.bounce`
-//! ([`store`]). The settings (`mailgend.verp`, `mailgend.bounces`) are
+//! of delivery reports ([`parse`](crate::notify::bounce::parse)) and their record in `mailgend.bounce`
+//! ([`store`](crate::notify::bounce::store)). The settings (`mailgend.verp`, `mailgend.bounces`) are
 //! read by `config::bounces`; the address format is `shared::verp`.
 //!
 //! The notifier only needs the VERP address (its envelope sender);

@@ -6,7 +6,7 @@
 //! per row: a group alone takes about ten statements and three commits.
 //! A batch of up to [`BATCH_GROUPS`] such groups takes the same ten
 //! statements and three commits in all, with the same guarantees per
-//! group as [`process_group`](super::process_group):
+//! group as [`process_group`]:
 //!
 //! * claimed with `SKIP LOCKED` (a group another instance holds comes back
 //!   `Busy`), decided by its format at the database's `now()`;

@@ -71,7 +71,7 @@ pub(super) static IN_FLIGHT: tokio::sync::Semaphore =
     tokio::sync::Semaphore::const_new(DIRECTIVE_BUDGET);
 
 /// Drives one group through the data path in its own transaction, stage
-/// by stage in path order (each a method of [`GroupRun`]).
+/// by stage in path order (each a method of `GroupRun`).
 pub async fn process_group(
     p: &Pipeline,
     conns: &mut Connections,

@@ -13,7 +13,7 @@
 //! [`pipeline::process_group`] or, small ones together,
 //! [`pipeline::batch`]. What the loop knows between wake-ups (the queue,
 //! the groups in flight and held off, the database backoff) and what it
-//! decides from it live in [`scheduler`]; this module keeps start-up,
+//! decides from it live in `scheduler`; this module keeps start-up,
 //! signals, reload and shutdown.
 //!
 //! SIGHUP loads the configuration, formats, templates and key anew; if any

@@ -79,7 +79,7 @@ pub enum Fault {
     /// it does not.
     DropAfterData { scope: Scope, deliver: bool },
     /// Close the listener and all open connections: connecting is refused
-    /// until [`SmtpSink::resume`] (or any other fault) listens again on the
+    /// until [`SmtpSink::resume`](super::SmtpSink::resume) (or any other fault) listens again on the
     /// same port.
     RefuseConnections,
     /// Answer `reply` (a whole reply line, e.g. `452 4.5.3 Too many

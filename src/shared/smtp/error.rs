@@ -8,7 +8,7 @@ pub enum SmtpError {
     #[error("invalid envelope address {address:?}: {reason}")]
     Address { address: String, reason: String },
     /// A 4xx reply: the server did not take the mail; try again later.
-    /// From [`Outbound::send`]: a 4xx to RCPT, about this mail's recipient.
+    /// From [`Outbound::send`](super::Outbound::send): a 4xx to RCPT, about this mail's recipient.
     #[error("temporary SMTP failure: {0}")]
     Temporary(String),
     /// A 5xx reply: the server refuses this mail; retrying as is will not help.
@@ -23,11 +23,11 @@ pub enum SmtpError {
     Unreachable(String),
     /// The relay answered 421, another 4xx outside RCPT, or the connection
     /// broke before the end of the data was written (from
-    /// [`Outbound::send`]): nothing was handed over.
+    /// [`Outbound::send`](super::Outbound::send)): nothing was handed over.
     #[error("SMTP relay not taking mail now (nothing was handed over): {0}")]
     RelayUnavailable(String),
     /// The relay refused the session itself (5xx to the greeting, EHLO or
-    /// AUTH; from [`Outbound::send`]): nothing was handed over.
+    /// AUTH; from [`Outbound::send`](super::Outbound::send)): nothing was handed over.
     #[error("SMTP relay refused the session: {0}")]
     RelayRefused(String),
     /// No reply we can trust (connection lost, timeout, TLS error): the mail
@@ -77,7 +77,7 @@ pub(super) enum Step {
     Dot,
 }
 
-/// A failure of [`Outbound::send`] at `step`; `write_unfinished`: the
+/// A failure of [`Outbound::send`](super::Outbound::send) at `step`; `write_unfinished`: the
 /// socket's last write had not completed, so the final dot cannot have
 /// reached the relay.
 pub(super) fn classify_step(
