@@ -162,6 +162,31 @@ async fn starts_ready_and_observable_without_the_database_then_sends() {
         text.contains(&format!(":{pid} (")) && text.contains("running, sending"),
         "{text}"
     );
+
+    // The database goes away while the service runs: STATUS= says so
+    // (it showed the last scan's count before), and says the count again
+    // once the database is back.
+    cluster.stop().unwrap();
+    let wait_for = |notes: &mut Vec<String>, what: &str| {
+        let start = Instant::now();
+        loop {
+            drain(&sock, notes);
+            if let Some(n) = notes.iter().find(|n| n.contains(what)) {
+                return n.clone();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "no {what:?} in {notes:?}\n{}",
+                log_text()
+            );
+        }
+    };
+    notes.clear();
+    let lost = wait_for(&mut notes, "STATUS=waiting for the database: ");
+    assert!(!lost.contains("READY=1"), "{lost}");
+    cluster.start_again().unwrap();
+    notes.clear();
+    wait_for(&mut notes, "directives pending in");
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -150,7 +150,7 @@ impl Scheduler {
             match db::connect(&p.config.database).await {
                 Ok(c) => self.client = c,
                 Err(e) => {
-                    let wait = self.on_db_error();
+                    let wait = self.on_db_error(&e);
                     warn!(target: TARGET, "database unreachable: {e}; retrying in {wait:?}");
                 }
             }
@@ -181,7 +181,7 @@ impl Scheduler {
                 self.next_sweep = Instant::now() + p.config.service.sweep_interval;
             }
             Err(e) => {
-                let wait = self.on_db_error();
+                let wait = self.on_db_error(&e);
                 warn!(
                     target: TARGET,
                     "scanning pending directives failed: {e}; retrying in {wait:?}"
@@ -190,11 +190,14 @@ impl Scheduler {
         }
     }
 
-    /// The database failed: count it, and retry with backoff (1 s doubling
-    /// to 30 s). Returns the wait.
-    fn on_db_error(&mut self) -> Duration {
+    /// The database failed: count it, say so to systemd (`systemctl
+    /// status` would otherwise show the last scan's count for as long as
+    /// the outage lasts; the next good scan replaces it), and retry with
+    /// backoff (1 s doubling to 30 s). Returns the wait.
+    fn on_db_error(&mut self, error: &dyn std::fmt::Display) -> Duration {
         self.metrics.db_error();
         self.metrics.set_database_up(false);
+        systemd::status(&format!("waiting for the database: {error}"));
         let wait = self.db_backoff;
         self.retry_db_at = Some(Instant::now() + wait);
         self.db_backoff = (wait * 2).min(Duration::from_secs(30));
