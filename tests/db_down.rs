@@ -37,6 +37,15 @@ fn drain(sock: &UnixDatagram, into: &mut Vec<String>) {
     }
 }
 
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test]
 async fn starts_ready_and_observable_without_the_database_then_sends() {
     let mut env = TestEnv::new().await;
@@ -62,20 +71,23 @@ async fn starts_ready_and_observable_without_the_database_then_sends() {
     sock.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let log = env.dir.path().join("run.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mailgend"))
-        .arg("-c")
-        .arg(&conf)
-        .arg("run")
-        .env("HOME", env.dir.path())
-        .env("NOTIFY_SOCKET", &sock_path)
-        // Ping every second.
-        .env("WATCHDOG_USEC", "2000000")
-        .env_remove("WATCHDOG_PID")
-        .env("MAILGEND_LOG", "mailgend=debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    // Killed on drop: a failed assertion must not leave it running.
+    let child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_mailgend"))
+            .arg("-c")
+            .arg(&conf)
+            .arg("run")
+            .env("HOME", env.dir.path())
+            .env("NOTIFY_SOCKET", &sock_path)
+            // Ping every second.
+            .env("WATCHDOG_USEC", "2000000")
+            .env_remove("WATCHDOG_PID")
+            .env("MAILGEND_LOG", "mailgend=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
 
     // READY=1 with the reason, and watchdog pings while it waits.
@@ -157,7 +169,7 @@ async fn starts_ready_and_observable_without_the_database_then_sends() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    let pid = child.id();
+    let pid = child.0.id();
     assert!(
         text.contains(&format!(":{pid} (")) && text.contains("running, sending"),
         "{text}"
@@ -187,6 +199,5 @@ async fn starts_ready_and_observable_without_the_database_then_sends() {
     cluster.start_again().unwrap();
     notes.clear();
     wait_for(&mut notes, "directives pending in");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }

@@ -217,11 +217,12 @@ fn clean_stale_roots() {
     }
 }
 
-/// A fresh root for one run: unpacked from the cache, /proc mounted,
-/// everything unmounted and removed on drop (also when the test fails).
+/// A fresh root for one run: unpacked from the cache, removed on drop
+/// (also when the test fails). Nothing is mounted in it from the host's
+/// view: each command mounts its /proc in a mount namespace of its own
+/// (see [`Root::chroot`]).
 struct Root {
     dir: Option<tempfile::TempDir>,
-    mounts: Vec<PathBuf>,
 }
 
 impl Root {
@@ -230,21 +231,13 @@ impl Root {
             .prefix("root-")
             .tempdir_in(work_dir())
             .unwrap();
-        let mut root = Root {
-            dir: Some(dir),
-            mounts: Vec::new(),
-        };
+        let root = Root { dir: Some(dir) };
         ok(Command::new("tar")
             .arg("-C")
             .arg(root.path())
             .args(["--numeric-owner", "-xpf"])
             .arg(tar));
         std::fs::copy("/etc/resolv.conf", root.path().join("etc/resolv.conf")).ok();
-        let proc_dir = root.path().join("proc");
-        ok(Command::new("mount")
-            .args(["-t", "proc", "proc"])
-            .arg(&proc_dir));
-        root.mounts.push(proc_dir);
         root
     }
 
@@ -256,10 +249,16 @@ impl Root {
         self.path().join(abs.trim_start_matches('/'))
     }
 
-    /// A command run inside the root, with a plain environment.
+    /// A command run inside the root, with a plain environment and a
+    /// /proc that lives in a private mount namespace: it goes away with the
+    /// command, also when nextest's timeout kills the test (a /proc
+    /// mounted from the host's namespace stayed behind then and made the
+    /// root undeletable until `umount -l`).
     fn chroot(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("chroot");
-        c.arg(self.path())
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(r#"mount -t proc proc "$0/proc" && exec chroot "$0" "$@""#)
+            .arg(self.path())
             .args(args)
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -286,9 +285,6 @@ impl Root {
 
 impl Drop for Root {
     fn drop(&mut self) {
-        for m in self.mounts.drain(..).rev() {
-            let _ = Command::new("umount").arg("-l").arg(&m).status();
-        }
         // Remove only when nothing is mounted below any more: never let a
         // recursive delete walk into a host file system.
         let still_mounted = std::fs::read_to_string("/proc/self/mounts")
