@@ -16,13 +16,13 @@ use aws_lc_rs::signature as lc_signature;
 
 use super::*;
 
-/// An RSA signing key as OpenSSL wants it for fast signing: with the prime
-/// factors and CRT exponents, so a signature is two half-size
-/// exponentiations instead of one full-size one.
+/// An RSA signing key as AWS-LC and OpenSSL want it for fast signing:
+/// with the prime factors and CRT exponents, so a signature is two
+/// half-size exponentiations instead of one full-size one.
 pub(super) struct RsaCrtKey {
     pub(super) public: Key<PublicParts, UnspecifiedRole>,
-    /// Immutable after construction; OpenSSL allows concurrent signing
-    /// with one key (it locks its blinding state internally).
+    /// Immutable after construction; both libraries allow concurrent
+    /// signing with one key (they lock their blinding state internally).
     pkey: PKey<Private>,
     /// The same key in AWS-LC, for the SHA-2 digests; `None` when AWS-LC
     /// refuses it (under 2048 bits).
