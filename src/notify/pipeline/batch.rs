@@ -518,16 +518,7 @@ async fn send(
                 Ok(refused) => {
                     accepted += 1;
                     accepted_ids.insert(*id);
-                    let s = Send {
-                        outbox_id: *id,
-                        from: &m.mail.envelope_from,
-                        to: &m.mail.envelope_to,
-                        bytes: &m.mail.bytes,
-                        ticket: &m.ticket,
-                        message_id: &m.mail.message_id,
-                        sent_at: m.mail.date,
-                        marks: &r.marks[i],
-                    };
+                    let s = Send::built(*id, &m.mail, &m.ticket, &r.marks[i]);
                     note_accepted(p, r.group, &s, &refused, opts);
                 }
                 Err(source) => {

@@ -121,16 +121,7 @@ pub async fn process_group(
     let sends = outgoing
         .iter()
         .zip(&ids)
-        .map(|(o, id)| Send {
-            outbox_id: *id,
-            from: &o.mail.envelope_from,
-            to: &o.mail.envelope_to,
-            bytes: &o.mail.bytes,
-            ticket: &o.ticket,
-            message_id: &o.mail.message_id,
-            sent_at: o.mail.date,
-            marks: &o.marks,
-        })
+        .map(|(o, id)| Send::built(*id, &o.mail, &o.ticket, &o.marks))
         .collect::<Vec<_>>();
     run.deliver(&sends).await
 }
@@ -436,6 +427,27 @@ pub(super) struct Send<'a> {
     pub(super) message_id: &'a str,
     pub(super) sent_at: DateTime<Utc>,
     pub(super) marks: &'a [DirectiveId],
+}
+
+impl<'a> Send<'a> {
+    /// A mail built in this run, recorded in the outbox as `outbox_id`.
+    pub(super) fn built(
+        outbox_id: i64,
+        mail: &'a BuiltMail,
+        ticket: &'a Ticket,
+        marks: &'a [DirectiveId],
+    ) -> Send<'a> {
+        Send {
+            outbox_id,
+            from: &mail.envelope_from,
+            to: &mail.envelope_to,
+            bytes: &mail.bytes,
+            ticket,
+            message_id: &mail.message_id,
+            sent_at: mail.date,
+            marks,
+        }
+    }
 }
 
 /// Counts an SMTP failure and records in the outbox what became of `rest`
